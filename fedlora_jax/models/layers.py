@@ -1,0 +1,169 @@
+"""Building blocks shared by the architectures: LoRA linear, norms, RoPE, attention.
+
+Modules hold parameters only; the compute dtype is taken from the input activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LoRAConfig, ModelConfig
+
+
+class LoRAParam(nnx.Param):
+    """A trainable LoRA factor. Used as a filter to split adapters from the frozen base."""
+
+
+def _normal(rngs: nnx.Rngs, shape, std=0.02):
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+    """y = x W + b (+ scale * x A^T B^T when LoRA targets this module).
+
+    `kernel` is stored (in, out); LoRA factors use PEFT's layout: A (r, in), B (out, r).
+    A is initialised like PEFT (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))),
+    B is zero, so the adapted module starts equal to the base module.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool,
+                 lora: LoRAConfig | None, rngs: nnx.Rngs, name: str = "linear"):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
+        if lora is not None:
+            if lora.r > min(in_features, out_features):
+                raise ValueError(f"LoRA rank {lora.r} is larger than module {name} allows "
+                                 f"(min(in, out) = {min(in_features, out_features)})")
+            bound = 1.0 / math.sqrt(in_features)
+            self.lora_a = LoRAParam(jax.random.uniform(
+                rngs.params(), (lora.r, in_features), jnp.float32, -bound, bound))
+            self.lora_b = LoRAParam(jnp.zeros((out_features, lora.r), jnp.float32))
+            self.lora_scale = float(lora.scale)
+        else:
+            self.lora_a = self.lora_b = None
+            self.lora_scale = 0.0
+
+    def __call__(self, x):
+        dt = x.dtype
+        y = x @ self.kernel[...].astype(dt)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dt)
+        if self.lora_a is not None:
+            h = x @ self.lora_a[...].astype(dt).T
+            y = y + (h @ self.lora_b[...].astype(dt).T) * jnp.asarray(self.lora_scale, dt)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, dim: int, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_normal(rngs, (num, dim)))
+
+    def __call__(self, ids, dtype):
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+    def attend(self, x):
+        """Tied output projection: logits = x E^T (float32)."""
+        return (x @ self.embedding[...].astype(x.dtype).T).astype(jnp.float32)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+    """Inverse frequencies of RoPE with Hugging Face's `default`, `linear` and `llama3` scaling."""
+    d = cfg.dim_head
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    sc = dict(cfg.rope_scaling or ())
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+
+
+def apply_rope(x_bshd, cos_bsd, sin_bsd):
+    """Rotate-half RoPE (Hugging Face's convention), computed in float32."""
+    x = x_bshd.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_bsd[:, :, None, :] + rot * sin_bsd[:, :, None, :]
+    return out.astype(x_bshd.dtype)
+
+
+def attention_mask(mask_bs, sliding_window: int | None = None):
+    """Boolean [B, S(query), S(key)]: causal, key not padding, optional sliding window."""
+    s = mask_bs.shape[1]
+    q = jnp.arange(s)[:, None]
+    k = jnp.arange(s)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    return allowed[None] & mask_bs[:, None, :].astype(bool)
+
+
+def attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale: float):
+    """Grouped-query attention; softmax in float32 with masked logits at the dtype minimum."""
+    b, s, h, d = q_bshd.shape
+    kv = k_bskd.shape[2]
+    q = q_bshd.reshape(b, s, kv, h // kv, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", q, k_bskd, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(allowed_bst[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v_bskd)
+    return out.reshape(b, s, h * d)
+
+
+def scan_blocks(blocks: nnx.Module, x, *args):
+    """Run a module whose parameters carry a leading layer axis with lax.scan over layers,
+    so compile time does not grow with depth."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(h, layer_state):
+        return nnx.merge(graphdef, layer_state)(h, *args), None
+
+    x, _ = jax.lax.scan(body, x, state)
+    return x
+
+
+def stacked(make_block, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Create `num_layers` independent blocks as one module with a leading layer axis."""
+    keys = jax.random.split(rngs.params(), num_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_block(nnx.Rngs(0))))
+    states = jax.vmap(lambda k: nnx.split(make_block(nnx.Rngs(k)))[1])(keys)
+    return nnx.merge(graphdef, states)
