@@ -51,8 +51,10 @@ def rank_mask(tree: dict, rank) -> dict:
     so clients of different ranks share one padded shape under vmap; multiplying by the mask
     also makes the gradient of the masked entries exactly zero."""
     def fn(a, b):
-        keep = (jnp.arange(a.shape[-2]) < rank)
-        return a * keep[:, None].astype(a.dtype), b * keep[None, :].astype(b.dtype)
+        keep = jnp.arange(a.shape[-2]) < rank
+        keep_a = keep.reshape((1,) * (a.ndim - 2) + (-1, 1)).astype(a.dtype)
+        keep_b = keep.reshape((1,) * (b.ndim - 1) + (-1,)).astype(b.dtype)
+        return a * keep_a, b * keep_b
     return map_modules(fn, tree)
 
 

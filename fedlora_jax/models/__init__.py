@@ -23,7 +23,7 @@ from .llama import LlamaModel
 Params = Any  # nested dict of arrays
 
 __all__ = ["Definition", "LoRAConfig", "LoRAParam", "ModelConfig", "SUPPORTED_MODEL_TYPES",
-           "apply", "init_model", "init_lora", "abstract_model", "model_class"]
+           "apply", "init_model", "init_lora", "abstract_model", "model_class", "token_nll", "mean_nll"]
 
 
 def model_class(cfg: ModelConfig):
@@ -81,3 +81,22 @@ def apply(definition: Definition, base: Params, lora: Params, tokens, mask=None)
     """Logits [B, S, V] (float32) of `tokens` [B, S] with attention `mask` [B, S] (1 = real token)."""
     model = nnx.merge(definition.graphdef, lora, base)
     return model(tokens, mask)
+
+
+def token_nll(definition: Definition, base: Params, lora: Params, tokens, mask, loss_mask=None):
+    """Per-position negative log-likelihood of token t+1 given tokens <= t: returns
+    (nll [B, S-1], weights [B, S-1]) where weights = loss_mask[:, 1:] (default: mask[:, 1:])."""
+    logits = apply(definition, base, lora, tokens, mask)[:, :-1]
+    targets = tokens[:, 1:]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    weights = (mask if loss_mask is None else loss_mask)[:, 1:].astype(jnp.float32)
+    if loss_mask is not None:
+        weights = weights * mask[:, 1:].astype(jnp.float32)
+    return nll, weights
+
+
+def mean_nll(definition: Definition, base: Params, lora: Params, tokens, mask, loss_mask=None):
+    """Mean NLL over the weighted positions (0 when there are none)."""
+    nll, w = token_nll(definition, base, lora, tokens, mask, loss_mask)
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)

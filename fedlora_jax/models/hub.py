@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -167,12 +168,12 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
             if key not in tensors:
                 raise ValueError(f"checkpoint is missing tensor {key!r} (needed for {'.'.join(path)})")
             a = np.asarray(tensors[key])
-            if kind == "linear" and path[-1] == "kernel":
-                a = a.T
-            want = spec.shape[1:] if per_layer else spec.shape
-            if a.shape != tuple(want):
-                raise ValueError(f"tensor {key!r} has shape {a.shape} but the config needs {tuple(want)}")
-            arrays.append(a)
+            transpose = kind == "linear" and path[-1] == "kernel"
+            want = tuple(spec.shape[1:] if per_layer else spec.shape)
+            want = want[::-1] if transpose else want  # in the checkpoint's own layout
+            if a.shape != want:
+                raise ValueError(f"tensor {key!r} has shape {a.shape} but the config needs {want}")
+            arrays.append(a.T if transpose else a)
             used.add(key)
         arr = np.stack(arrays) if per_layer else arrays[0]
         _set(base, path, jnp.asarray(arr, dtype=dtype))
@@ -345,7 +346,19 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     if path.is_file():
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # transformers converts a GGUF vocabulary in seconds; keep the result in a cache keyed by
+        # the file's identity so later loads take milliseconds
+        st = path.stat()
+        key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+        cache = Path(os.environ.get("FEDLORA_JAX_CACHE", Path.home() / ".cache" / "fedlora_jax")) / "tokenizers" / key
+        if (cache / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(str(cache))
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            tok.save_pretrained(str(cache))
+        except OSError as e:  # a read-only home only costs time
+            warnings.warn(f"could not cache the GGUF tokenizer in {cache}: {e}")
+        return tok
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return AutoTokenizer.from_pretrained(str(path))
     return None

@@ -18,6 +18,11 @@ class LoRAParam(nnx.Param):
     """A trainable LoRA factor. Used as a filter to split adapters from the frozen base."""
 
 
+def _lead(v, x):
+    """Give a trailing-axis vector the rank of x (explicit broadcasting; rank promotion is off in tests)."""
+    return v.reshape((1,) * (x.ndim - 1) + v.shape)
+
+
 def _normal(rngs: nnx.Rngs, shape, std=0.02):
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
@@ -51,7 +56,7 @@ class Linear(nnx.Module):
         dt = x.dtype
         y = x @ self.kernel[...].astype(dt)
         if self.bias is not None:
-            y = y + self.bias[...].astype(dt)
+            y = y + _lead(self.bias[...].astype(dt), y)
         if self.lora_a is not None:
             h = x @ self.lora_a[...].astype(dt).T
             y = y + (h @ self.lora_b[...].astype(dt).T) * jnp.asarray(self.lora_scale, dt)
@@ -66,7 +71,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+        return _lead(self.scale[...].astype(x.dtype), x) * y.astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -79,7 +84,7 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * _lead(self.scale[...], x) + _lead(self.bias[...], x)
         return y.astype(x.dtype)
 
 
