@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -41,6 +42,36 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _cmd_privacy(args) -> int:
+    from .privacy import accounting
+
+    z = args.noise_multiplier
+    if z is None and args.sigma is not None:
+        if args.clip is None or args.clip <= 0:
+            raise ValueError(f"--sigma needs --clip C > 0 (got {args.clip})")
+        if args.sigma < 0:
+            raise ValueError(f"--sigma must be >= 0, got {args.sigma}")
+        z = args.sigma / args.clip
+    out = accounting.report(
+        args.mode, delta=args.delta, noise_multiplier=z, rounds=args.rounds, tensors=args.tensors,
+        neighbouring=args.neighbouring, participations=args.participations, clients=args.clients,
+        clients_per_round=args.clients_per_round, sampling_rate=args.sampling_rate,
+        local_steps=args.local_steps, batch_sampling_rate=args.batch_sampling_rate,
+        target_epsilon=args.target_epsilon)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"mode {out['mode']}: {out['mechanism']}")
+    print(f"neighbouring {out['neighbouring']}, delta {out['delta']:g}, noise multiplier sigma/C "
+          f"{out['noise_multiplier']:.6g}")
+    rdp = "n/a (RDP does not model sampled replace-one)" if out["epsilon_rdp"] is None else f"{out['epsilon_rdp']:.4f}"
+    print(f"epsilon (PLD / exact): {out['epsilon_pld']:.4f}    epsilon (RDP): {rdp}")
+    if out.get("epsilon_paper") is not None:
+        print(f"paper convention, NOT a valid bound for epsilon >= 1: per release {out['epsilon_paper']:.4f}, "
+              f"paper code's tracker {out['epsilon_paper_tracker']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlora-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -54,11 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--json", action="store_true", help="print one JSON line")
     s.set_defaults(fn=_cmd_score)
+
+    s = sub.add_parser("privacy", help="privacy calculator: epsilon of a planned run, or the noise for a target")
+    s.add_argument("--mode", choices=["local", "central", "dpsgd"], default="local")
+    s.add_argument("--noise-multiplier", type=float, help="sigma / C")
+    s.add_argument("--sigma", type=float)
+    s.add_argument("--clip", type=float)
+    s.add_argument("--tensors", type=int, default=1, help="local: separately clipped tensors per release")
+    s.add_argument("--rounds", type=int, default=1)
+    s.add_argument("--clients", type=int)
+    s.add_argument("--clients-per-round", type=int)
+    s.add_argument("--sampling-rate", type=float)
+    s.add_argument("--participations", type=int, help="local/dpsgd: rounds one client takes part in")
+    s.add_argument("--local-steps", type=int, default=1)
+    s.add_argument("--batch-sampling-rate", type=float)
+    s.add_argument("--delta", type=float, default=1e-5)
+    s.add_argument("--neighbouring", choices=["replace-one", "add-remove"])
+    s.add_argument("--target-epsilon", type=float, help="print the noise multiplier that meets it")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_privacy)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # dp-accounting's RDP logs every order it excludes at WARNING through absl; keep the CLI readable
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:

@@ -1,0 +1,1 @@
+"""Differential privacy: jittable mechanisms, host-side accounting, the noise analysis."""
