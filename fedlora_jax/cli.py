@@ -72,6 +72,42 @@ def _cmd_privacy(args) -> int:
     return 0
 
 
+def _load_tokenizer(cfg):
+    if cfg.model.source == "tiny":
+        from .data.pipeline import byte_tokenizer
+        return byte_tokenizer()
+    from .models.hub import load_tokenizer, resolve
+    tok = load_tokenizer(resolve(cfg.model.source))
+    if tok is None:
+        raise ValueError(f"model {cfg.model.source!r} has no tokenizer files")
+    return tok
+
+
+def _cmd_data(args) -> int:
+    from .config import load_config
+    from .data.pipeline import prepare
+
+    cfg = load_config(args.config, args.set)
+    cd = prepare(cfg, _load_tokenizer(cfg))
+    s = cd.summary
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    st = s["data"]
+    print(f"data {cfg.data.source}: {st['examples']} examples kept ({st['dropped']} dropped: prompt longer than "
+          f"seq_len {cfg.data.seq_len}; {st['truncated']} responses truncated), {st['tokens']} tokens, "
+          f"{st['response_tokens']} response tokens, mean length {st['mean_length']:.1f}")
+    print(f"train {s['train_examples']} / eval {s['eval_examples']}; partition {cfg.data.partition} "
+          f"over {cfg.fl.num_clients} clients" + (f" by {s['label_column']}" if s["label_column"] else ""))
+    for c in s["clients"]:
+        labels = ""
+        if "labels" in c:
+            top = sorted(c["labels"].items(), key=lambda kv: -kv[1])[:3]
+            labels = "  " + ", ".join(f"{k}:{v}" for k, v in top) + (" ..." if len(c["labels"]) > 3 else "")
+        print(f"  client {c['client']:3d}: {c['examples']:6d} examples {c['tokens']:8d} tokens{labels}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlora-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target-epsilon", type=float, help="print the noise multiplier that meets it")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_privacy)
+
+    s = sub.add_parser("data", help="load, tokenize and partition as a run would; print the summary")
+    s.add_argument("config", nargs="?", default=None, help="YAML file or preset name (default: default)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_data)
     return p
 
 

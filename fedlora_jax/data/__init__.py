@@ -1,0 +1,10 @@
+"""Instruction data for federated clients: loading, templates, response-only masks, partitions,
+static-shape round batches."""
+
+from .loading import load_examples
+from .partition import partition, partition_summary
+from .batches import RoundBatcher
+from .tokenize import TokenizedData, tokenize_examples
+
+__all__ = ["load_examples", "partition", "partition_summary", "RoundBatcher", "TokenizedData",
+           "tokenize_examples"]

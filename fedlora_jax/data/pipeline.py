@@ -1,0 +1,88 @@
+"""From a run config to client data: load, tokenize, hold out evaluation data, partition."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .batches import RoundBatcher
+from .loading import load_examples
+from .partition import partition, partition_summary
+from .tokenize import TokenizedData, tokenize_examples
+
+DEFAULT_LABELS = {"chatterbot": "topic", "synthetic": "task"}
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + <|endoftext|> <|im_start|>
+    <|im_end|>, no merges, ChatML template): the tokenizer of the random `tiny` models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return fast
+
+
+@dataclasses.dataclass
+class ClientData:
+    train: TokenizedData
+    eval: TokenizedData | None
+    parts: list            # train indices per client
+    eval_parts: list | None  # eval indices per client (eval_per_client)
+    summary: dict
+
+    def batcher(self, local_steps: int, batch_size: int, seed: int) -> RoundBatcher:
+        return RoundBatcher(self.train, self.parts, local_steps, batch_size, seed)
+
+
+def prepare(cfg, tokenizer) -> ClientData:
+    """cfg: a RunConfig (data, fl.num_clients and seed are used)."""
+    d = cfg.data
+    label = d.label_column or (DEFAULT_LABELS.get(d.source) if d.partition != "iid" or d.source in DEFAULT_LABELS else None)
+    if d.partition != "iid" and label is None:
+        raise ValueError(f"partition {d.partition!r} needs data.label_column")
+    ds = load_examples(d.source, split=d.split, columns=dict(d.columns or ()), label_column=label,
+                       synthetic_tasks=d.synthetic_tasks, synthetic_examples=d.synthetic_examples,
+                       max_examples=d.max_examples, seed=cfg.seed)
+    data = tokenize_examples(ds, tokenizer, d.template, d.seq_len)
+    n = len(data)
+    rng = np.random.default_rng([cfg.seed, 1])
+    eval_data, eval_parts = None, None
+    k = cfg.fl.num_clients
+    if d.eval_per_client:
+        parts_all = partition(n, k, d.partition, data.labels, d.dirichlet_alpha, cfg.seed)
+        parts, eval_parts, flat_eval = [], [], []
+        for p in parts_all:
+            p = rng.permutation(p)
+            m = int(round(len(p) * d.eval_fraction))
+            if len(p) - m < 1:
+                raise ValueError(f"a client with {len(p)} examples has none left after the evaluation split")
+            eval_parts.append(np.arange(len(flat_eval), len(flat_eval) + m))
+            flat_eval.extend(p[:m].tolist())
+            parts.append(np.sort(p[m:]))
+        eval_data = data.select(flat_eval) if flat_eval else None
+        train = data
+    else:
+        perm = rng.permutation(n)
+        m = int(round(n * d.eval_fraction))
+        if n - m < k:
+            raise ValueError(f"{k} clients but only {n - m} training examples; lower fl.num_clients")
+        eval_data = data.select(np.sort(perm[:m])) if m else None
+        train = data.select(np.sort(perm[m:]))
+        parts = partition(len(train), k, d.partition, train.labels, d.dirichlet_alpha, cfg.seed)
+    summary = {"data": data.stats(), "train_examples": int(sum(len(p) for p in parts)),
+               "eval_examples": 0 if eval_data is None else len(eval_data), "label_column": label,
+               "clients": partition_summary(parts, train.attention_mask, train.labels)}
+    return ClientData(train, eval_data, parts, eval_parts, summary)
