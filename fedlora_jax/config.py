@@ -185,7 +185,7 @@ def _build(cls, data: dict, prefix: str):
     kw = {}
     for k, v in data.items():
         if k not in fields:
-            raise ValueError(f"unknown config key {prefix}{k!r}; allowed: {', '.join(fields)}")
+            raise ValueError(f"unknown config key '{prefix}{k}'; allowed: {', '.join(fields)}")
         t = hints[k]
         if dataclasses.is_dataclass(t):
             kw[k] = _build(t, v or {}, f"{prefix}{k}.")
