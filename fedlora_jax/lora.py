@@ -171,3 +171,21 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
         raise ValueError(f"adapter has {len(extra)} tensor(s) this model has no place for, e.g. {extra[0]!r}; "
                          "does the adapter belong to this model?")
     return out
+
+
+def reinit(tree: dict, key) -> dict:
+    """Fresh factors of the same shapes: A ~ U(-1/sqrt(in), 1/sqrt(in)) as PEFT (and
+    models.layers.Linear) initialise it, B = 0. Jittable; used when stacking restarts adapters."""
+    out, i = {}, 0
+
+    def rec(node, k):
+        nonlocal i
+        if "lora_a" in node:
+            a = node["lora_a"]
+            bound = 1.0 / jnp.sqrt(jnp.asarray(a.shape[-1], a.dtype))
+            i += 1
+            return {"lora_a": jax.random.uniform(jax.random.fold_in(k, i), a.shape, a.dtype, -bound, bound),
+                    "lora_b": jnp.zeros_like(node["lora_b"])}
+        return {name: rec(child, k) for name, child in node.items()}
+
+    return rec(tree, key)

@@ -1,0 +1,305 @@
+"""The run loop (host side): sample clients, assemble round blocks, account privacy, step the
+jitted round, evaluate, log, checkpoint, resume, plot and export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from . import lora as lora_lib
+from .checkpoint import Checkpointer
+from .config import RunConfig, config_diff, load_config
+from .models import LoRAConfig, ModelConfig, init_model, mean_nll
+from .privacy import accounting as acc
+from .privacy import mechanisms as mech
+from .simulation import NoiseSpec, cosine_lr, effective_base, init_state, make_round
+
+METRIC_FIELDS = ["round", "lr", "loss", "first_loss", "update_norm", "dropped", "clients", "eval_loss",
+                 "epsilon", "epsilon_mean", "epsilon_rdp", "epsilon_paper", "epsilon_paper_tracker", "seconds"]
+
+
+def build_model(cfg: RunConfig):
+    """(definition, base, lora, tokenizer, source description) for the config's model."""
+    lc = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                    use_rslora=cfg.lora.use_rslora)
+    m = cfg.model
+    if m.source == "tiny":
+        from .data.pipeline import byte_tokenizer
+        mc = ModelConfig("llama", vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
+                         max_position_embeddings=4096, dtype=m.dtype)
+        definition, base, lora = init_model(mc, lc, seed=cfg.seed)
+        tok = byte_tokenizer()
+        if len(tok) > mc.vocab_size:
+            raise ValueError(f"model.vocab_size {mc.vocab_size} is smaller than the byte tokenizer's {len(tok)}")
+        return definition, base, lora, tok, "tiny random Llama"
+    from .models.hub import load_model
+    lm = load_model(m.source, lc, dtype=m.dtype, seed=cfg.seed)
+    if lm.tokenizer is None:
+        raise ValueError(f"model {m.source!r} has no tokenizer files")
+    return lm.definition, lm.base, lm.lora, lm.tokenizer, lm.source
+
+
+def resolve_noise(cfg: RunConfig, lora) -> tuple[NoiseSpec, acc.Ledger | None, dict]:
+    """sigma_A, sigma_B from the DP config, the equivalent single-Gaussian multiplier, and the ledger."""
+    dp, fl = cfg.dp, cfg.fl
+    if dp.mode == "none":
+        return NoiseSpec(), None, {"mechanism": "no DP"}
+    if dp.mode == "central" and fl.sampling != "poisson":
+        raise ValueError("dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client sampling)")
+    n_a, n_b, ca, cb = mech.clip_blocks(lora, dp.scope, dp.clip_a, dp.clip_b)
+    if cfg.lora.freeze_a and dp.mode == "local":
+        n_a = 0  # A is frozen, shared and public: only B is released
+    neighbouring = dp.neighbouring if dp.mode == "local" else "add-remove"
+    factor = 1.0 / mech.effective_noise_multiplier(n_a, n_b, ca, cb, 1.0, 1.0, neighbouring)  # z_eff = z / factor
+    q = fl.clients_per_round / fl.num_clients
+    planned = math.ceil(fl.rounds * q - 1e-9)
+    if dp.noise == "classical":
+        z = mech.classical_noise_multiplier(dp.epsilon, dp.delta)
+    elif dp.noise == "analytic":
+        z = acc.gaussian_multiplier_for(dp.epsilon, 1, dp.delta) * factor if dp.mode == "local" else \
+            acc.gaussian_multiplier_for(dp.epsilon, 1, dp.delta)
+    elif dp.noise == "multiplier":
+        z = dp.noise_multiplier
+    elif dp.mode == "local":
+        z = acc.gaussian_multiplier_for(dp.epsilon, planned, dp.delta) * factor
+    else:
+        z = acc.sampled_multiplier_for(dp.epsilon, q, fl.rounds, dp.delta) * factor
+    z_eff = z / factor
+    sigma_a = z * dp.clip_a
+    sigma_b = z * (dp.clip_a if dp.scope == "global" else dp.clip_b)
+    ledger = acc.Ledger(dp.mode, fl.num_clients, z_eff, dp.delta, neighbouring, sampling_rate=q)
+    info = {"noise_multiplier": z, "effective_noise_multiplier": z_eff, "sigma_a": sigma_a, "sigma_b": sigma_b,
+            "clipped_blocks": [n_a, n_b], "neighbouring": neighbouring, "delta": dp.delta,
+            "mechanism": (f"{dp.mode} DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
+                          f"sigma_A {sigma_a:.4g}, sigma_B {sigma_b:.4g}, {neighbouring}"
+                          + (", composed over each client's participations, no amplification"
+                             if dp.mode == "local" else f", Poisson client sampling q={q:g}, PLD"))}
+    return NoiseSpec(dp.mode, sigma_a, sigma_b, z, z_eff, (n_a, n_b)), ledger, info
+
+
+def _sample(cfg: RunConfig, round_index: int):
+    """(client slots, valid mask) of a round, a pure function of (seed, round)."""
+    fl = cfg.fl
+    rng = np.random.default_rng([cfg.seed, 2, round_index])
+    if fl.sampling == "uniform":
+        ids = np.sort(rng.choice(fl.num_clients, fl.clients_per_round, replace=False))
+        return ids, np.ones(len(ids), bool)
+    return np.arange(fl.num_clients), rng.random(fl.num_clients) < fl.clients_per_round / fl.num_clients
+
+
+def _eval_fn(definition):
+    @jax.jit
+    def f(base, lora, tokens, attn, loss_mask):
+        return jax.vmap(lambda t, a, m: mean_nll(definition, base, lora, t, a, m))(tokens, attn, loss_mask)
+    return f
+
+
+def eval_batches(data, batch_size: int, max_batches: int):
+    """Fixed evaluation batches [n, batch, seq] from held-out data (padded by repetition)."""
+    if data is None or len(data) == 0:
+        return None
+    n = min(max_batches, math.ceil(len(data) / batch_size))
+    idx = np.arange(n * batch_size) % len(data)
+    shape = (n, batch_size, -1)
+    return tuple(jnp.asarray(x[idx].reshape(shape)) for x in (data.tokens, data.attention_mask, data.loss_mask))
+
+
+def _plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = [x["round"] for x in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(r, [x["loss"] for x in rows], label="train loss (clients)")
+    ev = [(x["round"], x["eval_loss"]) for x in rows if x.get("eval_loss") is not None]
+    if ev:
+        axes[0].plot(*zip(*ev), "o-", label="eval loss")
+    axes[0].set_xlabel("round")
+    axes[0].set_ylabel("loss (nats/token)")
+    axes[0].legend()
+    if rows and rows[0].get("epsilon") is not None:
+        axes[1].plot(r, [x["epsilon"] for x in rows], label="honest epsilon (worst client)")
+        if rows[0].get("epsilon_paper_tracker") is not None:
+            axes[1].plot(r, [x["epsilon_paper_tracker"] for x in rows], "--", label="paper convention (not a bound)")
+        axes[1].set_yscale("log")
+        axes[1].legend()
+    else:
+        axes[1].text(0.5, 0.5, "no DP", ha="center")
+    axes[1].set_xlabel("round")
+    axes[1].set_ylabel("epsilon")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        saved = out / "config.yaml"
+        if not saved.exists():
+            raise ValueError(f"--resume: {str(out)!r} holds no run (no config.yaml)")
+        prev = load_config(str(saved))
+        diff = config_diff(prev, cfg, ignore=())
+        if diff:
+            raise ValueError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output folder {str(out)!r} exists and is not empty; pass --resume or --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+        progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) a federated simulation; returns the summary (also written to summary.json)."""
+    from tqdm.auto import tqdm
+
+    from .data.pipeline import prepare
+
+    t_start = time.time()
+    out = Path(out_dir)
+    fl = cfg.fl
+    if cfg.lora.client_ranks is not None:
+        if len(cfg.lora.client_ranks) != fl.num_clients:
+            raise ValueError(f"lora.client_ranks has {len(cfg.lora.client_ranks)} entries for {fl.num_clients} clients")
+        if fl.aggregation == "mean" and len(set(cfg.lora.client_ranks)) > 1:
+            raise ValueError("mixed client ranks need fl.aggregation stack (averaging A and B of different ranks "
+                             "is not defined)")
+    if fl.aggregation == "stack" and fl.algorithm not in ("fedavg", "fedprox"):
+        raise ValueError(f"fl.aggregation stack merges into the base each round; it runs with fedavg or fedprox, "
+                         f"not {fl.algorithm}")
+    definition, base, lora, tokenizer, source = build_model(cfg)
+    data = prepare(cfg, tokenizer)
+    noise, ledger, dp_info = resolve_noise(cfg, lora)
+    _prepare_out(cfg, out, resume, overwrite)
+    batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed)
+    state = init_state(cfg, lora, fl.num_clients)
+    ckpt = Checkpointer(out / "checkpoints")
+    start = 0
+    metrics_path, csv_path = out / "metrics.jsonl", out / "metrics.csv"
+    rows = []
+    if resume:
+        state, meta = ckpt.restore(state)
+        start = int(meta["round"])
+        if ledger is not None:
+            ledger.load_state_dict(meta["ledger"])
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+            if metrics_path.exists() else []
+        rows = [r for r in rows if r["round"] <= start]  # drop rows logged after the checkpoint
+    participations = ledger.participations if ledger is not None else np.zeros(fl.num_clients, np.int64)
+    round_fn = make_round(definition, cfg, noise, fl.num_clients)
+    evaluate = _eval_fn(definition)
+    ev = eval_batches(data.eval, fl.batch_size, cfg.eval_batches)
+    ranks_all = np.asarray(cfg.lora.client_ranks or [cfg.lora.r] * fl.num_clients, np.int32)
+    root = jax.random.key(cfg.seed)
+
+    def run_eval(st):
+        if ev is None:
+            return None
+        return float(jnp.mean(evaluate(effective_base(base, st), st["lora"], *ev)))
+
+    def paper_figures(parts_max):
+        if noise.mode != "local":
+            return None, None
+        return acc.paper_epsilon(noise.z, cfg.dp.delta, int(parts_max))
+
+    initial_eval = run_eval(state) if start == 0 else None
+    stop_reason = "completed"
+    bar = tqdm(total=fl.rounds, initial=start, disable=not progress, desc="rounds", file=sys.stderr)
+    r = start
+    for r in range(start, fl.rounds):
+        if stop_after is not None and r >= start + stop_after:
+            stop_reason = "stopped"
+            break
+        ids, valid = _sample(cfg, r)
+        if ledger is not None and cfg.dp.budget is not None and ledger.worst_after(ids[valid]) > cfg.dp.budget:
+            stop_reason = f"privacy budget {cfg.dp.budget} would be exceeded in round {r + 1}"
+            break
+        t0 = time.time()
+        block = batcher.block(ids, participations)
+        lr = cosine_lr(r, fl.rounds, fl.lr, fl.lr_min)
+        state, m = round_fn(state, base, {k: jnp.asarray(v) for k, v in block.items()}, jnp.asarray(ids, jnp.int32),
+                            jnp.asarray(ranks_all[ids]), jnp.asarray(valid), jax.random.fold_in(root, r),
+                            jnp.float32(lr))
+        if ledger is not None:
+            ledger.record(ids[valid])
+        else:
+            np.add.at(participations, ids[valid], 1)
+        row = {"round": r + 1, "lr": lr, "loss": float(m["loss"]), "first_loss": float(m["first_loss"]),
+               "update_norm": float(m["update_norm"]), "dropped": int(m["dropped"]), "clients": int(valid.sum()),
+               "eval_loss": None}
+        if row["dropped"]:
+            bad = [int(c) for c, ok, v in zip(ids, np.isfinite(np.asarray(m["client_loss"])), valid) if v and not ok]
+            tqdm.write(f"round {r + 1}: {row['dropped']} client update(s) were not finite and were dropped "
+                       f"(clients {bad or 'with non-finite factors'})", file=sys.stderr)
+        if ledger is not None:
+            row["epsilon"], row["epsilon_mean"] = ledger.worst(), ledger.mean()
+            row["epsilon_paper"], row["epsilon_paper_tracker"] = paper_figures(ledger.participations.max())
+        if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
+            row["eval_loss"] = run_eval(state)
+        if cfg.dp.stats_every and noise.mode != "none" and (r + 1) % cfg.dp.stats_every == 0:
+            from .privacy.analysis import round_stats, write_stats_csv
+            write_stats_csv(out / "dp_stats.csv", round_stats(state["lora"], noise.sigma_a, noise.sigma_b,
+                                                              jax.random.fold_in(root, -r - 1), f"round_{r + 1}_global",
+                                                              samples=100), append=True)
+        row["seconds"] = time.time() - t0
+        rows.append(row)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", **({"eps": f"{row['epsilon']:.3g}"} if ledger else {}))
+        if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == fl.rounds):
+            ckpt.save(r + 1, state, {"round": r + 1, "ledger": ledger.state_dict() if ledger else None,
+                                     "config": cfg.to_dict()})
+    else:
+        r = fl.rounds
+    bar.close()
+    done = rows[-1]["round"] if rows else start
+    if done and (ckpt.latest() or 0) < done:  # also keep where an early stop left off
+        ckpt.save(done, state, {"round": done, "ledger": ledger.state_dict() if ledger else None,
+                                "config": cfg.to_dict()})
+    ckpt.close()
+    # rewrite the metrics (a resume may have dropped rows logged after its checkpoint)
+    metrics_path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    if rows:
+        _plot(rows, out / "metrics.png")
+    outputs = {"metrics_jsonl": str(metrics_path), "metrics_csv": str(csv_path), "plot": str(out / "metrics.png"),
+               "checkpoints": str(out / "checkpoints"), "config": str(out / "config.yaml")}
+    if fl.aggregation == "stack":
+        from .models.hub import LoadedModel, save_merged
+        if cfg.model.source != "tiny":
+            final_base = effective_base(base, state)
+            from .models.hub import load_model as _lm  # noqa: F401  (hf config comes from the definition)
+            save_merged(out / "merged_model", LoadedModel(definition, base, {}, tokenizer, {}, source), final_base)
+            outputs["merged_model"] = str(out / "merged_model")
+    else:
+        lora_lib.save_peft(out / "adapter", definition, state["lora"], None if cfg.model.source == "tiny" else source)
+        outputs["adapter"] = str(out / "adapter")
+    summary = {"rounds": done, "stop_reason": stop_reason, "initial_eval_loss": initial_eval,
+               "final_eval_loss": next((x["eval_loss"] for x in reversed(rows) if x.get("eval_loss") is not None), None),
+               "final_train_loss": rows[-1]["loss"] if rows else None, "model": source,
+               "privacy": {**dp_info, "epsilon": ledger.worst() if ledger else None,
+                           "epsilon_mean": ledger.mean() if ledger else None,
+                           "epsilon_paper": rows[-1].get("epsilon_paper") if rows else None,
+                           "epsilon_paper_tracker": rows[-1].get("epsilon_paper_tracker") if rows else None,
+                           "max_participations": int(participations.max())},
+               "wall_seconds": time.time() - t_start, "outputs": outputs}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

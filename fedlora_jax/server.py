@@ -1,0 +1,58 @@
+"""Server optimizers as optax transformations on the pseudo-gradient g = global - aggregate.
+
+FedAvg: sgd(1); FedAvgM: sgd with momentum; FedAdagrad / FedYogi / FedAdam: Reddi et al.,
+"Adaptive Federated Optimization" (2021), as OpenFedLLM runs them: with d = -g,
+m = b1 m + (1 - b1) d; v per rule (adagrad: v + d^2; yogi: v - (1 - b2) d^2 sign(v - d^2);
+adam: b2 v + (1 - b2) d^2); x = x + lr m / (sqrt(v) + tau); v starts at tau^2, no bias correction.
+FedProx and SCAFFOLD use the FedAvg server step (their work is on the clients).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
+
+
+class FedOptState(NamedTuple):
+    m: optax.Updates
+    v: optax.Updates
+
+
+def fedopt(kind: str, lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3):
+    if kind not in ("adagrad", "yogi", "adam"):
+        raise ValueError(f"unknown FedOpt rule {kind!r}; allowed: adagrad, yogi, adam")
+
+    def init(params):
+        return FedOptState(jax.tree.map(jnp.zeros_like, params),
+                           jax.tree.map(lambda p: jnp.full_like(p, tau ** 2), params))
+
+    def update(grads, state, params=None):
+        d = jax.tree.map(jnp.negative, grads)
+        m = jax.tree.map(lambda m_, d_: b1 * m_ + (1 - b1) * d_, state.m, d)
+        if kind == "adagrad":
+            v = jax.tree.map(lambda v_, d_: v_ + d_ * d_, state.v, d)
+        elif kind == "yogi":
+            v = jax.tree.map(lambda v_, d_: v_ - (1 - b2) * d_ * d_ * jnp.sign(v_ - d_ * d_), state.v, d)
+        else:
+            v = jax.tree.map(lambda v_, d_: b2 * v_ + (1 - b2) * d_ * d_, state.v, d)
+        updates = jax.tree.map(lambda m_, v_: lr * m_ / (jnp.sqrt(v_) + tau), m, v)
+        return updates, FedOptState(m, v)
+
+    return optax.GradientTransformation(init, update)
+
+
+def server_optimizer(fl) -> optax.GradientTransformation:
+    """The server step for an FLSection (its algorithm and server hyper-parameters)."""
+    alg = fl.algorithm
+    if alg not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {alg!r}; allowed: {', '.join(ALGORITHMS)}")
+    if alg in ("fedavg", "fedprox", "scaffold"):
+        return optax.sgd(fl.server_lr)
+    if alg == "fedavgm":
+        return optax.sgd(fl.server_lr, momentum=fl.server_momentum)
+    return fedopt(alg[3:], fl.server_lr, fl.server_b1, fl.server_b2, fl.server_tau)
