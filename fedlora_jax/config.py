@@ -199,6 +199,11 @@ def _coerce(v, t, name):
         return None
     base = [a for a in typing.get_args(t) if a is not type(None)] or [t]
     target = base[0]
+    if target in (int, float) and isinstance(v, str):
+        try:  # YAML 1.1 reads 3e-2 (no dot) as a string
+            v = float(v)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {v!r}") from None
     if target in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
         if target is int and float(v) != int(v):
             raise ValueError(f"{name} must be an integer, got {v!r}")

@@ -39,6 +39,9 @@ def build_model(cfg: RunConfig):
                          num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
                          max_position_embeddings=4096, dtype=m.dtype)
         definition, base, lora = init_model(mc, lc, seed=cfg.seed)
+        # a frozen random head with HF's std 0.02 caps logits near uniform (|E x| ~ 0.02 sqrt(d) ~ 0.2),
+        # so LoRA could hardly learn; std 0.25 lets the adapters express peaked predictions
+        base = {**base, "lm_head": {"kernel": base["lm_head"]["kernel"] * 12.5}}
         tok = byte_tokenizer()
         if len(tok) > mc.vocab_size:
             raise ValueError(f"model.vocab_size {mc.vocab_size} is smaller than the byte tokenizer's {len(tok)}")
