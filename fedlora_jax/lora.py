@@ -32,7 +32,7 @@ def modules(tree: dict, prefix: tuple = ()):
 
 
 def map_modules(fn, *trees):
-    """Rebuild adapter trees applying fn(A..., B...) -> (A, B) per module (keeps the nesting)."""
+    """Rebuild adapter trees applying fn(A_1, ..., A_n, B_1, ..., B_n) -> (A, B) per module."""
     def rec(*nodes):
         if "lora_a" in nodes[0]:
             a, b = fn(*[n["lora_a"] for n in nodes], *[n["lora_b"] for n in nodes])

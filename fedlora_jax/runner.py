@@ -64,7 +64,8 @@ def resolve_noise(cfg: RunConfig, lora) -> tuple[NoiseSpec, acc.Ledger | None, d
     if cfg.lora.freeze_a and dp.mode == "local":
         n_a = 0  # A is frozen, shared and public: only B is released
     neighbouring = dp.neighbouring if dp.mode == "local" else "add-remove"
-    factor = 1.0 / mech.effective_noise_multiplier(n_a, n_b, ca, cb, 1.0, 1.0, neighbouring)  # z_eff = z / factor
+    # z_eff = z / factor: the multiplier of one release when every block gets sigma = z * its clip
+    factor = 1.0 / mech.effective_noise_multiplier(n_a, n_b, ca, cb, ca, cb if n_b else 1.0, neighbouring)
     q = fl.clients_per_round / fl.num_clients
     planned = math.ceil(fl.rounds * q - 1e-9)
     if dp.noise == "classical":
@@ -203,7 +204,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             if metrics_path.exists() else []
         rows = [r for r in rows if r["round"] <= start]  # drop rows logged after the checkpoint
     participations = ledger.participations if ledger is not None else np.zeros(fl.num_clients, np.int64)
-    round_fn = make_round(definition, cfg, noise, fl.num_clients)
+    round_fn = make_round(definition, cfg, noise, fl.num_clients, donate=True)
     evaluate = _eval_fn(definition)
     ev = eval_batches(data.eval, fl.batch_size, cfg.eval_batches)
     ranks_all = np.asarray(cfg.lora.client_ranks or [cfg.lora.r] * fl.num_clients, np.int32)
@@ -256,7 +257,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         if cfg.dp.stats_every and noise.mode != "none" and (r + 1) % cfg.dp.stats_every == 0:
             from .privacy.analysis import round_stats, write_stats_csv
             write_stats_csv(out / "dp_stats.csv", round_stats(state["lora"], noise.sigma_a, noise.sigma_b,
-                                                              jax.random.fold_in(root, -r - 1), f"round_{r + 1}_global",
+                                                              jax.random.fold_in(jax.random.fold_in(root, 2 ** 31 - 3), r), f"round_{r + 1}_global",
                                                               samples=100), append=True)
         row["seconds"] = time.time() - t0
         rows.append(row)

@@ -21,6 +21,11 @@ from .privacy import mechanisms as mech
 from .server import server_optimizer
 
 
+# fold_in domains of the round key beside the client ids (client ids stay below these)
+SERVER_NOISE = 2 ** 31 - 1
+REINIT = 2 ** 31 - 2
+
+
 @dataclasses.dataclass(frozen=True)
 class NoiseSpec:
     """The DP noise of a run, resolved on the host (see resolve_noise)."""
@@ -52,9 +57,10 @@ def effective_base(base, state):
     return agg.add_kernel_deltas(base, state["delta_w"]) if "delta_w" in state else base
 
 
-def make_round(definition, cfg, noise: NoiseSpec, num_clients: int):
+def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool = False):
     """The jitted round for a run config. Nothing in it depends on values that change per round,
-    so the second call compiles nothing."""
+    so the second call compiles nothing. donate=True lets XLA reuse the old state's buffers (the
+    caller must not touch the state it passed in again)."""
     fl, dp = cfg.fl, cfg.dp
     server_opt = server_optimizer(fl)
     hetero = cfg.lora.client_ranks is not None
@@ -79,7 +85,7 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int):
             if hetero:  # post-processing: keep the padded entries of a low-rank client at zero
                 released = lora_lib.rank_mask(released, rank)
             if cfg.lora.freeze_a:  # A is public (frozen and shared): only B is released
-                released = lora_lib.map_modules(lambda a, b, a0, b0: (a0, b), released, g)
+                released = lora_lib.map_modules(lambda a, a0, b, b0: (a0, b), released, g)
         elif noise.mode == "central":
             upd, _ = mech.clip(jax.tree.map(jnp.subtract, local, g), dp.clip_a, clip_b, dp.scope)
             released = jax.tree.map(jnp.add, g, upd)
@@ -104,7 +110,7 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int):
             # DP-FedAvg: noise on the sum of clipped updates, divided by the expected cohort size
             total = jax.tree.map(lambda r, x: jnp.tensordot(finite.astype(r.dtype), r - x[None], axes=1),
                                  released, g)
-            noisy = mech.add_noise(total, jax.random.fold_in(round_key, -1), sig_a, sig_b)
+            noisy = mech.add_noise(total, jax.random.fold_in(round_key, SERVER_NOISE), sig_a, sig_b)
             aggregate = jax.tree.map(lambda x, t: x + t / fl.clients_per_round, g, noisy)
         else:
             p = agg.normalized_weights(block["num_examples"], finite)
@@ -114,11 +120,13 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int):
                 aggregate = g  # the product went into the base; adapters restart below
             else:
                 aggregate = agg.weighted_mean(released, p)
+        # a round where every client was dropped leaves the global adapter where it was
+        aggregate = jax.tree.map(lambda a, x: jnp.where(jnp.any(finite), a, x), aggregate, g)
         pseudo_grad = jax.tree.map(jnp.subtract, g, aggregate)
         updates, new_state["opt"] = server_opt.update(pseudo_grad, state["opt"], g)
         new_g = optax.apply_updates(g, updates)
         if fl.aggregation == "stack":
-            new_g = lora_lib.reinit(g, jax.random.fold_in(round_key, -2))
+            new_g = lora_lib.reinit(g, jax.random.fold_in(round_key, REINIT))
         new_state["lora"] = new_g
         if scaffold:
             old = state["controls"]["clients"]
@@ -137,7 +145,7 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int):
                "dropped": jnp.sum(valid & ~finite), "client_loss": metrics["loss"]}
         return new_state, out
 
-    return jax.jit(round_fn, donate_argnums=(0,))
+    return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
 
 
 def cosine_lr(round_index: int, rounds: int, lr: float, lr_min: float) -> float:

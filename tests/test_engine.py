@@ -1,0 +1,245 @@
+"""The federated engine: round identities, server optimizers, resume, recompilation, learning."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedlora_jax import aggregation as agg
+from fedlora_jax import cli
+from fedlora_jax import lora as L
+from fedlora_jax.client import client_update
+from fedlora_jax.config import load_config
+from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
+from fedlora_jax.runner import run
+from fedlora_jax.server import fedopt
+from fedlora_jax.simulation import NoiseSpec, init_state, make_round
+
+K, STEPS, B, S = 3, 2, 2, 12
+
+
+def _setup(algorithm="fedavg", aggregation="mean", extra=()):
+    cfg = load_config("tiny", [f"fl.algorithm={algorithm}", f"fl.aggregation={aggregation}", "fl.num_clients=5",
+                               f"fl.clients_per_round={K}", f"fl.local_steps={STEPS}", f"fl.batch_size={B}",
+                               "fl.lr=1e-2", *extra])
+    mc = ModelConfig("llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=64)
+    definition, base, lora = init_model(mc, LoRAConfig(r=4, target_modules=("q_proj", "v_proj")), seed=0)
+    rng = np.random.RandomState(0)
+    block = {"tokens": jnp.asarray(rng.randint(0, 64, (K, STEPS, B, S)), jnp.int32),
+             "attention_mask": jnp.ones((K, STEPS, B, S), jnp.int32),
+             "loss_mask": jnp.asarray(rng.rand(K, STEPS, B, S) < 0.7, jnp.int32),
+             "num_examples": jnp.asarray([10.0, 30.0, 20.0])}
+    return cfg, definition, base, lora, block
+
+
+def _args(block, ids=(0, 2, 4)):
+    return (block, jnp.asarray(ids, jnp.int32), jnp.full((K,), 4, jnp.int32), jnp.ones((K,), bool),
+            jax.random.key(3), jnp.float32(1e-2))
+
+
+def _close(a, b, atol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=atol)
+
+
+@pytest.mark.parametrize("dp_mode", ["none", "local"])
+def test_vmapped_round_equals_python_loop_and_does_not_recompile(dp_mode):
+    cfg, definition, base, lora, block = _setup()
+    from fedlora_jax.privacy import mechanisms as mech
+    noise = NoiseSpec("local", 0.01, 0.02, 0.1, 0.05, (4, 4)) if dp_mode == "local" else NoiseSpec()
+    round_fn = make_round(definition, cfg, noise, 5)
+    state = init_state(cfg, lora, 5)
+    new_state, m = round_fn(jax.tree.map(jnp.copy, state), base, *_args(block))
+    ids, key = [0, 2, 4], jax.random.key(3)
+    released = []
+    for i, cid in enumerate(ids):  # the same clients one at a time, with the same keys
+        batches = {k: block[k][i] for k in ("tokens", "attention_mask", "loss_mask")}
+        local, _, _ = client_update(definition, base, lora, batches, 1e-2)
+        if dp_mode == "local":
+            local = mech.privatize(local, lora, mech.client_key(key, cid), clip_a=cfg.dp.clip_a, clip_b=cfg.dp.clip_b,
+                                   sigma_a=0.01, sigma_b=0.02)
+        released.append(local)
+    p = np.array([10.0, 30.0, 20.0]) / 60.0
+    expect = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(p, xs)), *released)
+    _close(new_state["lora"], expect)
+    # a second round with new values compiles nothing
+    round_fn(new_state, base, *_args(block, (1, 2, 3)))
+    assert round_fn._cache_size() == 1
+
+
+def test_fedavg_one_client_without_dp_is_local_training():
+    cfg, definition, base, lora, block = _setup()
+    one = {k: v[:1] for k, v in block.items()}
+    cfg1 = load_config("tiny", ["fl.num_clients=5", "fl.clients_per_round=1", f"fl.local_steps={STEPS}"])
+    round_fn = make_round(definition, cfg1, NoiseSpec(), 5)
+    state, _ = round_fn(init_state(cfg1, lora, 5), base, one, jnp.asarray([2], jnp.int32),
+                        jnp.asarray([4], jnp.int32), jnp.ones((1,), bool), jax.random.key(0), jnp.float32(1e-2))
+    local, _, _ = client_update(definition, base, lora, {k: one[k][0] for k in ("tokens", "attention_mask", "loss_mask")}, 1e-2)
+    _close(state["lora"], local)
+
+
+def test_mean_of_identical_adapters_and_stacking_identity():
+    _, definition, _, lora, _ = _setup()
+    ad = jax.tree.map(lambda x: x + 0.1, lora)
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * 3), ad)
+    w = agg.normalized_weights(jnp.asarray([1.0, 5.0, 2.0]), jnp.ones(3, bool))
+    _close(agg.weighted_mean(stacked, w), ad, atol=1e-6)
+    different = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), ad)
+    deltas = agg.stacked_product(definition, different, w)
+    scale = definition.lora.scale
+    for path, m in L.modules(different):
+        expect = sum(float(w[k]) * scale * jnp.einsum("lor,lri->lio", m["lora_b"][k], m["lora_a"][k]) for k in range(3))
+        np.testing.assert_allclose(deltas["/".join(path)], expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("alg, extra", [("fedprox", ["fl.prox_mu=0"]), ("scaffold", [])])
+def test_fedprox_mu0_and_scaffold_zero_controls_equal_fedavg(alg, extra):
+    cfg, definition, base, lora, block = _setup()
+    ref, _ = make_round(definition, cfg, NoiseSpec(), 5)(init_state(cfg, lora, 5), base, *_args(block))
+    cfg2, *_ = _setup(alg, extra=extra)
+    out, _ = make_round(definition, cfg2, NoiseSpec(), 5)(init_state(cfg2, lora, 5), base, *_args(block))
+    _close(out["lora"], ref["lora"])
+    if alg == "scaffold":  # controls move after a round
+        assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(out["controls"]["global"]))
+
+
+def test_server_optimizers_match_hand_computation():
+    x = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([0.5, -0.25])}  # pseudo-gradient: global - aggregate
+    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    d = -g["w"]
+    for kind, v in [("adagrad", tau ** 2 + d ** 2), ("adam", b2 * tau ** 2 + (1 - b2) * d ** 2),
+                    ("yogi", tau ** 2 - (1 - b2) * d ** 2 * np.sign(tau ** 2 - d ** 2))]:
+        opt = fedopt(kind, lr, b1, b2, tau)
+        upd, _ = opt.update(g, opt.init(x), x)
+        m = (1 - b1) * d
+        np.testing.assert_allclose(optax.apply_updates(x, upd)["w"], x["w"] + lr * m / (np.sqrt(v) + tau), rtol=1e-5)
+    sgdm = optax.sgd(1.0, momentum=0.9)
+    st = sgdm.init(x)
+    u1, st = sgdm.update(g, st, x)
+    u2, _ = sgdm.update(g, st, x)
+    np.testing.assert_allclose(u2["w"], -(1 + 0.9) * g["w"], rtol=1e-6)  # momentum buffer g, then 0.9 g + g
+
+
+def test_non_finite_client_is_dropped_not_averaged():
+    cfg, definition, base, lora, block = _setup()
+    # one client with a NaN factor: the mean over the others, with their weights renormalised
+    good = jax.tree.map(lambda x: jnp.stack([x + 1.0, x * jnp.nan, x - 1.0]), lora)
+    finite = agg.all_finite(good)
+    assert list(np.asarray(finite)) == [True, False, True]
+    w = agg.normalized_weights(jnp.asarray([1.0, 1.0, 3.0]), finite)
+    mean = agg.weighted_mean(agg.zero_invalid(good, finite), w)
+    _close(mean, jax.tree.map(lambda x: 0.25 * (x + 1.0) + 0.75 * (x - 1.0), lora), atol=1e-6)
+    # a round whose every update is non-finite (NaN learning rate) drops all and keeps the global
+    round_fn = make_round(definition, cfg, NoiseSpec(), 5)
+    state, m = round_fn(init_state(cfg, lora, 5), base, block, jnp.asarray([0, 2, 4], jnp.int32),
+                        jnp.full((K,), 4, jnp.int32), jnp.ones((K,), bool), jax.random.key(0), jnp.float32(jnp.nan))
+    assert int(m["dropped"]) == K
+    _close(state["lora"], lora, atol=0)
+
+
+def _tiny_cfg(tmp_path, *extra):
+    return load_config("tiny", ["fl.rounds=4", "checkpoint_every=2", "eval_every=2", "fl.num_clients=4",
+                                "fl.clients_per_round=2", "data.synthetic_examples=200", *extra])
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_run(tmp_path):
+    cfg = _tiny_cfg(tmp_path, "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.5")
+    full = run(cfg, tmp_path / "full", progress=False)
+    run(cfg, tmp_path / "part", progress=False, stop_after=2)
+    resumed = run(cfg, tmp_path / "part", resume=True, progress=False)
+    a = L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full"))
+    b = L.load_peft(tmp_path / "part" / "adapter", _definition(tmp_path / "part"))
+    _close(a, b, atol=0)
+    assert full["privacy"]["epsilon"] == resumed["privacy"]["epsilon"]
+    rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="keys that differ: fl.lr"):
+        run(_tiny_cfg(tmp_path, "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.5", "fl.lr=0.5"),
+            tmp_path / "full", resume=True, progress=False)
+    _close(L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")), a, atol=0)  # untouched
+
+
+def _definition(folder):
+    from fedlora_jax.models import abstract_model
+    from fedlora_jax.runner import build_model
+    cfg = load_config(str(folder / "config.yaml"))
+    definition = build_model(cfg)[0]
+    return abstract_model(definition.config, L.read_peft_config(folder / "adapter"))[0]
+
+
+@pytest.mark.slow
+def test_tiny_task_learns_without_dp(tmp_path):
+    cfg = load_config("tiny", ["fl.rounds=12"])
+    s = run(cfg, tmp_path / "r", progress=False)
+    # the start is ~ln(vocab) + the random head's excess; learning must remove a third of it
+    assert s["final_eval_loss"] < 0.67 * s["initial_eval_loss"]
+    for f in ("metrics.jsonl", "metrics.csv", "metrics.png", "summary.json", "adapter/adapter_model.safetensors"):
+        assert (tmp_path / "r" / f).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ["fl.algorithm=fedadam", "fl.server_lr=1e-2"], ["fl.algorithm=fedyogi", "fl.server_lr=1e-2"],
+    ["fl.algorithm=fedadagrad", "fl.server_lr=1e-2"], ["fl.algorithm=fedavgm"], ["fl.algorithm=scaffold"],
+    ["fl.aggregation=stack", "lora.client_ranks=[2,4,8,8]"], ["lora.freeze_a=true", "dp.mode=local"],
+    ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.scope=global"],
+])
+def test_every_algorithm_and_mode_runs(tmp_path, extra):
+    s = run(_tiny_cfg(tmp_path, "fl.rounds=2", *extra), tmp_path / "r", progress=False)
+    assert s["rounds"] == 2 and np.isfinite(s["final_train_loss"])
+
+
+def test_budget_stops_before_exceeding(tmp_path):
+    from fedlora_jax.privacy import accounting as acc
+    from fedlora_jax.privacy import mechanisms as mech
+
+    # tiny preset: q and v adapters in 2 layers = 4 A and 4 B blocks, clip 0.1, sigma = 40 * 0.1
+    z_eff = mech.effective_noise_multiplier(4, 4, 0.1, 0.1, 4.0, 4.0, "replace-one")
+    one, two = acc.gaussian_epsilon(z_eff, 1, 1e-5), acc.gaussian_epsilon(z_eff, 2, 1e-5)
+    budget = (one + two) / 2  # no client may take part twice
+    cfg = _tiny_cfg(tmp_path, "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=40", f"dp.budget={budget}")
+    s = run(cfg, tmp_path / "r", progress=False)
+    assert s["privacy"]["effective_noise_multiplier"] == pytest.approx(z_eff)
+    assert s["stop_reason"].startswith("privacy budget") and 1 <= s["rounds"] <= 2
+    assert s["privacy"]["max_participations"] == 1 and s["privacy"]["epsilon"] == pytest.approx(one)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["fl.clients_per_round=50"], "is larger than fl.num_clients"),
+    (["fl.rounds=0"], "fl.rounds must be >= 1"),
+    (["fl.algorithm=fedsgd"], "choose one of: fedavg, fedprox, scaffold"),
+    (["fl.aggregation=median"], "choose one of: mean, stack"),
+    (["dp.mode=shuffle"], "choose one of: none, local, central"),
+    (["lora.client_ranks=[2,4,8,8,8,8,8,8]"], "mixed client ranks need fl.aggregation stack"),
+])
+def test_run_bad_input(sets, message, capsys, tmp_path):
+    argv = ["run", "tiny", "--out", str(tmp_path / "o"), "--no-progress"] + [x for s in sets for x in ("--set", s)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_existing_output_folder_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    assert cli.main(["run", "tiny", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "pass --resume or --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_run_epsilon_agrees_with_the_privacy_calculator(tmp_path):
+    from fedlora_jax.privacy import accounting as acc
+
+    cfg = _tiny_cfg(tmp_path, "fl.rounds=3", "dp.mode=local", "dp.noise=classical", "dp.epsilon=25")
+    s = run(cfg, tmp_path / "r", progress=False)
+    p = s["privacy"]
+    calc = acc.report("local", delta=1e-5, noise_multiplier=p["noise_multiplier"], rounds=3, tensors=8,
+                      participations=p["max_participations"])
+    assert p["epsilon"] == pytest.approx(calc["epsilon_pld"], rel=1e-12)
+    assert p["epsilon_paper"] == pytest.approx(25.0) and p["epsilon"] > 25.0
