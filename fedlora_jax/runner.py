@@ -252,6 +252,9 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         if ledger is not None:
             row["epsilon"], row["epsilon_mean"] = ledger.worst(), ledger.mean()
             row["epsilon_paper"], row["epsilon_paper_tracker"] = paper_figures(ledger.participations.max())
+            if noise.mode == "local":
+                row["epsilon_rdp"] = acc.gaussian_epsilon_rdp(noise.z_eff, int(ledger.participations.max()),
+                                                              cfg.dp.delta)
         if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
             row["eval_loss"] = run_eval(state)
         if cfg.dp.stats_every and noise.mode != "none" and (r + 1) % cfg.dp.stats_every == 0:
