@@ -58,11 +58,6 @@ def rank_mask(tree: dict, rank) -> dict:
     return map_modules(fn, tree)
 
 
-def trainable_mask(tree: dict, freeze_a: bool) -> dict:
-    """Booleans per leaf: False for A when freeze_a (FFA-LoRA trains B only)."""
-    return map_modules(lambda a, b: (not freeze_a, True), tree)
-
-
 def delta_weights(definition: Definition, tree: dict):
     """Yield (module path, scale * B @ A) with a leading layer axis: the update each module adds."""
     scale = definition.lora.scale

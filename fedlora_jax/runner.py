@@ -223,7 +223,6 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     initial_eval = run_eval(state) if start == 0 else None
     stop_reason = "completed"
     bar = tqdm(total=fl.rounds, initial=start, disable=not progress, desc="rounds", file=sys.stderr)
-    r = start
     for r in range(start, fl.rounds):
         if stop_after is not None and r >= start + stop_after:
             stop_reason = "stopped"
@@ -271,8 +270,6 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == fl.rounds):
             ckpt.save(r + 1, state, {"round": r + 1, "ledger": ledger.state_dict() if ledger else None,
                                      "config": cfg.to_dict()})
-    else:
-        r = fl.rounds
     bar.close()
     done = rows[-1]["round"] if rows else start
     if done and (ckpt.latest() or 0) < done:  # also keep where an early stop left off
@@ -293,7 +290,6 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         from .models.hub import LoadedModel, save_merged
         if cfg.model.source != "tiny":
             final_base = effective_base(base, state)
-            from .models.hub import load_model as _lm  # noqa: F401  (hf config comes from the definition)
             save_merged(out / "merged_model", LoadedModel(definition, base, {}, tokenizer, {}, source), final_base)
             outputs["merged_model"] = str(out / "merged_model")
     else:
