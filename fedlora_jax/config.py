@@ -107,7 +107,8 @@ class FLSection:
     server_b1: float = 0.9
     server_b2: float = 0.99
     server_tau: float = 1e-3
-    clients_per_chunk: int | None = None
+    clients_per_chunk: int | None = None  # run clients in chunks of this size (memory ~ chunk)
+    devices: int = 1                 # spread each chunk's clients over this many devices ('clients' mesh axis)
 
     def __post_init__(self):
         _choice("fl.algorithm", self.algorithm,
@@ -117,6 +118,10 @@ class FLSection:
         for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"fl.{k} must be >= 1, got {getattr(self, k)}")
+        if self.clients_per_chunk is not None and self.clients_per_chunk < 1:
+            raise ValueError(f"fl.clients_per_chunk must be >= 1, got {self.clients_per_chunk}")
+        if self.devices < 1:
+            raise ValueError(f"fl.devices must be >= 1, got {self.devices}")
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"fl.clients_per_round ({self.clients_per_round}) is larger than "
                              f"fl.num_clients ({self.num_clients})")

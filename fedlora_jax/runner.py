@@ -92,6 +92,17 @@ def resolve_noise(cfg: RunConfig, lora) -> tuple[NoiseSpec, acc.Ledger | None, d
     return NoiseSpec(dp.mode, sigma_a, sigma_b, z, z_eff, (n_a, n_b)), ledger, info
 
 
+def client_mesh(devices: int):
+    """A 1-D mesh with a 'clients' axis over the first `devices` devices (None for one device).
+    Multi-host: call jax.distributed.initialize() first; jax.devices() then lists every host's."""
+    if devices <= 1:
+        return None
+    available = jax.devices()
+    if devices > len(available):
+        raise ValueError(f"fl.devices = {devices} but only {len(available)} device(s) are visible: {available}")
+    return jax.sharding.Mesh(np.array(available[:devices]), ("clients",))
+
+
 def _sample(cfg: RunConfig, round_index: int):
     """(client slots, valid mask) of a round, a pure function of (seed, round)."""
     fl = cfg.fl
@@ -204,7 +215,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             if metrics_path.exists() else []
         rows = [r for r in rows if r["round"] <= start]  # drop rows logged after the checkpoint
     participations = ledger.participations if ledger is not None else np.zeros(fl.num_clients, np.int64)
-    round_fn = make_round(definition, cfg, noise, fl.num_clients, donate=True)
+    round_fn = make_round(definition, cfg, noise, fl.num_clients, donate=True, mesh=client_mesh(fl.devices))
     evaluate = _eval_fn(definition)
     ev = eval_batches(data.eval, fl.batch_size, cfg.eval_batches)
     ranks_all = np.asarray(cfg.lora.client_ranks or [cfg.lora.r] * fl.num_clients, np.int32)

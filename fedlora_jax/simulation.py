@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from . import aggregation as agg
 from . import lora as lora_lib
@@ -57,10 +58,16 @@ def effective_base(base, state):
     return agg.add_kernel_deltas(base, state["delta_w"]) if "delta_w" in state else base
 
 
-def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool = False):
+def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool = False, mesh=None):
     """The jitted round for a run config. Nothing in it depends on values that change per round,
     so the second call compiles nothing. donate=True lets XLA reuse the old state's buffers (the
-    caller must not touch the state it passed in again)."""
+    caller must not touch the state it passed in again).
+
+    Clients run in chunks of fl.clients_per_chunk (default: the whole cohort) under lax.scan,
+    vmapped within a chunk; each chunk is folded into running sums, so memory grows with the
+    chunk, not the cohort. A cohort that the chunk does not divide is padded with invalid clients.
+    mesh: a jax.sharding.Mesh with a 'clients' axis; each chunk's clients are spread over it
+    (base and adapter replicated)."""
     fl, dp = cfg.fl, cfg.dp
     server_opt = server_optimizer(fl)
     hetero = cfg.lora.client_ranks is not None
@@ -93,33 +100,83 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool
             released = local
         return released, metrics, new_c
 
+    def accumulate(carry, g, released, finite, n_ex, ids, new_c):
+        """Fold one chunk of released adapters into the running sums (never all clients at once)."""
+        carry = dict(carry)
+        f = finite.astype(jnp.float32)
+        if noise.mode == "central":  # sum of clipped updates (unweighted: the sum's sensitivity is C)
+            carry["sum"] = jax.tree.map(lambda s, r, x: s + jnp.tensordot(f, r - x[None], axes=1),
+                                        carry["sum"], released, g)
+        else:
+            w = f * n_ex
+            carry["wsum"] = carry["wsum"] + jnp.sum(w)
+            if fl.aggregation == "stack":
+                part = agg.stacked_product(definition, released, w)
+                carry["sum"] = {k: carry["sum"][k] + part[k] for k in part}
+            else:
+                carry["sum"] = jax.tree.map(lambda s, r: s + jnp.tensordot(w, r, axes=1), carry["sum"], released)
+        if scaffold:
+            old = carry["controls"]
+            cur = jax.tree.map(lambda c: c.at[ids].get(mode="fill", fill_value=0), old)
+            keep = lambda n, o: jnp.where(finite.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+            new_c = jax.tree.map(keep, new_c, cur)
+            carry["dc"] = jax.tree.map(lambda d, n, o: d + jnp.sum(n - o, axis=0), carry["dc"], new_c, cur)
+            # padded slots carry the out-of-range id num_clients: their writes are dropped
+            carry["controls"] = jax.tree.map(lambda o, n: o.at[ids].set(n, mode="drop"), old, new_c)
+        return carry
+
     def round_fn(state, base, block, client_ids, ranks, valid, round_key, lr):
         g = state["lora"]
         base_eff = effective_base(base, state)
-        batches = {k: block[k] for k in ("tokens", "attention_mask", "loss_mask")}
-        fn = lambda xs: one_client(state, base_eff, xs[0], xs[1], xs[2], round_key, lr)
-        xs = (batches, client_ids, ranks)
-        if fl.clients_per_chunk:
-            released, metrics, new_c = jax.lax.map(fn, xs, batch_size=fl.clients_per_chunk)
+        k = client_ids.shape[0]
+        c = min(fl.clients_per_chunk or k, k)
+        if mesh is not None:  # every device gets the same number of client slots (padding if needed)
+            c = -(-c // mesh.size) * mesh.size
+        n_chunks = -(-k // c)
+        pad = n_chunks * c - k
+
+        def chunked(x, fill=0):  # [K, ...] -> [chunks, C, ...], padded with invalid clients
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+            x = x.reshape((n_chunks, c) + x.shape[1:])
+            if mesh is not None:  # the client axis of each chunk is spread over the devices
+                x = jax.lax.with_sharding_constraint(
+                    x, NamedSharding(mesh, PartitionSpec(None, "clients", *([None] * (x.ndim - 2)))))
+            return x
+
+        xs = {"batches": {key: chunked(block[key]) for key in ("tokens", "attention_mask", "loss_mask")},
+              "ids": chunked(client_ids, num_clients), "ranks": chunked(ranks, 1), "valid": chunked(valid, False),
+              "n_ex": chunked(block["num_examples"])}
+        carry = {"wsum": jnp.zeros((), jnp.float32)}
+        if fl.aggregation == "stack" and noise.mode != "central":
+            carry["sum"] = jax.tree.map(jnp.zeros_like, state["delta_w"])
         else:
-            released, metrics, new_c = jax.vmap(fn)(xs)
-        finite = agg.all_finite(released) & jnp.isfinite(metrics["loss"]) & valid
-        released = agg.zero_invalid(released, finite)
+            carry["sum"] = jax.tree.map(jnp.zeros_like, g)
+        if scaffold:
+            carry["controls"] = state["controls"]["clients"]
+            carry["dc"] = jax.tree.map(jnp.zeros_like, g)
+
+        def body(carry, x):
+            released, metrics, new_c = jax.vmap(
+                lambda b, i, r: one_client(state, base_eff, b, i, r, round_key, lr))(x["batches"], x["ids"], x["ranks"])
+            finite = agg.all_finite(released) & jnp.isfinite(metrics["loss"]) & x["valid"]
+            released = agg.zero_invalid(released, finite)
+            carry = accumulate(carry, g, released, finite, x["n_ex"], x["ids"], new_c)
+            return carry, {**metrics, "finite": finite}
+
+        carry, per = jax.lax.scan(body, carry, xs)
+        per = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:k], per)
+        finite = per["finite"]
         new_state = dict(state)
         if noise.mode == "central":
             # DP-FedAvg: noise on the sum of clipped updates, divided by the expected cohort size
-            total = jax.tree.map(lambda r, x: jnp.tensordot(finite.astype(r.dtype), r - x[None], axes=1),
-                                 released, g)
-            noisy = mech.add_noise(total, jax.random.fold_in(round_key, SERVER_NOISE), sig_a, sig_b)
+            noisy = mech.add_noise(carry["sum"], jax.random.fold_in(round_key, SERVER_NOISE), sig_a, sig_b)
             aggregate = jax.tree.map(lambda x, t: x + t / fl.clients_per_round, g, noisy)
+        elif fl.aggregation == "stack":
+            wsum = jnp.maximum(carry["wsum"], 1e-30)
+            new_state["delta_w"] = {key: state["delta_w"][key] + carry["sum"][key] / wsum for key in carry["sum"]}
+            aggregate = g  # the product went into the base; adapters restart below
         else:
-            p = agg.normalized_weights(block["num_examples"], finite)
-            if fl.aggregation == "stack":
-                deltas = agg.stacked_product(definition, released, p)
-                new_state["delta_w"] = {k: state["delta_w"][k] + deltas[k] for k in deltas}
-                aggregate = g  # the product went into the base; adapters restart below
-            else:
-                aggregate = agg.weighted_mean(released, p)
+            aggregate = jax.tree.map(lambda s: s / jnp.maximum(carry["wsum"], 1e-30), carry["sum"])
         # a round where every client was dropped leaves the global adapter where it was
         aggregate = jax.tree.map(lambda a, x: jnp.where(jnp.any(finite), a, x), aggregate, g)
         pseudo_grad = jax.tree.map(jnp.subtract, g, aggregate)
@@ -129,20 +186,15 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool
             new_g = lora_lib.reinit(g, jax.random.fold_in(round_key, REINIT))
         new_state["lora"] = new_g
         if scaffold:
-            old = state["controls"]["clients"]
-            cur = jax.tree.map(lambda c: c[client_ids], old)
-            keep = lambda n, o: jnp.where(finite.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-            new_c = jax.tree.map(keep, new_c, cur)
-            delta_c = jax.tree.map(lambda n, o: jnp.sum(n - o, axis=0) / num_clients, new_c, cur)
             new_state["controls"] = {
-                "global": jax.tree.map(jnp.add, state["controls"]["global"], delta_c),
-                "clients": jax.tree.map(lambda o, n: o.at[client_ids].set(n), old, new_c)}
+                "global": jax.tree.map(lambda c0, d: c0 + d / num_clients, state["controls"]["global"], carry["dc"]),
+                "clients": carry["controls"]}
         new_state["round"] = state["round"] + 1
         n_ok = jnp.maximum(jnp.sum(finite), 1)
-        out = {"loss": jnp.sum(jnp.where(finite, metrics["loss"], 0.0)) / n_ok,
-               "first_loss": jnp.sum(jnp.where(finite, metrics["first_loss"], 0.0)) / n_ok,
-               "update_norm": jnp.sum(jnp.where(finite, metrics["update_norm"], 0.0)) / n_ok,
-               "dropped": jnp.sum(valid & ~finite), "client_loss": metrics["loss"]}
+        out = {"loss": jnp.sum(jnp.where(finite, per["loss"], 0.0)) / n_ok,
+               "first_loss": jnp.sum(jnp.where(finite, per["first_loss"], 0.0)) / n_ok,
+               "update_norm": jnp.sum(jnp.where(finite, per["update_norm"], 0.0)) / n_ok,
+               "dropped": jnp.sum(valid & ~finite), "client_loss": per["loss"]}
         return new_state, out
 
     return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
