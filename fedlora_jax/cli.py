@@ -137,6 +137,32 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import plan
+
+    cfg = load_config(args.config, args.set)
+    out = plan(cfg, args.device_memory, args.measure)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    e, gib = out["estimate"], 2 ** 30
+    print(f"model {out['model']} ({out['dtype']}), {cfg.fl.clients_per_round} clients per round, "
+          f"{cfg.fl.local_steps} steps x batch {cfg.fl.batch_size} x seq {cfg.data.seq_len}")
+    print(f"  base (shared):              {e['base_bytes'] / gib:8.3f} GiB")
+    print(f"  adapter (one copy):         {e['adapter_bytes'] / gib:8.4f} GiB  (x6 per client: local, start, "
+          f"gradient, 2 AdamW moments, release)")
+    print(f"  activations per client:     {e['activation_bytes_per_client'] / gib:8.3f} GiB")
+    print(f"  per client in a chunk:      {e['per_client_bytes'] / gib:8.3f} GiB")
+    if "largest_clients_per_chunk" in out:
+        print(f"largest clients_per_chunk on {args.device_memory:g} GiB (90% usable): {out['largest_clients_per_chunk']}")
+    if "measured" in out:
+        m = out["measured"]
+        print(f"XLA ({m['backend']}): temp {m['chunk_1']['temp_bytes'] / gib:.3f} GiB at 1 client, "
+              f"+{m['per_client_temp_bytes'] / gib:.3f} GiB per extra client")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlora-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("plan", help="memory per chunk of clients and the largest chunk that fits a device")
+    s.add_argument("config", nargs="?", default=None)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--device-memory", type=float, help="device memory in GiB")
+    s.add_argument("--measure", action="store_true", help="also compile the round and read XLA's memory analysis")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_plan)
     return p
 
 

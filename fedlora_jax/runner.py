@@ -28,6 +28,23 @@ METRIC_FIELDS = ["round", "lr", "loss", "first_loss", "update_norm", "dropped", 
                  "epsilon", "epsilon_mean", "epsilon_rdp", "epsilon_paper", "epsilon_paper_tracker", "seconds"]
 
 
+def build_model_config(cfg: RunConfig) -> ModelConfig:
+    """The ModelConfig a run would load, without loading weights (tiny: from the config; else
+    from config.json or the GGUF metadata)."""
+    m = cfg.model
+    if m.source == "tiny":
+        return ModelConfig("llama", vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                           num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
+                           max_position_embeddings=4096, dtype=m.dtype)
+    from .models.hub import config_from_hf, resolve
+    path = resolve(m.source)
+    if path.is_file():
+        from .models.hub import read_gguf  # dequantizes to read the shapes: a few seconds
+        return read_gguf(path, m.dtype)[0]
+    import json as _json
+    return config_from_hf(_json.loads((path / "config.json").read_text()), m.dtype)
+
+
 def build_model(cfg: RunConfig):
     """(definition, base, lora, tokenizer, source description) for the config's model."""
     lc = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
@@ -35,13 +52,12 @@ def build_model(cfg: RunConfig):
     m = cfg.model
     if m.source == "tiny":
         from .data.pipeline import byte_tokenizer
-        mc = ModelConfig("llama", vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
-                         max_position_embeddings=4096, dtype=m.dtype)
+        mc = build_model_config(cfg)
         definition, base, lora = init_model(mc, lc, seed=cfg.seed)
         # a frozen random head with HF's std 0.02 caps logits near uniform (|E x| ~ 0.02 sqrt(d) ~ 0.2),
         # so LoRA could hardly learn; std 0.25 lets the adapters express peaked predictions
         base = {**base, "lm_head": {"kernel": base["lm_head"]["kernel"] * 12.5}}
+        base = jax.tree.map(lambda x: x.astype(jnp.dtype(mc.dtype)), base)  # bfloat16 base weights if asked
         tok = byte_tokenizer()
         if len(tok) > mc.vocab_size:
             raise ValueError(f"model.vocab_size {mc.vocab_size} is smaller than the byte tokenizer's {len(tok)}")

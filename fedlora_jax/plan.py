@@ -1,0 +1,98 @@
+"""Memory planning for a run: what one chunk of clients costs, and the largest clients_per_chunk
+that fits a device.
+
+The estimate is analytic (documented below); `measure` asks XLA for the compiled round's own
+memory analysis on the current backend, which is exact for that backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .models import abstract_model, LoRAConfig
+
+ADAPTER_COPIES = 6  # local factors, start point, gradient, two AdamW moments, the release
+
+
+def _nbytes(tree, dtype_bytes=None):
+    return sum(int(np.prod(x.shape)) * (dtype_bytes or jnp.dtype(x.dtype).itemsize) for x in jax.tree.leaves(tree))
+
+
+def estimate(cfg, model_config) -> dict:
+    """Bytes of the base (shared), and per client in a chunk: adapter copies and activations of
+    one local step (lax.scan runs steps one after another; the layer scan keeps each layer's
+    inputs for the backward pass)."""
+    lc = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+    _, base, lora = abstract_model(model_config, lc)
+    item = jnp.dtype(model_config.dtype).itemsize
+    base_bytes = _nbytes(base, item)
+    adapter = _nbytes(lora, 4)
+    b, s = cfg.fl.batch_size, cfg.data.seq_len
+    h, f, heads, v = model_config.hidden_size, model_config.intermediate_size or 4 * model_config.hidden_size, \
+        model_config.num_heads, model_config.vocab_size
+    # per layer and token: ~8 hidden-sized tensors (residual, norms, q/k/v/o), 3 MLP-sized ones,
+    # and the attention probabilities (float32 softmax over s keys per head, kept for backward)
+    per_layer = b * s * (8 * h * item + 3 * f * item + 2 * heads * s * 4)
+    logits = 3 * b * s * v * 4  # logits, log-softmax and their gradient, float32
+    activations = model_config.num_layers * per_layer + logits
+    per_client = ADAPTER_COPIES * adapter + activations
+    return {"base_bytes": base_bytes, "adapter_bytes": adapter, "activation_bytes_per_client": activations,
+            "per_client_bytes": per_client}
+
+
+def largest_chunk(est: dict, device_bytes: float, cohort: int, headroom: float = 0.9) -> int:
+    free = device_bytes * headroom - est["base_bytes"]
+    if free < est["per_client_bytes"]:
+        raise ValueError(
+            f"cannot fit one client: base {est['base_bytes'] / 2**30:.2f} GiB + one client "
+            f"{est['per_client_bytes'] / 2**30:.2f} GiB > {headroom:.0%} of {device_bytes / 2**30:.2f} GiB; "
+            "lower data.seq_len or fl.batch_size, use model.dtype bfloat16, or a larger device")
+    return int(min(cohort, free // est["per_client_bytes"]))
+
+
+def measure(cfg, definition, base_shapes, lora_shapes, chunk: int) -> dict:
+    """XLA's memory analysis of the compiled round at `chunk` clients (no data, no execution)."""
+    from .simulation import NoiseSpec, init_state, make_round
+    from .config import RunConfig  # noqa: F401
+    import dataclasses
+
+    fl = dataclasses.replace(cfg.fl, num_clients=chunk, clients_per_round=chunk, clients_per_chunk=chunk)
+    c = dataclasses.replace(cfg, fl=fl)
+    noise = NoiseSpec("local", 1.0, 1.0, 1.0, 1.0, (1, 1)) if cfg.dp.mode == "local" else NoiseSpec()
+    fn = make_round(definition, c, noise, chunk)
+    state = jax.eval_shape(lambda lo: init_state(c, lo, chunk), lora_shapes)
+    shp = (chunk, fl.local_steps, fl.batch_size, cfg.data.seq_len)
+    sds = jax.ShapeDtypeStruct
+    block = {"tokens": sds(shp, jnp.int32), "attention_mask": sds(shp, jnp.int32), "loss_mask": sds(shp, jnp.int32),
+             "num_examples": sds((chunk,), jnp.float32)}
+    compiled = fn.lower(state, base_shapes, block, sds((chunk,), jnp.int32), sds((chunk,), jnp.int32),
+                        sds((chunk,), jnp.bool_), jax.random.key(0), sds((), jnp.float32)).compile()
+    ma = compiled.memory_analysis()
+    return {"temp_bytes": ma.temp_size_in_bytes, "argument_bytes": ma.argument_size_in_bytes,
+            "output_bytes": ma.output_size_in_bytes}
+
+
+def plan(cfg, device_gib: float | None = None, do_measure: bool = False) -> dict:
+    from .runner import build_model_config
+
+    mc = build_model_config(cfg)
+    est = estimate(cfg, mc)
+    out = {"model": cfg.model.source, "dtype": mc.dtype, "estimate": est,
+           "clients_per_round": cfg.fl.clients_per_round, "clients_per_chunk": cfg.fl.clients_per_chunk}
+    if device_gib is not None:
+        out["device_gib"] = device_gib
+        out["largest_clients_per_chunk"] = largest_chunk(est, device_gib * 2 ** 30, cfg.fl.clients_per_round)
+    if do_measure:
+        lc = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+        definition, base, lora = abstract_model(mc, lc)
+        base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(mc.dtype)), base)
+        lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), lora)
+        m1, m2 = measure(cfg, definition, base, lora, 1), measure(cfg, definition, base, lora, 2)
+        out["measured"] = {"chunk_1": m1, "chunk_2": m2,
+                           "per_client_temp_bytes": m2["temp_bytes"] - m1["temp_bytes"],
+                           "backend": jax.default_backend()}
+    return out
