@@ -163,6 +163,20 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluation import run_task
+    from .runner import load_for_eval
+
+    args.task = args.task or ["loss"]
+    definition, base, lora, tok, cfg = load_for_eval(args.target, args.model)
+    results = [run_task(t, definition, base, lora, tok, cfg, args.data, args.limit, args.max_new_tokens)
+               for t in args.task]
+    for r in results:
+        print(json.dumps(r) if args.json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in r.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlora-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--measure", action="store_true", help="also compile the round and read XLA's memory analysis")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_plan)
+
+    s = sub.add_parser("eval", help="evaluate a run folder or a PEFT adapter")
+    s.add_argument("target", help="run folder (config.yaml + adapter/) or PEFT adapter folder")
+    s.add_argument("--task", action="append", choices=["loss", "exact_match", "multiple_choice"],
+                   help="repeatable; default: loss")
+    s.add_argument("--data", help="multiple_choice: question/choices/answer file or hub id, or 'synthetic'")
+    s.add_argument("--model", help="base model of an adapter folder (default: its base_model_name_or_path)")
+    s.add_argument("--limit", type=int)
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_eval)
     return p
 
 

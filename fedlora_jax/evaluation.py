@@ -35,3 +35,202 @@ def score_ids(definition: Definition, base, lora, ids: list[int]) -> dict:
     total, count = _nll_sum(definition, base, lora, jnp.asarray(tokens), jnp.asarray(mask))
     nll = float(total) / float(count)
     return {"nll": nll, "perplexity": math.exp(nll), "n_tokens": int(count), "token_ids": list(map(int, ids))}
+
+
+# ----------------------------------------------------------------------------- generation
+
+def _pad_rows(rows: list[list[int]], width: int, pad: int):
+    tokens = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return tokens, mask
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _greedy(definition, base, lora, tokens, lengths, max_new):
+    """Greedy decoding with static shapes: each step recomputes the padded sequence (no KV cache;
+    fine for the short answers of the verifiable tasks) and writes one token per row."""
+    from .models import apply
+
+    rows = jnp.arange(tokens.shape[0])
+
+    def step(i, toks):
+        pos = lengths + i
+        mask = (jnp.arange(toks.shape[1])[None, :] < pos[:, None]).astype(jnp.int32)
+        logits = apply(definition, base, lora, toks, mask)
+        nxt = jnp.argmax(logits[rows, pos - 1], axis=-1).astype(toks.dtype)
+        return toks.at[rows, pos].set(nxt)
+
+    return jax.lax.fori_loop(0, max_new, step, tokens)
+
+
+def greedy_generate(definition, base, lora, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+                    pad_id: int = 0, batch_size: int = 32) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, cut at the first EOS (excluded)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    limit = definition.config.max_position_embeddings
+    if longest > limit:
+        raise ValueError(f"prompt + {max_new_tokens} new tokens = {longest} exceeds the model's {limit} positions")
+    width = 1 << (longest - 1).bit_length()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one static batch shape
+        tokens, _ = _pad_rows(chunk, width, pad_id)
+        lengths = np.array([len(p) for p in chunk], np.int32)
+        gen = np.asarray(_greedy(definition, base, lora, jnp.asarray(tokens), jnp.asarray(lengths), max_new_tokens))
+        for row, n in zip(gen[:len(prompts[start:start + batch_size])], lengths):
+            new = row[n:n + max_new_tokens].tolist()
+            out.append(new[:new.index(eos_id)] if eos_id in new else new)
+    return out
+
+
+def exact_match(definition, base, lora, tokenizer, prompts: list[str], answers: list[str],
+                max_new_tokens: int = 16) -> dict:
+    """Share of prompts whose greedy answer equals the reference (whitespace-stripped)."""
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gens = greedy_generate(definition, base, lora, ids, max_new_tokens, tokenizer.eos_token_id, pad)
+    texts = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gens]
+    hits = [t == a.strip() for t, a in zip(texts, answers)]
+    return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits), "predictions": texts}
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+@functools.partial(jax.jit, static_argnums=0)
+def _choice_nll(definition, base, lora, tokens, mask, loss_mask):
+    nll, w = token_nll(definition, base, lora, tokens, mask, loss_mask)
+    return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)
+
+
+def choice_logprobs(definition, base, lora, tokenizer, prompt: str, choices: list[str]):
+    """(sum of log p(choice tokens | prompt), number of choice tokens) for each choice."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    rows, spans = [], []
+    for c in choices:
+        ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"choice {c!r} tokenizes to nothing")
+        rows.append(p + ids)
+        spans.append((len(p), len(p) + len(ids)))
+    width = 1 << (max(map(len, rows)) - 1).bit_length()
+    tokens, mask = _pad_rows(rows, max(width, 8), 0)
+    loss_mask = np.zeros_like(mask)
+    for i, (a, b) in enumerate(spans):
+        loss_mask[i, a:b] = 1
+    total, count = _choice_nll(definition, base, lora, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(loss_mask))
+    return -np.asarray(total), np.asarray(count)
+
+
+def multiple_choice(definition, base, lora, tokenizer, questions: list[str], choices: list[list[str]],
+                    answers: list[int]) -> dict:
+    """Accuracy of picking the choice with the highest log-likelihood (and with the
+    log-likelihood per token, acc_norm), the way MMLU/BBH/CRASS-style benchmarks are scored."""
+    hits, hits_norm, picks = [], [], []
+    for q, cs, a in zip(questions, choices, answers):
+        lp, n = choice_logprobs(definition, base, lora, tokenizer, q, list(cs))
+        pick = int(np.argmax(lp))
+        picks.append(pick)
+        hits.append(pick == a)
+        hits_norm.append(int(np.argmax(lp / n)) == a)
+    return {"accuracy": float(np.mean(hits)), "accuracy_norm": float(np.mean(hits_norm)), "n": len(hits),
+            "picks": picks}
+
+
+def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
+    """(questions, choices, answer indices) from a dataset with question / choices / answer
+    columns (answer: an index or the text of the right choice), or 'synthetic'."""
+    if source == "synthetic":
+        from .data import synthetic
+        rng = np.random.default_rng(seed)
+        rows = synthetic.generate(4 * (limit or 100), seed=seed)
+        qs, cs, ans = [], [], []
+        for i, r in enumerate(rows[: limit or 100]):
+            others = [x["output"] for x in rows if x["task"] == r["task"] and x["output"] != r["output"]][:3]
+            opts = others + [r["output"]]
+            rng.shuffle(opts)
+            qs.append(f"{r['instruction']}\n{r['input']}\n")
+            cs.append([" " + o if not o.startswith(" ") else o for o in opts])
+            ans.append(opts.index(r["output"]))
+        return qs, cs, ans
+    from .data.loading import LOCAL_FORMATS
+    import datasets
+    from pathlib import Path
+    try:
+        if Path(source).suffix in LOCAL_FORMATS:
+            ds = datasets.load_dataset(LOCAL_FORMATS[Path(source).suffix], data_files=source, split="train")
+        else:
+            ds = datasets.load_dataset(source, split="test")
+    except Exception as e:
+        raise ValueError(f"could not load multiple-choice data {source!r} ({type(e).__name__}: {e})") from e
+    missing = [c for c in ("question", "choices", "answer") if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"multiple-choice data needs columns question, choices, answer; missing {', '.join(missing)}; "
+                         f"columns found: {', '.join(ds.column_names)}")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    qs, cs, ans = list(ds["question"]), [list(c) for c in ds["choices"]], []
+    for a, c in zip(ds["answer"], cs):
+        ans.append(int(a) if not isinstance(a, str) or a.isdigit() else c.index(a))
+    return qs, cs, ans
+
+
+TASKS = ("loss", "exact_match", "multiple_choice")
+
+
+def split_prompt_answer(tokens, attention_mask, loss_mask, eos_id):
+    """(prompt ids, answer ids without EOS) of tokenized examples (response = the loss-masked part)."""
+    prompts, answers = [], []
+    for t, a, m in zip(tokens, attention_mask, loss_mask):
+        start = int(np.argmax(m)) if m.any() else int(a.sum())
+        end = int(a.sum())
+        prompts.append(t[:start].tolist())
+        ans = t[start:end].tolist()
+        answers.append(ans[:-1] if ans and ans[-1] == eos_id else ans)
+    return prompts, answers
+
+
+def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str | None = None,
+             limit: int | None = None, max_new_tokens: int = 16) -> dict:
+    """One evaluation task: `loss` and `exact_match` on a run's held-out split, `multiple_choice`
+    on a question/choices/answer dataset (or 'synthetic')."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    if task == "multiple_choice":
+        qs, cs, ans = load_multiple_choice(data or "synthetic", limit)
+        out = multiple_choice(definition, base, lora, tokenizer, qs, cs, ans)
+        out.pop("picks")
+        return {"task": task, "data": data or "synthetic", **out}
+    if cfg is None:
+        raise ValueError(f"task {task!r} evaluates a run's held-out split: pass a run folder")
+    from .data.pipeline import prepare
+    ev = prepare(cfg, tokenizer).eval
+    if ev is None or len(ev) == 0:
+        raise ValueError("the run has no held-out split (data.eval_fraction is 0)")
+    n = min(limit or len(ev), len(ev))
+    if task == "loss":
+        total, count = 0.0, 0.0
+        for i in range(0, n, 16):
+            s, c = _masked_sum(definition, base, lora, jnp.asarray(ev.tokens[i:i + 16]), jnp.asarray(ev.attention_mask[i:i + 16]),
+                jnp.asarray(ev.loss_mask[i:i + 16]))
+            total, count = total + float(s), count + float(c)
+        nll = total / max(count, 1.0)
+        return {"task": task, "n": n, "loss": nll, "perplexity": math.exp(nll)}
+    eos = tokenizer.eos_token_id
+    prompts, answers = split_prompt_answer(ev.tokens[:n], ev.attention_mask[:n], ev.loss_mask[:n], eos)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gens = greedy_generate(definition, base, lora, prompts, max_new_tokens, eos, pad)
+    hits = [tokenizer.decode(g, skip_special_tokens=True).strip() == tokenizer.decode(a, skip_special_tokens=True).strip()
+            for g, a in zip(gens, answers)]
+    return {"task": task, "n": n, "exact_match": float(np.mean(hits))}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _masked_sum(definition, base, lora, tokens, attn, loss_mask):
+    nll, w = token_nll(definition, base, lora, tokens, attn, loss_mask)
+    return jnp.sum(nll * w), jnp.sum(w)

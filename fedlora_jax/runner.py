@@ -333,3 +333,38 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                "wall_seconds": time.time() - t_start, "outputs": outputs}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def load_for_eval(target: str, model: str | None = None):
+    """(definition, base, lora, tokenizer, run config or None) for a run folder (its final
+    adapter, or its merged model for stacking) or a PEFT adapter folder (with --model, or the
+    adapter's base_model_name_or_path)."""
+    from .models import abstract_model
+    from .models.hub import load_model
+
+    t = Path(target)
+    if (t / "config.yaml").exists():
+        cfg = load_config(str(t / "config.yaml"))
+        if (t / "merged_model").exists():
+            lm = load_model(str(t / "merged_model"))
+            return lm.definition, lm.base, {}, lm.tokenizer, cfg
+        definition, base, _, tok, _ = build_model(cfg)
+        if not (t / "adapter").exists():
+            raise ValueError(f"run folder {target!r} has no adapter/ (did the run finish?)")
+        lc = lora_lib.read_peft_config(t / "adapter")
+        definition = abstract_model(definition.config, lc)[0]
+        return definition, base, lora_lib.load_peft(t / "adapter", definition), tok, cfg
+    if (t / lora_lib.ADAPTER_CONFIG).exists():
+        lc = lora_lib.read_peft_config(t)
+        src = model or json.loads((t / lora_lib.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not src:
+            raise ValueError(f"adapter {target!r} does not name its base model; pass --model")
+        lm = load_model(src, dtype="float32")
+        try:
+            lc.check(lm.config)
+            definition = abstract_model(lm.config, lc)[0]
+            lora = lora_lib.load_peft(t, definition)
+        except ValueError as e:
+            raise ValueError(f"adapter {target!r} does not match model {src!r}: {e}") from e
+        return definition, lm.base, lora, lm.tokenizer, None
+    raise ValueError(f"{target!r} is neither a run folder (config.yaml) nor a PEFT adapter folder (adapter_config.json)")
