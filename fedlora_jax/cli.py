@@ -72,23 +72,13 @@ def _cmd_privacy(args) -> int:
     return 0
 
 
-def _load_tokenizer(cfg):
-    if cfg.model.source == "tiny":
-        from .data.pipeline import byte_tokenizer
-        return byte_tokenizer()
-    from .models.hub import load_tokenizer, resolve
-    tok = load_tokenizer(resolve(cfg.model.source))
-    if tok is None:
-        raise ValueError(f"model {cfg.model.source!r} has no tokenizer files")
-    return tok
-
-
 def _cmd_data(args) -> int:
     from .config import load_config
     from .data.pipeline import prepare
+    from .runner import build_tokenizer
 
     cfg = load_config(args.config, args.set)
-    cd = prepare(cfg, _load_tokenizer(cfg))
+    cd = prepare(cfg, build_tokenizer(cfg))
     s = cd.summary
     if args.json:
         print(json.dumps(s))

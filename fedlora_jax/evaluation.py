@@ -13,8 +13,9 @@ from .models import Definition, token_nll
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _nll_sum(definition, base, lora, tokens, mask):
-    nll, w = token_nll(definition, base, lora, tokens, mask)
+def _masked_sum(definition, base, lora, tokens, attn, loss_mask=None):
+    """(sum of NLL over the weighted positions, their count)."""
+    nll, w = token_nll(definition, base, lora, tokens, attn, loss_mask)
     return jnp.sum(nll * w), jnp.sum(w)
 
 
@@ -32,7 +33,7 @@ def score_ids(definition: Definition, base, lora, ids: list[int]) -> dict:
     tokens[0, :n] = ids
     mask = np.zeros((1, width), np.int32)
     mask[0, :n] = 1
-    total, count = _nll_sum(definition, base, lora, jnp.asarray(tokens), jnp.asarray(mask))
+    total, count = _masked_sum(definition, base, lora, jnp.asarray(tokens), jnp.asarray(mask))
     nll = float(total) / float(count)
     return {"nll": nll, "perplexity": math.exp(nll), "n_tokens": int(count), "token_ids": list(map(int, ids))}
 
@@ -229,8 +230,3 @@ def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str |
             for g, a in zip(gens, answers)]
     return {"task": task, "n": n, "exact_match": float(np.mean(hits))}
 
-
-@functools.partial(jax.jit, static_argnums=0)
-def _masked_sum(definition, base, lora, tokens, attn, loss_mask):
-    nll, w = token_nll(definition, base, lora, tokens, attn, loss_mask)
-    return jnp.sum(nll * w), jnp.sum(w)

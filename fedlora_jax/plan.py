@@ -54,23 +54,25 @@ def largest_chunk(est: dict, device_bytes: float, cohort: int, headroom: float =
     return int(min(cohort, free // est["per_client_bytes"]))
 
 
-def measure(cfg, definition, base_shapes, lora_shapes, chunk: int) -> dict:
-    """XLA's memory analysis of the compiled round at `chunk` clients (no data, no execution)."""
-    from .simulation import NoiseSpec, init_state, make_round
-    from .config import RunConfig  # noqa: F401
+def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int | None = None) -> dict:
+    """XLA's memory analysis of the compiled round for `cohort` clients (default: one chunk) run
+    in chunks of `chunk` (shapes only: no data, no execution)."""
     import dataclasses
 
-    fl = dataclasses.replace(cfg.fl, num_clients=chunk, clients_per_round=chunk, clients_per_chunk=chunk)
+    from .simulation import NoiseSpec, init_state, make_round
+
+    k = cohort or chunk
+    fl = dataclasses.replace(cfg.fl, num_clients=k, clients_per_round=k, clients_per_chunk=chunk)
     c = dataclasses.replace(cfg, fl=fl)
     noise = NoiseSpec("local", 1.0, 1.0, 1.0, 1.0, (1, 1)) if cfg.dp.mode == "local" else NoiseSpec()
-    fn = make_round(definition, c, noise, chunk)
-    state = jax.eval_shape(lambda lo: init_state(c, lo, chunk), lora_shapes)
-    shp = (chunk, fl.local_steps, fl.batch_size, cfg.data.seq_len)
+    fn = make_round(definition, c, noise, k)
+    state = jax.eval_shape(lambda lo: init_state(c, lo, k), lora_shapes)
+    shp = (k, fl.local_steps, fl.batch_size, cfg.data.seq_len)
     sds = jax.ShapeDtypeStruct
     block = {"tokens": sds(shp, jnp.int32), "attention_mask": sds(shp, jnp.int32), "loss_mask": sds(shp, jnp.int32),
-             "num_examples": sds((chunk,), jnp.float32)}
-    compiled = fn.lower(state, base_shapes, block, sds((chunk,), jnp.int32), sds((chunk,), jnp.int32),
-                        sds((chunk,), jnp.bool_), jax.random.key(0), sds((), jnp.float32)).compile()
+             "num_examples": sds((k,), jnp.float32)}
+    compiled = fn.lower(state, base_shapes, block, sds((k,), jnp.int32), sds((k,), jnp.int32),
+                        sds((k,), jnp.bool_), jax.random.key(0), sds((), jnp.float32)).compile()
     ma = compiled.memory_analysis()
     return {"temp_bytes": ma.temp_size_in_bytes, "argument_bytes": ma.argument_size_in_bytes,
             "output_bytes": ma.output_size_in_bytes}

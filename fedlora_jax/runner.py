@@ -41,8 +41,19 @@ def build_model_config(cfg: RunConfig) -> ModelConfig:
     if path.is_file():
         from .models.hub import read_gguf  # dequantizes to read the shapes: a few seconds
         return read_gguf(path, m.dtype)[0]
-    import json as _json
-    return config_from_hf(_json.loads((path / "config.json").read_text()), m.dtype)
+    return config_from_hf(json.loads((path / "config.json").read_text()), m.dtype)
+
+
+def build_tokenizer(cfg: RunConfig):
+    """The tokenizer a run would use, without loading weights."""
+    if cfg.model.source == "tiny":
+        from .data.pipeline import byte_tokenizer
+        return byte_tokenizer()
+    from .models.hub import load_tokenizer, resolve
+    tok = load_tokenizer(resolve(cfg.model.source))
+    if tok is None:
+        raise ValueError(f"model {cfg.model.source!r} has no tokenizer files")
+    return tok
 
 
 def build_model(cfg: RunConfig):
@@ -51,14 +62,13 @@ def build_model(cfg: RunConfig):
                     use_rslora=cfg.lora.use_rslora)
     m = cfg.model
     if m.source == "tiny":
-        from .data.pipeline import byte_tokenizer
         mc = build_model_config(cfg)
         definition, base, lora = init_model(mc, lc, seed=cfg.seed)
         # a frozen random head with HF's std 0.02 caps logits near uniform (|E x| ~ 0.02 sqrt(d) ~ 0.2),
         # so LoRA could hardly learn; std 0.25 lets the adapters express peaked predictions
         base = {**base, "lm_head": {"kernel": base["lm_head"]["kernel"] * 12.5}}
         base = jax.tree.map(lambda x: x.astype(jnp.dtype(mc.dtype)), base)  # bfloat16 base weights if asked
-        tok = byte_tokenizer()
+        tok = build_tokenizer(cfg)
         if len(tok) > mc.vocab_size:
             raise ValueError(f"model.vocab_size {mc.vocab_size} is smaller than the byte tokenizer's {len(tok)}")
         return definition, base, lora, tok, "tiny random Llama"

@@ -102,17 +102,17 @@ def ours(p, definition, base, lora, block, chunk, reps=3):
 
 def sequential_jax(p, definition, base, lora, block, reps=1):
     @jax.jit
-    def one(b, cid):
+    def one(base, b, cid):  # base as an argument: closed over, XLA would constant-fold the weights
         local, _, _ = client_update(definition, base, lora, b, 1e-3)
         return mech.privatize(local, lora, mech.client_key(jax.random.key(0), cid), clip_a=CLIP, clip_b=CLIP,
                               sigma_a=SIGMA, sigma_b=SIGMA)
     batches = [{k: jnp.asarray(block[k][i]) for k in ("tokens", "attention_mask", "loss_mask")} for i in range(p["clients"])]
-    jax.block_until_ready(one(batches[0], 0))
+    jax.block_until_ready(one(base, batches[0], 0))
     t = time.perf_counter()
     for _ in range(reps):
         acc = None
         for i, b in enumerate(batches):
-            out = one(b, i)
+            out = one(base, b, i)
             acc = out if acc is None else jax.tree.map(jnp.add, acc, out)
         jax.block_until_ready(jax.tree.map(lambda x: x / p["clients"], acc))
     dt = (time.perf_counter() - t) / reps
@@ -177,28 +177,19 @@ def main():
         res["regimes"][name] = r
         print(name, json.dumps({k: v for k, v in r.items() if k != "params"}, indent=1), flush=True)
     if args.memory:
-        p = dict(REGIMES["cross-device"])
-        mem = {"chunk_sweep_cohort_1024": {}, "cohort_sweep_chunk_128": {}}
-        for chunk in (32, 64, 128, 256):
-            q = {**p, "clients": 1024}
-            _, d, b, lo, blk = setup(q)
-            cfg = cfg_for(q, chunk)
-            fn = make_round(d, cfg, NoiseSpec("local", SIGMA, SIGMA, SIGMA / CLIP, 1.0, (1, 1)), 1024)
-            st = init_state(cfg, lo, 1024)
-            c = fn.lower(st, b, {k: jnp.asarray(v) for k, v in blk.items()}, jnp.arange(1024, dtype=jnp.int32),
-                         jnp.full((1024,), 8, jnp.int32), jnp.ones(1024, bool), jax.random.key(0), jnp.float32(1e-3)).compile()
-            mem["chunk_sweep_cohort_1024"][chunk] = c.memory_analysis().temp_size_in_bytes
+        from fedlora_jax.plan import measure
+
+        p = REGIMES["cross-device"]
+        _, d, b, lo, _ = setup(p)
+        shapes = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+        cfg = load_config("tiny", [f"fl.local_steps={p['steps']}", f"fl.batch_size={p['batch']}",
+                                   f"data.seq_len={p['seq']}", "dp.mode=local"])
+        mem = {"chunk_sweep_cohort_1024": {c: measure(cfg, d, shapes(b), shapes(lo), c, 1024)["temp_bytes"]
+                                           for c in (32, 64, 128, 256)},
+               "cohort_sweep_chunk_128": {}}
         for cohort in (256, 1024, 4096, 10000):
-            q = {**p, "clients": cohort}
-            _, d, b, lo, blk = setup(q)
-            cfg = cfg_for(q, 128)
-            fn = make_round(d, cfg, NoiseSpec("local", SIGMA, SIGMA, SIGMA / CLIP, 1.0, (1, 1)), cohort)
-            st = init_state(cfg, lo, cohort)
-            c = fn.lower(st, b, {k: jnp.asarray(v) for k, v in blk.items()}, jnp.arange(cohort, dtype=jnp.int32),
-                         jnp.full((cohort,), 8, jnp.int32), jnp.ones(cohort, bool), jax.random.key(0), jnp.float32(1e-3)).compile()
-            ma = c.memory_analysis()
-            mem["cohort_sweep_chunk_128"][cohort] = {"temp_bytes": ma.temp_size_in_bytes,
-                                                     "argument_bytes": ma.argument_size_in_bytes}
+            m = measure(cfg, d, shapes(b), shapes(lo), 128, cohort)
+            mem["cohort_sweep_chunk_128"][cohort] = {"temp_bytes": m["temp_bytes"], "argument_bytes": m["argument_bytes"]}
         res["memory"] = mem
         print(json.dumps(mem, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
