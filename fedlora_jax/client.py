@@ -14,14 +14,41 @@ def tree_sq_norm(tree):
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
+def dpsgd_grads(definition, base, lora, batch, clip, sigma, key, expected, *, mask=lambda t: t,
+                freeze_a=False):
+    """(mean loss of the taken examples, DP-SGD gradient) of one batch [capacity, seq]: each
+    example's gradient of its own mean token NLL, clipped to L2 norm `clip` over the adapter,
+    summed, plus N(0, sigma^2) per entry (leaf i uses fold_in(key, i)), divided by `expected`.
+    Examples with an all-zero loss_mask (padding) have a zero gradient."""
+    def one(t, a, m):
+        return jax.value_and_grad(lambda x: mean_nll(definition, base, mask(x), t[None], a[None], m[None]))(lora)
+
+    losses, g = jax.vmap(one)(batch["tokens"], batch["attention_mask"], batch["loss_mask"])
+    if freeze_a:  # a frozen A is not trained: its gradient is neither clipped nor released
+        g = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), g)
+    norms = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(g)))
+    scale = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30))
+    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1), g))
+    noisy = [(x + sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)) / expected
+             for i, x in enumerate(leaves)]
+    taken = jnp.any(batch["loss_mask"] > 0, axis=1)
+    loss = jnp.sum(jnp.where(taken, losses, 0.0)) / jnp.maximum(jnp.sum(taken), 1)
+    return loss, jax.tree.unflatten(treedef, noisy)
+
+
 def client_update(definition, base, global_lora, batches, lr, *, rank=None, weight_decay=0.0,
-                  prox_mu=0.0, control=None, freeze_a=False):
+                  prox_mu=0.0, control=None, freeze_a=False, dpsgd=None):
     """local_steps of AdamW (lr constant within the round) from the global adapter.
 
     batches: tokens/attention_mask/loss_mask of shape [steps, batch, seq] (lax.scan over steps).
     rank: this client's rank (traced scalar) when ranks differ; entries beyond it stay zero.
     prox_mu: FedProx's proximal term mu/2 ||w - w_global||^2.
     control: (c_global, c_client) for SCAFFOLD; the gradient is corrected by c_global - c_client.
+    dpsgd: (clip, sigma, key, expected_batch) for record-level DP-SGD: each example's gradient
+    (of its own mean token NLL) is clipped to L2 norm `clip` over the whole adapter, the clipped
+    gradients are summed, N(0, sigma^2) is added per entry (a fresh key per step) and the sum is
+    divided by the expected batch size (a constant, so the noise scale does not leak the draw).
+    Padding examples have loss_mask 0 and so a zero gradient.
     Returns (local adapter, metrics {loss (mean over steps), first_loss, update_norm}, new c_client).
     """
     def mask(t):
@@ -37,9 +64,18 @@ def client_update(definition, base, global_lora, batches, lr, *, rank=None, weig
             loss = loss + 0.5 * prox_mu * tree_sq_norm(jax.tree.map(jnp.subtract, lo, start))
         return loss
 
+    if dpsgd is not None:
+        clip, sigma, dp_key, expected = dpsgd
+
     def step(carry, batch):
-        lo, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(lo, batch)
+        lo, opt_state, i = carry
+        if dpsgd is None:
+            loss, grads = jax.value_and_grad(loss_fn)(lo, batch)
+        else:
+            loss, grads = dpsgd_grads(definition, base, lo, batch, clip, sigma, jax.random.fold_in(dp_key, i),
+                                      expected, mask=mask, freeze_a=freeze_a)
+            if prox_mu:  # the proximal term depends on no example: added after the noise
+                grads = jax.tree.map(lambda gr, x, s: gr + prox_mu * (x - s), grads, lo, start)
         if control is not None:
             grads = jax.tree.map(lambda g, c, ci: g + c - ci, grads, control[0], control[1])
         if not train_a:
@@ -47,9 +83,9 @@ def client_update(definition, base, global_lora, batches, lr, *, rank=None, weig
         updates, opt_state = opt.update(grads, opt_state, lo)
         if not train_a:  # no decay or momentum may move a frozen A
             updates = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), updates)
-        return (optax.apply_updates(lo, updates), opt_state), loss
+        return (optax.apply_updates(lo, updates), opt_state, i + 1), loss
 
-    (local, _), losses = jax.lax.scan(step, (start, opt.init(start)), batches)
+    (local, _, _), losses = jax.lax.scan(step, (start, opt.init(start), jnp.zeros((), jnp.int32)), batches)
     local = mask(local)
     new_control = None
     if control is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr)

@@ -129,8 +129,8 @@ class FLSection:
 
 @dataclasses.dataclass(frozen=True)
 class DPSection:
-    mode: str = "none"               # none | local | central
-    clip_a: float = 0.1
+    mode: str = "none"               # none | local (the paper) | central (DP-FedAvg) | dpsgd (record level)
+    clip_a: float = 0.1              # dpsgd: the per-example gradient clip (whole adapter)
     clip_b: float = 0.1
     scope: str = "per_matrix"        # per_matrix | per_factor | global
     target: str = "weights"          # weights | update
@@ -143,7 +143,7 @@ class DPSection:
     stats_every: int = 0             # write the paper's noise statistics CSV every k rounds (0: never)
 
     def __post_init__(self):
-        _choice("dp.mode", self.mode, ("none", "local", "central"))
+        _choice("dp.mode", self.mode, ("none", "local", "central", "dpsgd"))
         _choice("dp.scope", self.scope, ("per_matrix", "per_factor", "global"))
         _choice("dp.target", self.target, ("weights", "update"))
         _choice("dp.noise", self.noise, ("classical", "analytic", "multiplier", "calibrate"))

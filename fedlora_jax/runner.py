@@ -25,7 +25,7 @@ from .privacy import mechanisms as mech
 from .simulation import NoiseSpec, cosine_lr, effective_base, init_state, make_round
 
 METRIC_FIELDS = ["round", "lr", "loss", "first_loss", "update_norm", "dropped", "clients", "eval_loss",
-                 "epsilon", "epsilon_mean", "epsilon_rdp", "epsilon_paper", "epsilon_paper_tracker", "seconds"]
+                 "epsilon", "delta", "epsilon_mean", "epsilon_rdp", "epsilon_paper", "epsilon_paper_tracker", "seconds"]
 
 
 def build_model_config(cfg: RunConfig) -> ModelConfig:
@@ -79,11 +79,55 @@ def build_model(cfg: RunConfig):
     return lm.definition, lm.base, lm.lora, lm.tokenizer, lm.source
 
 
-def resolve_noise(cfg: RunConfig, lora) -> tuple[NoiseSpec, acc.Ledger | None, dict]:
-    """sigma_A, sigma_B from the DP config, the equivalent single-Gaussian multiplier, and the ledger."""
+def _resolve_dpsgd(cfg: RunConfig, client_sizes) -> tuple[NoiseSpec, acc.Ledger, dict]:
+    """Record-level DP-SGD: Poisson batches at rate q_c = min(1, B / n_c) per client (accounted at
+    the largest rate), per-example clip dp.clip_a, N(0, (z C)^2) on each step's clipped sum."""
+    from .data.batches import poisson_capacity
+
+    dp, fl = cfg.dp, cfg.fl
+    if client_sizes is None:
+        raise ValueError("dp.mode dpsgd needs the clients' dataset sizes")
+    sizes = sorted({int(n) for n in client_sizes})
+    q = min(1.0, fl.batch_size / sizes[0])
+    capacity, overflow = poisson_capacity(sizes, fl.batch_size)
+    planned = math.ceil(fl.rounds * fl.clients_per_round / fl.num_clients - 1e-9)
+    if dp.noise == "multiplier":
+        z = dp.noise_multiplier
+    elif dp.noise == "calibrate":
+        z = acc.sampled_multiplier_for(dp.epsilon, q, fl.local_steps * planned, dp.delta, "add-remove")
+    else:
+        raise ValueError(f"dp.noise = {dp.noise!r} is not defined for dp.mode dpsgd; choose calibrate or multiplier")
+    sigma = z * dp.clip_a
+    ledger = acc.Ledger("dpsgd", fl.num_clients, z, dp.delta, "add-remove", sampling_rate=q,
+                        local_steps=fl.local_steps)
+    info = {"noise_multiplier": z, "effective_noise_multiplier": z, "sigma_a": sigma, "sigma_b": sigma,
+            "clipped_blocks": [0, 0], "neighbouring": "add-remove", "delta": dp.delta,
+            "batch_sampling_rate": q, "batch_capacity": capacity, "overflow_probability": overflow,
+            "mechanism": (f"dpsgd (record level): Poisson-sampled Gaussian per local step, rate q={q:.4g} "
+                          f"(largest client rate), per-example clip {dp.clip_a:g}, sigma {sigma:.4g} on the "
+                          f"clipped sum, add-remove, {fl.local_steps} steps per participation, PLD; batches padded "
+                          f"to {capacity} (overflow probability {overflow:.2g} per step, added to delta)")}
+    return NoiseSpec("dpsgd", sigma, sigma, z, z, (0, 0)), ledger, info
+
+
+def truncation_delta(info: dict, epsilon: float, steps: int) -> float:
+    """The delta that DP-SGD's padded Poisson batches add: a mechanism within total-variation
+    distance g of an (eps, delta)-DP one is (eps, delta + (1 + e^eps) g)-DP, and g <= the number
+    of a record's sampled steps times the per-step overflow probability."""
+    p = info.get("overflow_probability", 0.0)
+    if not p:
+        return 0.0
+    return (1.0 + math.exp(min(epsilon, 700.0))) * steps * p
+
+
+def resolve_noise(cfg: RunConfig, lora, client_sizes=None) -> tuple[NoiseSpec, acc.Ledger | None, dict]:
+    """sigma_A, sigma_B from the DP config, the equivalent single-Gaussian multiplier, and the ledger.
+    client_sizes (examples per client) is needed by dpsgd only."""
     dp, fl = cfg.dp, cfg.fl
     if dp.mode == "none":
         return NoiseSpec(), None, {"mechanism": "no DP"}
+    if dp.mode == "dpsgd":
+        return _resolve_dpsgd(cfg, client_sizes)
     if dp.mode == "central" and fl.sampling != "poisson":
         raise ValueError("dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client sampling)")
     n_a, n_b, ca, cb = mech.clip_blocks(lora, dp.scope, dp.clip_a, dp.clip_b)
@@ -224,9 +268,9 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                          f"not {fl.algorithm}")
     definition, base, lora, tokenizer, source = build_model(cfg)
     data = prepare(cfg, tokenizer)
-    noise, ledger, dp_info = resolve_noise(cfg, lora)
+    noise, ledger, dp_info = resolve_noise(cfg, lora, [len(p) for p in data.parts])
     _prepare_out(cfg, out, resume, overwrite)
-    batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed)
+    batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed, poisson=noise.mode == "dpsgd")
     state = init_state(cfg, lora, fl.num_clients)
     ckpt = Checkpointer(out / "checkpoints")
     start = 0
@@ -287,6 +331,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                        f"(clients {bad or 'with non-finite factors'})", file=sys.stderr)
         if ledger is not None:
             row["epsilon"], row["epsilon_mean"] = ledger.worst(), ledger.mean()
+            row["delta"] = cfg.dp.delta + truncation_delta(dp_info, row["epsilon"],
+                                                           fl.local_steps * int(ledger.participations.max()))
             row["epsilon_paper"], row["epsilon_paper_tracker"] = paper_figures(ledger.participations.max())
             if noise.mode == "local":
                 row["epsilon_rdp"] = acc.gaussian_epsilon_rdp(noise.z_eff, int(ledger.participations.max()),
@@ -339,6 +385,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                            "epsilon_mean": ledger.mean() if ledger else None,
                            "epsilon_paper": rows[-1].get("epsilon_paper") if rows else None,
                            "epsilon_paper_tracker": rows[-1].get("epsilon_paper_tracker") if rows else None,
+                           "delta": rows[-1].get("delta") if rows else None,
                            "max_participations": int(participations.max())},
                "wall_seconds": time.time() - t_start, "outputs": outputs}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

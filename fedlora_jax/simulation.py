@@ -83,9 +83,12 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool
         if scaffold:
             control = (state["controls"]["global"],
                        jax.tree.map(lambda c: c[cid], state["controls"]["clients"]))
+        dpsgd = None
+        if noise.mode == "dpsgd":  # record-level: clip and noise each step's per-example gradients
+            dpsgd = (dp.clip_a, noise.sigma_a, mech.client_key(round_key, cid), float(fl.batch_size))
         local, metrics, new_c = client_update(
             definition, base, g, batches, lr, rank=rank if hetero else None, weight_decay=fl.weight_decay,
-            prox_mu=prox_mu, control=control, freeze_a=cfg.lora.freeze_a)
+            prox_mu=prox_mu, control=control, freeze_a=cfg.lora.freeze_a, dpsgd=dpsgd)
         if noise.mode == "local":
             released = mech.privatize(local, g, mech.client_key(round_key, cid), clip_a=dp.clip_a, clip_b=clip_b,
                                       sigma_a=sig_a, sigma_b=sig_b, scope=dp.scope, target=dp.target)

@@ -3,8 +3,8 @@ static-shape round batches."""
 
 from .loading import load_examples
 from .partition import partition, partition_summary
-from .batches import RoundBatcher
+from .batches import PoissonBatcher, RoundBatcher
 from .tokenize import TokenizedData, tokenize_examples
 
-__all__ = ["load_examples", "partition", "partition_summary", "RoundBatcher", "TokenizedData",
+__all__ = ["load_examples", "partition", "partition_summary", "RoundBatcher", "PoissonBatcher", "TokenizedData",
            "tokenize_examples"]

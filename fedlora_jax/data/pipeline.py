@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from .batches import RoundBatcher
+from .batches import PoissonBatcher, RoundBatcher
 from .loading import load_examples
 from .partition import partition, partition_summary
 from .tokenize import TokenizedData, tokenize_examples
@@ -43,8 +43,10 @@ class ClientData:
     eval_parts: list | None  # eval indices per client (eval_per_client)
     summary: dict
 
-    def batcher(self, local_steps: int, batch_size: int, seed: int) -> RoundBatcher:
-        return RoundBatcher(self.train, self.parts, local_steps, batch_size, seed)
+    def batcher(self, local_steps: int, batch_size: int, seed: int, poisson: bool = False) -> RoundBatcher:
+        """Round blocks: shuffled fixed-size batches, or Poisson-sampled ones (DP-SGD)."""
+        cls = PoissonBatcher if poisson else RoundBatcher
+        return cls(self.train, self.parts, local_steps, batch_size, seed)
 
 
 def prepare(cfg, tokenizer) -> ClientData:

@@ -19,6 +19,7 @@ not distinguish the relations, so sampled replace-one RDP is not reported).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -108,6 +109,17 @@ def sampled_epsilon(z: float, q: float, count: int, delta: float, neighbouring: 
     return eps_pld, eps_rdp
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    from absl import logging as absl_logging
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def sampled_multiplier_for(epsilon: float, q: float, count: int, delta: float,
                            neighbouring: str = "add-remove") -> float:
     """Noise multiplier whose `count` sampled Gaussians reach `epsilon` (PLD), by
@@ -118,9 +130,10 @@ def sampled_multiplier_for(epsilon: float, q: float, count: int, delta: float,
     try:
         # RDP (cheap, and an upper bound on the PLD epsilon) brackets the answer from above; PLD at
         # tiny multipliers needs huge supports, so the PLD search never goes below half of it
-        z_rdp = float(dpa.calibrate_dp_mechanism(
-            rdp.RdpAccountant, lambda z: sampled_event(z, q, count), epsilon, delta,
-            dpa.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-4))
+        with _quiet_absl():  # the RDP series warns (harmlessly) at multipliers below 1 during the search
+            z_rdp = float(dpa.calibrate_dp_mechanism(
+                rdp.RdpAccountant, lambda z: sampled_event(z, q, count), epsilon, delta,
+                dpa.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-4))
         if neighbouring == "replace-one":
             z_rdp *= 2.0  # replace-one is at most twice the add/remove sensitivity
         return float(dpa.calibrate_dp_mechanism(
