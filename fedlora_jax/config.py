@@ -167,8 +167,18 @@ class RunConfig:
     dp: DPSection = DPSection()
     eval_every: int = 5
     eval_batches: int = 4
+    eval_tasks: tuple = ("loss",)    # evaluated every eval_every rounds: loss | exact_match | multiple_choice
+    eval_limit: int = 64             # examples per exact_match / multiple_choice evaluation
+    eval_choices: str = "synthetic"  # multiple_choice data: question/choices/answer file or hub id, or synthetic
     checkpoint_every: int = 10
     log_every: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
+        for t in self.eval_tasks:
+            _choice("eval_tasks entry", t, ("loss", "exact_match", "multiple_choice"))
+        if self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1, got {self.eval_limit}")
 
     def to_dict(self) -> dict:
         def conv(x):

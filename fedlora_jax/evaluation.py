@@ -230,3 +230,36 @@ def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str |
             for g, a in zip(gens, answers)]
     return {"task": task, "n": n, "exact_match": float(np.mean(hits))}
 
+
+
+class RunEvaluator:
+    """The evaluations a run performs every `eval_every` rounds beyond the loss (which the runner
+    computes on fixed batches): greedy exact match on up to `eval_limit` held-out examples and
+    multiple-choice accuracy on `eval_choices`. Prompts and references are prepared once."""
+
+    def __init__(self, cfg, tokenizer, eval_data, max_new_tokens: int = 16):
+        self.tasks = [t for t in cfg.eval_tasks if t != "loss"]
+        self.tokenizer, self.max_new = tokenizer, max_new_tokens
+        if "exact_match" in self.tasks:
+            if eval_data is None or len(eval_data) == 0:
+                raise ValueError("eval_tasks has exact_match but the run has no held-out split (data.eval_fraction is 0)")
+            n = min(cfg.eval_limit, len(eval_data))
+            self.prompts, answers = split_prompt_answer(eval_data.tokens[:n], eval_data.attention_mask[:n],
+                                                        eval_data.loss_mask[:n], tokenizer.eos_token_id)
+            self.answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+        if "multiple_choice" in self.tasks:
+            self.mc = load_multiple_choice(cfg.eval_choices, cfg.eval_limit, seed=cfg.seed)
+
+    def __call__(self, definition, base, lora) -> dict:
+        out = {}
+        tok = self.tokenizer
+        if "exact_match" in self.tasks:
+            eos = tok.eos_token_id
+            pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+            gens = greedy_generate(definition, base, lora, self.prompts, self.max_new, eos, pad)
+            hits = [tok.decode(g, skip_special_tokens=True).strip() == a for g, a in zip(gens, self.answers)]
+            out["eval_exact_match"] = float(np.mean(hits))
+        if "multiple_choice" in self.tasks:
+            r = multiple_choice(definition, base, lora, tok, *self.mc)
+            out["eval_mc_accuracy"], out["eval_mc_accuracy_norm"] = r["accuracy"], r["accuracy_norm"]
+        return out

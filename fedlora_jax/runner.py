@@ -25,6 +25,7 @@ from .privacy import mechanisms as mech
 from .simulation import NoiseSpec, cosine_lr, effective_base, init_state, make_round
 
 METRIC_FIELDS = ["round", "lr", "loss", "first_loss", "update_norm", "dropped", "clients", "eval_loss",
+                 "eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm",
                  "epsilon", "delta", "epsilon_mean", "epsilon_rdp", "epsilon_paper", "epsilon_paper_tracker", "seconds"]
 
 
@@ -206,7 +207,16 @@ def _plot(rows, path):
     import matplotlib.pyplot as plt
 
     r = [x["round"] for x in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    scores = [k for k in ("eval_exact_match", "eval_mc_accuracy") if any(x.get(k) is not None for x in rows)]
+    fig, axes = plt.subplots(1, 3 if scores else 2, figsize=(15 if scores else 10, 4))
+    for k in scores:
+        pts = [(x["round"], x[k]) for x in rows if x.get(k) is not None]
+        axes[2].plot(*zip(*pts), "o-", label=k.replace("eval_", "").replace("_", " "))
+    if scores:
+        axes[2].set_xlabel("round")
+        axes[2].set_ylabel("score")
+        axes[2].set_ylim(0, 1)
+        axes[2].legend()
     axes[0].plot(r, [x["loss"] for x in rows], label="train loss (clients)")
     ev = [(x["round"], x["eval_loss"]) for x in rows if x.get("eval_loss") is not None]
     if ev:
@@ -291,8 +301,11 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     ranks_all = np.asarray(cfg.lora.client_ranks or [cfg.lora.r] * fl.num_clients, np.int32)
     root = jax.random.key(cfg.seed)
 
+    from .evaluation import RunEvaluator
+    extra_eval = RunEvaluator(cfg, tokenizer, data.eval)
+
     def run_eval(st):
-        if ev is None:
+        if ev is None or "loss" not in cfg.eval_tasks:
             return None
         return float(jnp.mean(evaluate(effective_base(base, st), st["lora"], *ev)))
 
@@ -302,6 +315,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         return acc.paper_epsilon(noise.z, cfg.dp.delta, int(parts_max))
 
     initial_eval = run_eval(state) if start == 0 else None
+    initial_scores = extra_eval(definition, effective_base(base, state), state["lora"]) \
+        if start == 0 and extra_eval.tasks else {}
     stop_reason = "completed"
     bar = tqdm(total=fl.rounds, initial=start, disable=not progress, desc="rounds", file=sys.stderr)
     for r in range(start, fl.rounds):
@@ -339,6 +354,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                                                               cfg.dp.delta)
         if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
             row["eval_loss"] = run_eval(state)
+            row.update(extra_eval(definition, effective_base(base, state), state["lora"]))
         if cfg.dp.stats_every and noise.mode != "none" and (r + 1) % cfg.dp.stats_every == 0:
             from .privacy.analysis import round_stats, write_stats_csv
             write_stats_csv(out / "dp_stats.csv", round_stats(state["lora"], noise.sigma_a, noise.sigma_b,
@@ -381,6 +397,10 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     summary = {"rounds": done, "stop_reason": stop_reason, "initial_eval_loss": initial_eval,
                "final_eval_loss": next((x["eval_loss"] for x in reversed(rows) if x.get("eval_loss") is not None), None),
                "final_train_loss": rows[-1]["loss"] if rows else None, "model": source,
+               "initial_scores": initial_scores,
+               "final_scores": {k: next((x[k] for x in reversed(rows) if x.get(k) is not None), None)
+                                for k in ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm")
+                                if any(x.get(k) is not None for x in rows)},
                "privacy": {**dp_info, "epsilon": ledger.worst() if ledger else None,
                            "epsilon_mean": ledger.mean() if ledger else None,
                            "epsilon_paper": rows[-1].get("epsilon_paper") if rows else None,

@@ -51,13 +51,19 @@ def test_eval_cli_on_a_run_and_on_an_adapter(tmp_path, capsys, tiny_hf):
     from fedlora_jax.config import load_config
     from fedlora_jax.runner import run
 
-    run(load_config("tiny", ["fl.rounds=2", "data.synthetic_examples=200", "fl.num_clients=4",
-                             "fl.clients_per_round=2"]), tmp_path / "r", progress=False)
+    s = run(load_config("tiny", ["fl.rounds=2", "data.synthetic_examples=200", "fl.num_clients=4",
+                                 "fl.clients_per_round=2", "eval_every=1", "eval_limit=8",
+                                 "eval_tasks=[loss,exact_match,multiple_choice]"]), tmp_path / "r", progress=False)
     assert cli.main(["eval", str(tmp_path / "r"), "--task", "loss", "--task", "exact_match",
                      "--task", "multiple_choice", "--limit", "8", "--json"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [r["task"] for r in rows] == ["loss", "exact_match", "multiple_choice"]
     assert rows[0]["perplexity"] == pytest.approx(np.exp(rows[0]["loss"]))
+    # the run's own evaluation of its last round equals the CLI's evaluation of the saved adapter
+    assert s["final_scores"]["eval_exact_match"] == rows[1]["exact_match"]
+    assert s["final_scores"]["eval_mc_accuracy"] == rows[2]["accuracy"]
+    metrics = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= m["eval_mc_accuracy"] <= 1 for m in metrics) and len(metrics) == 2
     # an adapter that does not belong to the model says so in one sentence
     folder, _ = tiny_hf("gpt2")
     assert cli.main(["eval", str(tmp_path / "r" / "adapter"), "--model", str(folder)]) == 2
@@ -65,6 +71,9 @@ def test_eval_cli_on_a_run_and_on_an_adapter(tmp_path, capsys, tiny_hf):
 
 
 def test_eval_cli_bad_input(tmp_path, capsys):
+    from fedlora_jax.config import load_config
+    with pytest.raises(ValueError, match="eval_tasks entry = 'bleu' is not allowed; choose one of: loss, exact_match"):
+        load_config("tiny", ["eval_tasks=[loss,bleu]"])
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "neither a run folder" in capsys.readouterr().err
     f = tmp_path / "mc.jsonl"

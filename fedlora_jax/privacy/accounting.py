@@ -86,11 +86,23 @@ def gaussian_multiplier_for(epsilon: float, compositions: int, delta: float) -> 
 
 # ----------------------------------------------------------------------------- sampled Gaussian
 
+@contextlib.contextmanager
+def _quiet_absl():
+    from absl import logging as absl_logging
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def sampled_event(z: float, q: float, count: int):
     return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), int(count))
 
 
-def sampled_epsilon(z: float, q: float, count: int, delta: float, neighbouring: str = "add-remove"):
+def sampled_epsilon(z: float, q: float, count: int, delta: float, neighbouring: str = "add-remove",
+                    with_rdp: bool = True):
     """(PLD epsilon, RDP epsilon or None) of `count` Poisson-sampled Gaussian mechanisms."""
     _check(delta=delta, z=z, q=q, neighbouring=neighbouring)
     if count <= 0:
@@ -102,22 +114,12 @@ def sampled_epsilon(z: float, q: float, count: int, delta: float, neighbouring: 
     acc.compose(event)
     eps_pld = float(acc.get_epsilon(delta))
     eps_rdp = None
-    if neighbouring == "add-remove":
+    if neighbouring == "add-remove" and with_rdp:
         r = rdp.RdpAccountant()
         r.compose(event)
-        eps_rdp = float(r.get_epsilon(delta))
+        with _quiet_absl():  # orders whose series does not converge are dropped, with a warning each
+            eps_rdp = float(r.get_epsilon(delta))
     return eps_pld, eps_rdp
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    from absl import logging as absl_logging
-    level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(level)
 
 
 def sampled_multiplier_for(epsilon: float, q: float, count: int, delta: float,
@@ -191,10 +193,10 @@ class Ledger:
                 self._cache[count] = gaussian_epsilon(self.z_eff, count, self.delta)
             elif self.mode == "central":
                 self._cache[count] = sampled_epsilon(self.z_eff, self.sampling_rate, count, self.delta,
-                                                     self.neighbouring)[0]
+                                                     self.neighbouring, with_rdp=False)[0]
             else:
                 self._cache[count] = sampled_epsilon(self.z_eff, self.sampling_rate, count * self.local_steps,
-                                                     self.delta, self.neighbouring)[0]
+                                                     self.delta, self.neighbouring, with_rdp=False)[0]
         return self._cache[count]
 
     def record(self, client_ids) -> None:
