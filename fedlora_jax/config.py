@@ -141,6 +141,7 @@ class DPSection:
     neighbouring: str = "replace-one"
     budget: float | None = None      # stop before the worst client's epsilon would exceed it
     stats_every: int = 0             # write the paper's noise statistics CSV every k rounds (0: never)
+    stats_samples: int = 100         # Monte-Carlo draws per matrix for those statistics
 
     def __post_init__(self):
         _choice("dp.mode", self.mode, ("none", "local", "central", "dpsgd"))
@@ -152,6 +153,8 @@ class DPSection:
         _positive("dp.clip_b", self.clip_b)
         _positive("dp.epsilon", self.epsilon)
         _positive("dp.noise_multiplier", self.noise_multiplier, strict=False)
+        if self.stats_samples < 2:
+            raise ValueError(f"dp.stats_samples must be >= 2, got {self.stats_samples}")
         if not 0 < self.delta < 1:
             raise ValueError(f"dp.delta must be in (0, 1), got {self.delta}")
 

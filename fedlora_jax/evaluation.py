@@ -145,11 +145,14 @@ def multiple_choice(definition, base, lora, tokenizer, questions: list[str], cho
 
 def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
     """(questions, choices, answer indices) from a dataset with question / choices / answer
-    columns (answer: an index or the text of the right choice), or 'synthetic'."""
+    columns (answer: an index or the text of the right choice): a local json/jsonl/csv/parquet
+    file, a hub id with its test split (ID or ID:CONFIG, e.g. cais/mmlu:all), or 'synthetic'."""
     if source == "synthetic":
         from .data import synthetic
         rng = np.random.default_rng(seed)
-        rows = synthetic.generate(4 * (limit or 100), seed=seed)
+        # a seed of its own: the questions are not the training examples that data.source
+        # synthetic generates from the run's seed
+        rows = synthetic.generate(4 * (limit or 100), seed=seed + 1_000_003)
         qs, cs, ans = [], [], []
         for i, r in enumerate(rows[: limit or 100]):
             others = [x["output"] for x in rows if x["task"] == r["task"] and x["output"] != r["output"]][:3]
@@ -165,8 +168,9 @@ def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
     try:
         if Path(source).suffix in LOCAL_FORMATS:
             ds = datasets.load_dataset(LOCAL_FORMATS[Path(source).suffix], data_files=source, split="train")
-        else:
-            ds = datasets.load_dataset(source, split="test")
+        else:  # a hub id, optionally with its configuration: cais/mmlu:all
+            name, _, config = source.partition(":")
+            ds = datasets.load_dataset(name, config or None, split="test")
     except Exception as e:
         raise ValueError(f"could not load multiple-choice data {source!r} ({type(e).__name__}: {e})") from e
     missing = [c for c in ("question", "choices", "answer") if c not in ds.column_names]

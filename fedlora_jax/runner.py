@@ -359,7 +359,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             from .privacy.analysis import round_stats, write_stats_csv
             write_stats_csv(out / "dp_stats.csv", round_stats(state["lora"], noise.sigma_a, noise.sigma_b,
                                                               jax.random.fold_in(jax.random.fold_in(root, 2 ** 31 - 3), r), f"round_{r + 1}_global",
-                                                              samples=100), append=True)
+                                                              samples=cfg.dp.stats_samples), append=True)
         row["seconds"] = time.time() - t0
         rows.append(row)
         with metrics_path.open("a") as f:
