@@ -279,6 +279,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     definition, base, lora, tokenizer, source = build_model(cfg)
     data = prepare(cfg, tokenizer)
     noise, ledger, dp_info = resolve_noise(cfg, lora, [len(p) for p in data.parts])
+    from .evaluation import RunEvaluator
+    extra_eval = RunEvaluator(cfg, tokenizer, data.eval)  # bad evaluation data fails before the folder is made
     _prepare_out(cfg, out, resume, overwrite)
     batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed, poisson=noise.mode == "dpsgd")
     state = init_state(cfg, lora, fl.num_clients)
@@ -300,9 +302,6 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     ev = eval_batches(data.eval, fl.batch_size, cfg.eval_batches)
     ranks_all = np.asarray(cfg.lora.client_ranks or [cfg.lora.r] * fl.num_clients, np.int32)
     root = jax.random.key(cfg.seed)
-
-    from .evaluation import RunEvaluator
-    extra_eval = RunEvaluator(cfg, tokenizer, data.eval)
 
     def run_eval(st):
         if ev is None or "loss" not in cfg.eval_tasks:

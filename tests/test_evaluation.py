@@ -74,6 +74,13 @@ def test_eval_cli_bad_input(tmp_path, capsys):
     from fedlora_jax.config import load_config
     with pytest.raises(ValueError, match="eval_tasks entry = 'bleu' is not allowed; choose one of: loss, exact_match"):
         load_config("tiny", ["eval_tasks=[loss,bleu]"])
+    from fedlora_jax.runner import run
+    with pytest.raises(ValueError, match="eval_tasks has exact_match but the run has no held-out split"):
+        run(load_config("tiny", ["eval_tasks=[exact_match]", "data.eval_fraction=0"]), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    from fedlora_jax.evaluation import run_task
+    with pytest.raises(ValueError, match="unknown task 'bleu'; allowed: loss, exact_match, multiple_choice"):
+        run_task("bleu", None, None, None, None)
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "neither a run folder" in capsys.readouterr().err
     f = tmp_path / "mc.jsonl"
