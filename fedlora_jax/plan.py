@@ -22,6 +22,15 @@ def _nbytes(tree, dtype_bytes=None):
     return sum(int(np.prod(x.shape)) * (dtype_bytes or jnp.dtype(x.dtype).itemsize) for x in jax.tree.leaves(tree))
 
 
+def step_batch(cfg) -> int:
+    """Examples per local step: fl.batch_size, or under dpsgd the padded Poisson capacity (an
+    upper bound that needs no data)."""
+    if cfg.dp.mode == "dpsgd":
+        from .data.batches import poisson_capacity_bound
+        return poisson_capacity_bound(cfg.fl.batch_size)
+    return cfg.fl.batch_size
+
+
 def estimate(cfg, model_config) -> dict:
     """Bytes of the base (shared), and per client in a chunk: adapter copies and activations of
     one local step (lax.scan runs steps one after another; the layer scan keeps each layer's
@@ -31,7 +40,7 @@ def estimate(cfg, model_config) -> dict:
     item = jnp.dtype(model_config.dtype).itemsize
     base_bytes = _nbytes(base, item)
     adapter = _nbytes(lora, 4)
-    b, s = cfg.fl.batch_size, cfg.data.seq_len
+    b, s = step_batch(cfg), cfg.data.seq_len
     h, f, heads, v = model_config.hidden_size, model_config.intermediate_size or 4 * model_config.hidden_size, \
         model_config.num_heads, model_config.vocab_size
     # per layer and token: ~8 hidden-sized tensors (residual, norms, q/k/v/o), 3 MLP-sized ones,
@@ -40,6 +49,8 @@ def estimate(cfg, model_config) -> dict:
     logits = 3 * b * s * v * 4  # logits, log-softmax and their gradient, float32
     activations = model_config.num_layers * per_layer + logits
     per_client = ADAPTER_COPIES * adapter + activations
+    if cfg.dp.mode == "dpsgd":  # one float32 gradient per example of the padded batch
+        per_client += b * adapter
     return {"base_bytes": base_bytes, "adapter_bytes": adapter, "activation_bytes_per_client": activations,
             "per_client_bytes": per_client}
 
@@ -64,10 +75,10 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     k = cohort or chunk
     fl = dataclasses.replace(cfg.fl, num_clients=k, clients_per_round=k, clients_per_chunk=chunk)
     c = dataclasses.replace(cfg, fl=fl)
-    noise = NoiseSpec("local", 1.0, 1.0, 1.0, 1.0, (1, 1)) if cfg.dp.mode == "local" else NoiseSpec()
+    noise = NoiseSpec(cfg.dp.mode, 1.0, 1.0, 1.0, 1.0, (1, 1)) if cfg.dp.mode != "none" else NoiseSpec()
     fn = make_round(definition, c, noise, k)
     state = jax.eval_shape(lambda lo: init_state(c, lo, k), lora_shapes)
-    shp = (k, fl.local_steps, fl.batch_size, cfg.data.seq_len)
+    shp = (k, fl.local_steps, step_batch(cfg), cfg.data.seq_len)
     sds = jax.ShapeDtypeStruct
     block = {"tokens": sds(shp, jnp.int32), "attention_mask": sds(shp, jnp.int32), "loss_mask": sds(shp, jnp.int32),
              "num_examples": sds((k,), jnp.float32)}

@@ -9,7 +9,7 @@ from scipy import stats
 
 from fedlora_jax.client import dpsgd_grads
 from fedlora_jax.config import load_config
-from fedlora_jax.data.batches import PoissonBatcher, binomial_tail, poisson_capacity
+from fedlora_jax.data.batches import PoissonBatcher, binomial_tail, poisson_capacity, poisson_capacity_bound
 from fedlora_jax.data.tokenize import TokenizedData
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model, mean_nll
 from fedlora_jax.privacy import accounting as acc
@@ -28,6 +28,14 @@ def test_capacity_is_the_smallest_meeting_the_tail():
     assert max(stats.binom.sf(cap - 1, n, b / n) for n in sizes) > 1e-12
     assert poisson_capacity([5, 6], 8)[0] == 6  # clients smaller than the batch: everything fits, no overflow
     assert poisson_capacity([5, 6], 8)[1] == 0.0
+
+
+@pytest.mark.parametrize("b", [1, 4, 8, 16])
+def test_capacity_bound_holds_for_every_client_size(b):
+    bound = poisson_capacity_bound(b, tail=1e-12)
+    assert stats.poisson.sf(bound, b) <= 1e-12 < stats.poisson.sf(bound - 1, b)
+    for n in (b + 1, 2 * b, 10 * b, 1000 * b, 10 ** 6):
+        assert poisson_capacity([n], b, tail=1e-12)[0] <= bound
 
 
 def _data(n=200, seq=6):

@@ -7,7 +7,8 @@ from fedlora_jax.config import load_config
 from fedlora_jax.plan import estimate, largest_chunk, plan
 
 
-@pytest.mark.parametrize("sets", [[], ["model.hidden_size=128", "data.seq_len=64", "fl.batch_size=4"]])
+@pytest.mark.parametrize("sets", [[], ["model.hidden_size=128", "data.seq_len=64", "fl.batch_size=4"],
+                                  ["dp.mode=dpsgd", "fl.batch_size=4"]])
 def test_estimate_tracks_xla_memory_analysis(sets):
     out = plan(load_config("tiny", sets), device_gib=1.0, do_measure=True)
     est, measured = out["estimate"]["per_client_bytes"], out["measured"]["per_client_temp_bytes"]

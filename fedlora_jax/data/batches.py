@@ -79,6 +79,19 @@ def poisson_capacity(sizes, batch_size: int, tail: float = 1e-15) -> tuple[int, 
     return cap, max(binomial_tail(n, min(1.0, batch_size / n), cap) for n in sizes)
 
 
+def poisson_capacity_bound(batch_size: int, tail: float = 1e-15) -> int:
+    """A capacity that poisson_capacity never exceeds, whatever the client sizes: the smallest c
+    with P(Poisson(batch_size) > c) <= tail (a Binomial(n, B/n) upper tail is at most the
+    Poisson(B) one; Anderson and Samuels 1967). For memory planning without the data."""
+    lam, c = float(batch_size), int(batch_size)
+    while True:
+        # P(X > c) = 1 - sum_{k<=c} e^-lam lam^k / k!, summed from the top for accuracy
+        terms = [k * math.log(lam) - lam - math.lgamma(k + 1) for k in range(c + 1, c + 400)]
+        if math.fsum(math.exp(t) for t in terms) <= tail:
+            return c
+        c += 1
+
+
 class PoissonBatcher(RoundBatcher):
     """DP-SGD batches: at each local step every example of the client is taken independently
     with probability q = min(1, batch_size / n_client) (Poisson sampling, what the record-level
