@@ -234,7 +234,9 @@ def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
                        **{f"{m.replace('eval_', '')}_{t}": v for m, v in base_scores.items() for t in ("no_dp", "dp")}})
     files = list(write_table(loss_rows, out / "algorithms_loss", title=f"Table I analogue ({scale} scale): train loss "
                              "(mean of the last 5 rounds) and held-out loss, without and with local DP"))
-    score_cols = ["algorithm"] + sorted({k for r in score_rows for k in r if k != "algorithm"})
+    metrics_seen = sorted({k.rsplit("_", 2)[0] if k.endswith("_no_dp") else k.rsplit("_", 1)[0]
+                           for r in score_rows for k in r if k != "algorithm"})
+    score_cols = ["algorithm"] + [f"{m}_{t}" for m in metrics_seen for t in ("no_dp", "dp")]
     files += list(write_table(score_rows, out / "algorithms_scores", score_cols,
                               f"Table II analogue ({scale} scale): held-out scores of the final global adapter"))
     plt = _plt()

@@ -273,3 +273,17 @@ def _same_state(a, b):
     _close(a["lora"], b["lora"])
     # SCAFFOLD controls divide the local change by K * lr (here 0.02): float noise grows 50x
     _close({k: v for k, v in a.items() if k != "lora"}, {k: v for k, v in b.items() if k != "lora"}, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["local", "dpsgd"])
+def test_calibrated_noise_meets_the_target_for_the_most_sampled_client(mode, tmp_path):
+    # 8 clients, 2 per round, 6 rounds: some client takes part more often than the expected 1.5
+    from fedlora_jax.runner import worst_participations
+    sets = [f"dp.mode={mode}", "dp.noise=calibrate", "dp.epsilon=4", "dp.clip_a=1.0", "fl.rounds=6",
+            "fl.num_clients=8", "fl.clients_per_round=2", "fl.local_steps=1", "eval_every=0", "checkpoint_every=0",
+            "data.synthetic_examples=200"]
+    cfg = load_config("tiny", sets)
+    assert worst_participations(cfg) > 2
+    s = run(cfg, tmp_path / "r", progress=False)
+    assert s["privacy"]["max_participations"] == worst_participations(cfg)
+    assert s["privacy"]["epsilon"] == pytest.approx(4.0, rel=1e-6 if mode == "local" else 2e-2)

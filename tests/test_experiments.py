@@ -21,18 +21,29 @@ OUTPUTS = {"eps_clip": ["eps_clip.csv", "eps_clip.md", "eps_clip.png"],
            "aggregation": ["aggregation.csv", "aggregation.md", "aggregation.png"]}
 
 
-def _env(tmp_path):
+# the notebook that shows each script's experiment: the script tests write where the notebook
+# looks, so the notebook tests reuse those runs (and test that reuse) instead of repeating them
+NOTEBOOK_OF = {"eps_clip": "privacy_utility", "algorithms": "algorithms_under_dp", "rank_variance": "rank_noise_variance",
+               "model_size": "rank_noise_variance", "dp_modes": "aggregation_modes", "aggregation": "aggregation_modes"}
+
+
+@pytest.fixture(scope="session")
+def shared_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")
+
+
+def _env(out):
     env = dict(os.environ)
-    env["FEDLORA_SCALE"], env["FEDLORA_OUT"] = "smoke", str(tmp_path / "nb")
+    env["FEDLORA_SCALE"], env["FEDLORA_OUT"] = "smoke", str(out)
     return env
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_experiment_script_runs_at_smoke_scale(name, tmp_path):
-    out = tmp_path / name
+def test_experiment_script_runs_at_smoke_scale(name, shared_out):
+    out = shared_out / NOTEBOOK_OF[name] / "smoke"
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--scale", "smoke", "--out", str(out)],
-                       capture_output=True, text=True, env=_env(tmp_path), timeout=1200)
+                       capture_output=True, text=True, env=_env(shared_out), timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in OUTPUTS[name]:
         assert (out / f).stat().st_size > 0, f
@@ -44,14 +55,14 @@ def test_experiment_script_runs_at_smoke_scale(name, tmp_path):
             assert abs(float(row["Var_mc"]) - float(row["Var_exact"])) < 5 * float(row["Var_mc_se"]), row
     if name == "dp_modes":
         eps = {row["mode"]: float(row["epsilon_honest"]) for row in rows if row["mode"] != "none"}
-        # each mode was calibrated to epsilon 8 for its planned participations; a client sampled more
-        # often than planned (uniform sampling) can exceed it, never by much at this scale
+        # every mode is calibrated to epsilon 8 for the worst client of the sampling schedule
         assert set(eps) == {"local", "central", "dpsgd"}
-        assert eps["central"] == pytest.approx(8.0, rel=0.02)
+        for mode, e in eps.items():
+            assert e == pytest.approx(8.0, rel=0.02), mode
     # a second call reuses every finished run and writes the same table
     before = (out / OUTPUTS[name][0]).read_text()
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--scale", "smoke", "--out", str(out)],
-                       capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+                       capture_output=True, text=True, env=_env(shared_out), timeout=600)
     assert r.returncode == 0 and "reused" in r.stdout
     if name not in ("algorithms", "eps_clip", "dp_modes", "aggregation"):  # tables with a seconds column differ
         assert (out / OUTPUTS[name][0]).read_text() == before
@@ -77,10 +88,10 @@ def test_notebooks_are_committed_without_outputs():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path, monkeypatch):
+def test_notebook_executes(path, tmp_path, shared_out, monkeypatch):
     from nbclient import NotebookClient
 
-    for k, v in _env(tmp_path).items():
+    for k, v in _env(shared_out).items():
         monkeypatch.setenv(k, v)
     nb = nbformat.read(str(path), as_version=4)
     NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
