@@ -112,9 +112,12 @@ def _cmd_run(args) -> int:
     print(f"\nrun {cfg.name}: {s['rounds']} rounds ({s['stop_reason']}), model {s['model']}")
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"
     print(f"eval loss {fmt(s['initial_eval_loss'])} -> {fmt(s['final_eval_loss'])}; last train loss {fmt(s['final_train_loss'])}")
+    for k, v in (s.get("final_scores") or {}).items():
+        print(f"{k.replace('eval_', '')} {fmt(s['initial_scores'].get(k))} -> {fmt(v)}")
     if p.get("epsilon") is not None:
         print(f"privacy: {p['mechanism']}")
-        print(f"  honest epsilon (worst client, delta {p['delta']:g}): {p['epsilon']:.4g}; mean over clients "
+        who = "a record of the worst client" if p["mechanism"].startswith("dpsgd") else "worst client"
+        print(f"  honest epsilon ({who}, delta {p['delta']:.4g}): {p['epsilon']:.4g}; mean over clients "
               f"{p['epsilon_mean']:.4g}; max participations {p['max_participations']}")
         if p.get("epsilon_paper") is not None:
             print(f"  paper convention (classical formula, NOT a valid bound): per release {p['epsilon_paper']:.4g}, "
