@@ -143,6 +143,15 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path) -> Path:
+    """tight_layout, write a PNG, close the figure."""
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_curves(panels: dict, path, key: str = "loss", ylabel: str = "train loss (nats/token)",
                 title: str | None = None) -> Path:
     """panels: {panel title: {label: metrics rows}} -> one PNG with a panel each."""
@@ -159,10 +168,7 @@ def plot_curves(panels: dict, path, key: str = "loss", ylabel: str = "train loss
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _dp_overrides(epsilon, clip):
@@ -247,10 +253,7 @@ def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
     ax.set_xticks(x, algos)
     ax.set_ylabel("train loss, last 5 rounds")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "algorithms.png", dpi=100)
-    plt.close(fig)
-    files.append(out / "algorithms.png")
+    files.append(save_figure(fig, out / "algorithms.png"))
     return {"loss_rows": loss_rows, "score_rows": score_rows, "files": [str(f) for f in files], "summaries": s}
 
 
@@ -317,10 +320,7 @@ def rank_variance(scale: str, out, overrides=(), ranks=None, **kw) -> dict:
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel("total variance of the noisy update")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "rank_variance.png", dpi=100)
-    plt.close(fig)
-    files.append(out / "rank_variance.png")
+    files.append(save_figure(fig, out / "rank_variance.png"))
     return {"rows": rows, "files": [str(f) for f in files], "summaries": s}
 
 
