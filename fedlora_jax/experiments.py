@@ -77,6 +77,9 @@ def run_grid(runs: dict, scale: str, out, overrides=(), reuse: bool = True, prog
 
     if cache:
         enable_compilation_cache()
+    if not progress:  # the per-run lines are the progress; no tokenization bar per run
+        import datasets
+        datasets.disable_progress_bars()
     out = Path(out)
     cfgs = {name: base_config(scale, [*ov, *overrides]) for name, ov in runs.items()}  # all errors before any run
     summaries = {}

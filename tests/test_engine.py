@@ -165,6 +165,18 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     _close(L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")), a, atol=0)  # untouched
 
 
+@pytest.mark.slow
+def test_dpsgd_resume_draws_the_same_poisson_batches(tmp_path):
+    # the batches are a pure function of (seed, client, participation), restored from the ledger
+    cfg = _tiny_cfg(tmp_path, "dp.mode=dpsgd", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.clip_a=1.0")
+    full = run(cfg, tmp_path / "full", progress=False)
+    run(cfg, tmp_path / "part", progress=False, stop_after=2)
+    resumed = run(cfg, tmp_path / "part", resume=True, progress=False)
+    _close(L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")),
+           L.load_peft(tmp_path / "part" / "adapter", _definition(tmp_path / "part")), atol=0)
+    assert full["privacy"]["epsilon"] == resumed["privacy"]["epsilon"]
+
+
 def _definition(folder):
     from fedlora_jax.models import abstract_model
     from fedlora_jax.runner import build_model
