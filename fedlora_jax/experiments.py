@@ -72,7 +72,8 @@ def run_grid(runs: dict, scale: str, out, overrides=(), reuse: bool = True, prog
     """Run each named list of overrides on the scale's base config into OUT/runs/NAME; returns
     {name: summary} (with `seconds`). A finished run whose saved config equals the new one is
     reused, unless reuse=False. `overrides` apply to every run after its own. cache: use JAX's
-    persistent compilation cache (see enable_compilation_cache)."""
+    persistent compilation cache (see enable_compilation_cache). Without `progress`, a line per
+    run is the progress, and datasets' progress bars are turned off for the process."""
     from .runner import run
 
     if cache:
