@@ -90,13 +90,18 @@ def greedy_generate(definition, base, lora, prompts: list[list[int]], max_new_to
     return out
 
 
+def greedy_answers(definition, base, lora, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 16):
+    """The decoded, whitespace-stripped greedy continuation of each token-id prompt."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gens = greedy_generate(definition, base, lora, prompt_ids, max_new_tokens, tokenizer.eos_token_id, pad)
+    return [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gens]
+
+
 def exact_match(definition, base, lora, tokenizer, prompts: list[str], answers: list[str],
                 max_new_tokens: int = 16) -> dict:
     """Share of prompts whose greedy answer equals the reference (whitespace-stripped)."""
     ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gens = greedy_generate(definition, base, lora, ids, max_new_tokens, tokenizer.eos_token_id, pad)
-    texts = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gens]
+    texts = greedy_answers(definition, base, lora, tokenizer, ids, max_new_tokens)
     hits = [t == a.strip() for t, a in zip(texts, answers)]
     return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits), "predictions": texts}
 
@@ -188,6 +193,14 @@ def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
 TASKS = ("loss", "exact_match", "multiple_choice")
 
 
+def held_out_prompts(tokenizer, data, limit: int):
+    """(prompt ids, reference answer texts) of the first `limit` tokenized held-out examples."""
+    n = min(limit, len(data))
+    prompts, answers = split_prompt_answer(data.tokens[:n], data.attention_mask[:n], data.loss_mask[:n],
+                                           tokenizer.eos_token_id)
+    return prompts, [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+
 def split_prompt_answer(tokens, attention_mask, loss_mask, eos_id):
     """(prompt ids, answer ids without EOS) of tokenized examples (response = the loss-masked part)."""
     prompts, answers = [], []
@@ -226,12 +239,9 @@ def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str |
             total, count = total + float(s), count + float(c)
         nll = total / max(count, 1.0)
         return {"task": task, "n": n, "loss": nll, "perplexity": math.exp(nll)}
-    eos = tokenizer.eos_token_id
-    prompts, answers = split_prompt_answer(ev.tokens[:n], ev.attention_mask[:n], ev.loss_mask[:n], eos)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    gens = greedy_generate(definition, base, lora, prompts, max_new_tokens, eos, pad)
-    hits = [tokenizer.decode(g, skip_special_tokens=True).strip() == tokenizer.decode(a, skip_special_tokens=True).strip()
-            for g, a in zip(gens, answers)]
+    prompts, answers = held_out_prompts(tokenizer, ev, n)
+    texts = greedy_answers(definition, base, lora, tokenizer, prompts, max_new_tokens)
+    hits = [t == a for t, a in zip(texts, answers)]
     return {"task": task, "n": n, "exact_match": float(np.mean(hits))}
 
 
@@ -247,10 +257,7 @@ class RunEvaluator:
         if "exact_match" in self.tasks:
             if eval_data is None or len(eval_data) == 0:
                 raise ValueError("eval_tasks has exact_match but the run has no held-out split (data.eval_fraction is 0)")
-            n = min(cfg.eval_limit, len(eval_data))
-            self.prompts, answers = split_prompt_answer(eval_data.tokens[:n], eval_data.attention_mask[:n],
-                                                        eval_data.loss_mask[:n], tokenizer.eos_token_id)
-            self.answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+            self.prompts, self.answers = held_out_prompts(tokenizer, eval_data, cfg.eval_limit)
         if "multiple_choice" in self.tasks:
             self.mc = load_multiple_choice(cfg.eval_choices, cfg.eval_limit, seed=cfg.seed)
 
@@ -258,10 +265,8 @@ class RunEvaluator:
         out = {}
         tok = self.tokenizer
         if "exact_match" in self.tasks:
-            eos = tok.eos_token_id
-            pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-            gens = greedy_generate(definition, base, lora, self.prompts, self.max_new, eos, pad)
-            hits = [tok.decode(g, skip_special_tokens=True).strip() == a for g, a in zip(gens, self.answers)]
+            texts = greedy_answers(definition, base, lora, tok, self.prompts, self.max_new)
+            hits = [t == a for t, a in zip(texts, self.answers)]
             out["eval_exact_match"] = float(np.mean(hits))
         if "multiple_choice" in self.tasks:
             r = multiple_choice(definition, base, lora, tok, *self.mc)
