@@ -4,6 +4,7 @@ derived from (seed, round), so the round number restores them."""
 
 from __future__ import annotations
 
+from .errors import UserError
 from pathlib import Path
 
 import jax
@@ -26,7 +27,7 @@ class Checkpointer:
     def restore(self, state_template, step: int | None = None):
         step = self.latest() if step is None else step
         if step is None:
-            raise ValueError("no checkpoint to resume from in this run folder")
+            raise UserError("no checkpoint to resume from in this run folder")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
         r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                meta=ocp.args.JsonRestore()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .errors import UserError
 import argparse
 import json
 import logging
@@ -18,13 +19,13 @@ def _cmd_score(args) -> int:
     if args.file is not None:
         path = Path(args.file)
         if not path.is_file():
-            raise ValueError(f"--file {args.file!r} does not exist")
+            raise UserError(f"--file {args.file!r} does not exist")
         text = path.read_text()
     else:
         text = args.text
     lm = load_model(args.model, dtype=args.dtype)
     if lm.tokenizer is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer files; cannot tokenize the text")
+        raise UserError(f"model {args.model!r} has no tokenizer files; cannot tokenize the text")
     definition, lora = lm.definition, lm.lora
     if args.adapter:
         lc = lora_lib.read_peft_config(args.adapter)
@@ -48,9 +49,9 @@ def _cmd_privacy(args) -> int:
     z = args.noise_multiplier
     if z is None and args.sigma is not None:
         if args.clip is None or args.clip <= 0:
-            raise ValueError(f"--sigma needs --clip C > 0 (got {args.clip})")
+            raise UserError(f"--sigma needs --clip C > 0 (got {args.clip})")
         if args.sigma < 0:
-            raise ValueError(f"--sigma must be >= 0, got {args.sigma}")
+            raise UserError(f"--sigma must be >= 0, got {args.sigma}")
         z = args.sigma / args.clip
     out = accounting.report(
         args.mode, delta=args.delta, noise_multiplier=z, rounds=args.rounds, tensors=args.tensors,
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"fedlora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -5,24 +5,34 @@ Invalid values fail at load time with one sentence naming the key, the value and
 
 from __future__ import annotations
 
+from .errors import UserError
 import dataclasses
+import importlib.resources
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+def _presets() -> dict:
+    """Preset name -> YAML text, from the package data in fedlora_jax/configs (works from a wheel)."""
+    folder = importlib.resources.files("fedlora_jax") / "configs"
+    return {f.name[:-5]: f for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def preset_names() -> list[str]:
+    return sorted(_presets())
 
 
 def _choice(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"{name} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+        raise UserError(f"{name} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
 
 
 def _positive(name, value, strict=True):
     if value is None or (value <= 0 if strict else value < 0):
-        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
+        raise UserError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +66,7 @@ class LoRASection:
             object.__setattr__(self, "client_ranks", tuple(int(x) for x in self.client_ranks))
             bad = [x for x in self.client_ranks if not 1 <= x <= self.r]
             if bad:
-                raise ValueError(f"lora.client_ranks must be in [1, r={self.r}], got {bad[0]}")
+                raise UserError(f"lora.client_ranks must be in [1, r={self.r}], got {bad[0]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +89,9 @@ class DataSection:
         _choice("data.template", self.template, ("alpaca", "chat", "plain"))
         _choice("data.partition", self.partition, ("iid", "dirichlet", "by_column"))
         if self.seq_len < 4:
-            raise ValueError(f"data.seq_len must be >= 4, got {self.seq_len}")
+            raise UserError(f"data.seq_len must be >= 4, got {self.seq_len}")
         if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise UserError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         _positive("data.dirichlet_alpha", self.dirichlet_alpha)
         object.__setattr__(self, "synthetic_tasks", tuple(self.synthetic_tasks))
         if self.columns is not None:
@@ -117,13 +127,13 @@ class FLSection:
         _choice("fl.sampling", self.sampling, ("uniform", "poisson"))
         for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size"):
             if getattr(self, k) < 1:
-                raise ValueError(f"fl.{k} must be >= 1, got {getattr(self, k)}")
+                raise UserError(f"fl.{k} must be >= 1, got {getattr(self, k)}")
         if self.clients_per_chunk is not None and self.clients_per_chunk < 1:
-            raise ValueError(f"fl.clients_per_chunk must be >= 1, got {self.clients_per_chunk}")
+            raise UserError(f"fl.clients_per_chunk must be >= 1, got {self.clients_per_chunk}")
         if self.devices < 1:
-            raise ValueError(f"fl.devices must be >= 1, got {self.devices}")
+            raise UserError(f"fl.devices must be >= 1, got {self.devices}")
         if self.clients_per_round > self.num_clients:
-            raise ValueError(f"fl.clients_per_round ({self.clients_per_round}) is larger than "
+            raise UserError(f"fl.clients_per_round ({self.clients_per_round}) is larger than "
                              f"fl.num_clients ({self.num_clients})")
 
 
@@ -142,6 +152,11 @@ class DPSection:
     budget: float | None = None      # stop before the worst client's epsilon would exceed it
     stats_every: int = 0             # write the paper's noise statistics CSV every k rounds (0: never)
     stats_samples: int = 100         # Monte-Carlo draws per matrix for those statistics
+    # outside the guarantee, only on request: client training loss / update norm, realised cohort
+    # sizes and drop counts (published marked as such in metrics, progress bar and summary)
+    publish_client_metrics: bool = False
+    # the clients' example counts are public: aggregation may weight by them (else uniform weights)
+    public_counts: bool = False
 
     def __post_init__(self):
         _choice("dp.mode", self.mode, ("none", "local", "central", "dpsgd"))
@@ -154,9 +169,9 @@ class DPSection:
         _positive("dp.epsilon", self.epsilon)
         _positive("dp.noise_multiplier", self.noise_multiplier, strict=False)
         if self.stats_samples < 2:
-            raise ValueError(f"dp.stats_samples must be >= 2, got {self.stats_samples}")
+            raise UserError(f"dp.stats_samples must be >= 2, got {self.stats_samples}")
         if not 0 < self.delta < 1:
-            raise ValueError(f"dp.delta must be in (0, 1), got {self.delta}")
+            raise UserError(f"dp.delta must be in (0, 1), got {self.delta}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +196,7 @@ class RunConfig:
         for t in self.eval_tasks:
             _choice("eval_tasks entry", t, ("loss", "exact_match", "multiple_choice"))
         if self.eval_limit < 1:
-            raise ValueError(f"eval_limit must be >= 1, got {self.eval_limit}")
+            raise UserError(f"eval_limit must be >= 1, got {self.eval_limit}")
 
     def to_dict(self) -> dict:
         def conv(x):
@@ -197,13 +212,13 @@ class RunConfig:
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+        raise UserError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kw = {}
     for k, v in data.items():
         if k not in fields:
-            raise ValueError(f"unknown config key '{prefix}{k}'; allowed: {', '.join(fields)}")
+            raise UserError(f"unknown config key '{prefix}{k}'; allowed: {', '.join(fields)}")
         t = hints[k]
         if dataclasses.is_dataclass(t):
             kw[k] = _build(t, v or {}, f"{prefix}{k}.")
@@ -221,15 +236,15 @@ def _coerce(v, t, name):
         try:  # YAML 1.1 reads 3e-2 (no dot) as a string
             v = float(v)
         except ValueError:
-            raise ValueError(f"{name} must be a number, got {v!r}") from None
+            raise UserError(f"{name} must be a number, got {v!r}") from None
     if target in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
         if target is int and float(v) != int(v):
-            raise ValueError(f"{name} must be an integer, got {v!r}")
+            raise UserError(f"{name} must be an integer, got {v!r}")
         return target(v)
     if target is bool and not isinstance(v, bool):
-        raise ValueError(f"{name} must be true or false, got {v!r}")
+        raise UserError(f"{name} must be true or false, got {v!r}")
     if target in (int, float) and not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a number, got {v!r}")
+        raise UserError(f"{name} must be a number, got {v!r}")
     if target is tuple and isinstance(v, (list, tuple)):
         return tuple(v)
     if target is tuple and isinstance(v, str):
@@ -245,20 +260,21 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """A RunConfig from a YAML file or a preset name in experiments/configs (default: 'default'),
+    """A RunConfig from a YAML file or a preset name in fedlora_jax/configs (default: 'default'),
     with `a.b=value` overrides (values parsed as YAML)."""
     name = path_or_preset or "default"
     path = Path(name)
-    if not path.exists():
-        preset = PRESET_DIR / f"{name}.yaml"
-        if not preset.exists():
-            names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise ValueError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(names)}")
-        path = preset
-    data = yaml.safe_load(path.read_text()) or {}
+    if path.exists():
+        text = path.read_text()
+    else:
+        presets = _presets()
+        if name not in presets:
+            raise UserError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(sorted(presets))}")
+        text = presets[name].read_text()
+    data = yaml.safe_load(text) or {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
+            raise UserError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
         node: dict = {}
         cur = node

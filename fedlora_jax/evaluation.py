@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .errors import UserError
 import functools
 import math
 
@@ -25,9 +26,9 @@ def score_ids(definition: Definition, base, lora, ids: list[int]) -> dict:
     n = len(ids)
     limit = definition.config.max_position_embeddings
     if n < 2:
-        raise ValueError(f"text has {n} token(s); scoring needs at least 2")
+        raise UserError(f"text has {n} token(s); scoring needs at least 2")
     if n > limit:
-        raise ValueError(f"text has {n} tokens, more than the model's {limit} positions; shorten it")
+        raise UserError(f"text has {n} tokens, more than the model's {limit} positions; shorten it")
     width = min(max(16, 1 << (n - 1).bit_length()), limit)
     tokens = np.zeros((1, width), np.int32)
     tokens[0, :n] = ids
@@ -71,11 +72,11 @@ def greedy_generate(definition, base, lora, prompts: list[list[int]], max_new_to
                     pad_id: int = 0, batch_size: int = 32) -> list[list[int]]:
     """Greedy continuations of token-id prompts, cut at the first EOS (excluded)."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     longest = max(len(p) for p in prompts) + max_new_tokens
     limit = definition.config.max_position_embeddings
     if longest > limit:
-        raise ValueError(f"prompt + {max_new_tokens} new tokens = {longest} exceeds the model's {limit} positions")
+        raise UserError(f"prompt + {max_new_tokens} new tokens = {longest} exceeds the model's {limit} positions")
     width = 1 << (longest - 1).bit_length()
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -121,7 +122,7 @@ def choice_logprobs(definition, base, lora, tokenizer, prompt: str, choices: lis
     for c in choices:
         ids = tokenizer(c, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"choice {c!r} tokenizes to nothing")
+            raise UserError(f"choice {c!r} tokenizes to nothing")
         rows.append(p + ids)
         spans.append((len(p), len(p) + len(ids)))
     width = 1 << (max(map(len, rows)) - 1).bit_length()
@@ -177,10 +178,10 @@ def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
             name, _, config = source.partition(":")
             ds = datasets.load_dataset(name, config or None, split="test")
     except Exception as e:
-        raise ValueError(f"could not load multiple-choice data {source!r} ({type(e).__name__}: {e})") from e
+        raise UserError(f"could not load multiple-choice data {source!r} ({type(e).__name__}: {e})") from e
     missing = [c for c in ("question", "choices", "answer") if c not in ds.column_names]
     if missing:
-        raise ValueError(f"multiple-choice data needs columns question, choices, answer; missing {', '.join(missing)}; "
+        raise UserError(f"multiple-choice data needs columns question, choices, answer; missing {', '.join(missing)}; "
                          f"columns found: {', '.join(ds.column_names)}")
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
@@ -218,18 +219,18 @@ def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str |
     """One evaluation task: `loss` and `exact_match` on a run's held-out split, `multiple_choice`
     on a question/choices/answer dataset (or 'synthetic')."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+        raise UserError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     if task == "multiple_choice":
         qs, cs, ans = load_multiple_choice(data or "synthetic", limit)
         out = multiple_choice(definition, base, lora, tokenizer, qs, cs, ans)
         out.pop("picks")
         return {"task": task, "data": data or "synthetic", **out}
     if cfg is None:
-        raise ValueError(f"task {task!r} evaluates a run's held-out split: pass a run folder")
+        raise UserError(f"task {task!r} evaluates a run's held-out split: pass a run folder")
     from .data.pipeline import prepare
     ev = prepare(cfg, tokenizer).eval
     if ev is None or len(ev) == 0:
-        raise ValueError("the run has no held-out split (data.eval_fraction is 0)")
+        raise UserError("the run has no held-out split (data.eval_fraction is 0)")
     n = min(limit or len(ev), len(ev))
     if task == "loss":
         total, count = 0.0, 0.0
@@ -256,7 +257,7 @@ class RunEvaluator:
         self.tokenizer, self.max_new = tokenizer, max_new_tokens
         if "exact_match" in self.tasks:
             if eval_data is None or len(eval_data) == 0:
-                raise ValueError("eval_tasks has exact_match but the run has no held-out split (data.eval_fraction is 0)")
+                raise UserError("eval_tasks has exact_match but the run has no held-out split (data.eval_fraction is 0)")
             self.prompts, self.answers = held_out_prompts(tokenizer, eval_data, cfg.eval_limit)
         if "multiple_choice" in self.tasks:
             self.mc = load_multiple_choice(cfg.eval_choices, cfg.eval_limit, seed=cfg.seed)

@@ -12,6 +12,7 @@ alpaca-gpt4, 20 clients, 2 per round, 200 rounds, MMLU scored by log-likelihood)
 
 from __future__ import annotations
 
+from .errors import UserError
 import csv
 import json
 import math
@@ -48,7 +49,7 @@ _PAPER_DP = ["dp.mode=local", "dp.noise=classical", "dp.epsilon=25", "dp.clip_a=
 def base_config(scale: str, overrides=()) -> RunConfig:
     """The base run config of a scale, with `a.b=value` overrides."""
     if scale not in SCALES:
-        raise ValueError(f"scale {scale!r} is not allowed; choose one of: {', '.join(SCALES)}")
+        raise UserError(f"scale {scale!r} is not allowed; choose one of: {', '.join(SCALES)}")
     preset, ov = _BASE[scale]
     return load_config(preset, [*ov, *overrides])
 

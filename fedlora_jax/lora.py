@@ -7,6 +7,7 @@ An adapter tree mirrors the model: ``lora['blocks']['attn']['q_proj'] = {'lora_a
 
 from __future__ import annotations
 
+from .errors import UserError
 import json
 import os
 from pathlib import Path
@@ -112,16 +113,16 @@ def read_peft_config(folder: str | os.PathLike) -> LoRAConfig:
     folder = Path(folder)
     f = folder / ADAPTER_CONFIG
     if not f.exists():
-        raise ValueError(f"{str(folder)!r} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        raise UserError(f"{str(folder)!r} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
     c = json.loads(f.read_text())
     if c.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"adapter type {c.get('peft_type')!r} is not supported; only LORA")
+        raise UserError(f"adapter type {c.get('peft_type')!r} is not supported; only LORA")
     for key in ("rank_pattern", "alpha_pattern"):
         if c.get(key):
-            raise ValueError(f"PEFT adapters with a {key} are not supported")
+            raise UserError(f"PEFT adapters with a {key} are not supported")
     targets = c["target_modules"]
     if isinstance(targets, str):
-        raise ValueError(f"target_modules as a regex ({targets!r}) is not supported; list the module names")
+        raise UserError(f"target_modules as a regex ({targets!r}) is not supported; list the module names")
     return LoRAConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), target_modules=tuple(targets),
                       use_rslora=bool(c.get("use_rslora", False)))
 
@@ -136,7 +137,7 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
     folder = Path(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.exists():
-        raise ValueError(f"{str(folder)!r} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not loaded)")
+        raise UserError(f"{str(folder)!r} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not loaded)")
     tensors = {k.replace(".default.", "."): v for k, v in load_file(str(weights)).items()}
     template = jax.eval_shape(lambda: init_lora(definition))
     used = set()
@@ -149,10 +150,10 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
             for i in range(definition.config.num_layers):
                 name = _peft_key(definition, path, i, factor)
                 if name not in tensors:
-                    raise ValueError(f"adapter is missing tensor {name!r}")
+                    raise UserError(f"adapter is missing tensor {name!r}")
                 want = spec[key].shape[1:]
                 if tensors[name].shape != tuple(want):
-                    raise ValueError(f"adapter tensor {name!r} has shape {tensors[name].shape} "
+                    raise UserError(f"adapter tensor {name!r} has shape {tensors[name].shape} "
                                      f"but the model needs {tuple(want)}")
                 stack.append(tensors[name])
                 used.add(name)
@@ -163,7 +164,7 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
         node[path[-1]] = pair
     extra = sorted(set(tensors) - used)
     if extra:
-        raise ValueError(f"adapter has {len(extra)} tensor(s) this model has no place for, e.g. {extra[0]!r}; "
+        raise UserError(f"adapter has {len(extra)} tensor(s) this model has no place for, e.g. {extra[0]!r}; "
                          "does the adapter belong to this model?")
     return out
 

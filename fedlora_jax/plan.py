@@ -7,6 +7,7 @@ memory analysis on the current backend, which is exact for that backend.
 
 from __future__ import annotations
 
+from .errors import UserError
 import math
 
 import jax
@@ -58,7 +59,7 @@ def estimate(cfg, model_config) -> dict:
 def largest_chunk(est: dict, device_bytes: float, cohort: int, headroom: float = 0.9) -> int:
     free = device_bytes * headroom - est["base_bytes"]
     if free < est["per_client_bytes"]:
-        raise ValueError(
+        raise UserError(
             f"cannot fit one client: base {est['base_bytes'] / 2**30:.2f} GiB + one client "
             f"{est['per_client_bytes'] / 2**30:.2f} GiB > {headroom:.0%} of {device_bytes / 2**30:.2f} GiB; "
             "lower data.seq_len or fl.batch_size, use model.dtype bfloat16, or a larger device")

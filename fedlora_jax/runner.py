@@ -3,6 +3,7 @@ jitted round, evaluate, log, checkpoint, resume, plot and export."""
 
 from __future__ import annotations
 
+from .errors import UserError
 import csv
 import json
 import math
@@ -53,7 +54,7 @@ def build_tokenizer(cfg: RunConfig):
     from .models.hub import load_tokenizer, resolve
     tok = load_tokenizer(resolve(cfg.model.source))
     if tok is None:
-        raise ValueError(f"model {cfg.model.source!r} has no tokenizer files")
+        raise UserError(f"model {cfg.model.source!r} has no tokenizer files")
     return tok
 
 
@@ -71,12 +72,12 @@ def build_model(cfg: RunConfig):
         base = jax.tree.map(lambda x: x.astype(jnp.dtype(mc.dtype)), base)  # bfloat16 base weights if asked
         tok = build_tokenizer(cfg)
         if len(tok) > mc.vocab_size:
-            raise ValueError(f"model.vocab_size {mc.vocab_size} is smaller than the byte tokenizer's {len(tok)}")
+            raise UserError(f"model.vocab_size {mc.vocab_size} is smaller than the byte tokenizer's {len(tok)}")
         return definition, base, lora, tok, "tiny random Llama"
     from .models.hub import load_model
     lm = load_model(m.source, lc, dtype=m.dtype, seed=cfg.seed)
     if lm.tokenizer is None:
-        raise ValueError(f"model {m.source!r} has no tokenizer files")
+        raise UserError(f"model {m.source!r} has no tokenizer files")
     return lm.definition, lm.base, lm.lora, lm.tokenizer, lm.source
 
 
@@ -87,7 +88,7 @@ def _resolve_dpsgd(cfg: RunConfig, client_sizes) -> tuple[NoiseSpec, acc.Ledger,
 
     dp, fl = cfg.dp, cfg.fl
     if client_sizes is None:
-        raise ValueError("dp.mode dpsgd needs the clients' dataset sizes")
+        raise UserError("dp.mode dpsgd needs the clients' dataset sizes")
     sizes = sorted({int(n) for n in client_sizes})
     q = min(1.0, fl.batch_size / sizes[0])
     capacity, overflow = poisson_capacity(sizes, fl.batch_size)
@@ -97,7 +98,7 @@ def _resolve_dpsgd(cfg: RunConfig, client_sizes) -> tuple[NoiseSpec, acc.Ledger,
     elif dp.noise == "calibrate":
         z = acc.sampled_multiplier_for(dp.epsilon, q, fl.local_steps * planned, dp.delta, "add-remove")
     else:
-        raise ValueError(f"dp.noise = {dp.noise!r} is not defined for dp.mode dpsgd; choose calibrate or multiplier")
+        raise UserError(f"dp.noise = {dp.noise!r} is not defined for dp.mode dpsgd; choose calibrate or multiplier")
     sigma = z * dp.clip_a
     ledger = acc.Ledger("dpsgd", fl.num_clients, z, dp.delta, "add-remove", sampling_rate=q,
                         local_steps=fl.local_steps)
@@ -130,7 +131,7 @@ def resolve_noise(cfg: RunConfig, lora, client_sizes=None) -> tuple[NoiseSpec, a
     if dp.mode == "dpsgd":
         return _resolve_dpsgd(cfg, client_sizes)
     if dp.mode == "central" and fl.sampling != "poisson":
-        raise ValueError("dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client sampling)")
+        raise UserError("dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client sampling)")
     n_a, n_b, ca, cb = mech.clip_blocks(lora, dp.scope, dp.clip_a, dp.clip_b)
     if cfg.lora.freeze_a and dp.mode == "local":
         n_a = 0  # A is frozen, shared and public: only B is released
@@ -181,7 +182,7 @@ def client_mesh(devices: int):
         return None
     available = jax.devices()
     if devices > len(available):
-        raise ValueError(f"fl.devices = {devices} but only {len(available)} device(s) are visible: {available}")
+        raise UserError(f"fl.devices = {devices} but only {len(available)} device(s) are visible: {available}")
     return jax.sharding.Mesh(np.array(available[:devices]), ("clients",))
 
 
@@ -254,15 +255,15 @@ def _prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> No
     if resume:
         saved = out / "config.yaml"
         if not saved.exists():
-            raise ValueError(f"--resume: {str(out)!r} holds no run (no config.yaml)")
+            raise UserError(f"--resume: {str(out)!r} holds no run (no config.yaml)")
         prev = load_config(str(saved))
         diff = config_diff(prev, cfg, ignore=())
         if diff:
-            raise ValueError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
+            raise UserError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"output folder {str(out)!r} exists and is not empty; pass --resume or --overwrite")
+            raise UserError(f"output folder {str(out)!r} exists and is not empty; pass --resume or --overwrite")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -280,12 +281,12 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     fl = cfg.fl
     if cfg.lora.client_ranks is not None:
         if len(cfg.lora.client_ranks) != fl.num_clients:
-            raise ValueError(f"lora.client_ranks has {len(cfg.lora.client_ranks)} entries for {fl.num_clients} clients")
+            raise UserError(f"lora.client_ranks has {len(cfg.lora.client_ranks)} entries for {fl.num_clients} clients")
         if fl.aggregation == "mean" and len(set(cfg.lora.client_ranks)) > 1:
-            raise ValueError("mixed client ranks need fl.aggregation stack (averaging A and B of different ranks "
+            raise UserError("mixed client ranks need fl.aggregation stack (averaging A and B of different ranks "
                              "is not defined)")
     if fl.aggregation == "stack" and fl.algorithm not in ("fedavg", "fedprox"):
-        raise ValueError(f"fl.aggregation stack merges into the base each round; it runs with fedavg or fedprox, "
+        raise UserError(f"fl.aggregation stack merges into the base each round; it runs with fedavg or fedprox, "
                          f"not {fl.algorithm}")
     definition, base, lora, tokenizer, source = build_model(cfg)
     data = prepare(cfg, tokenizer)
@@ -437,7 +438,7 @@ def load_for_eval(target: str, model: str | None = None):
             return lm.definition, lm.base, {}, lm.tokenizer, cfg
         definition, base, _, tok, _ = build_model(cfg)
         if not (t / "adapter").exists():
-            raise ValueError(f"run folder {target!r} has no adapter/ (did the run finish?)")
+            raise UserError(f"run folder {target!r} has no adapter/ (did the run finish?)")
         lc = lora_lib.read_peft_config(t / "adapter")
         definition = abstract_model(definition.config, lc)[0]
         return definition, base, lora_lib.load_peft(t / "adapter", definition), tok, cfg
@@ -445,13 +446,13 @@ def load_for_eval(target: str, model: str | None = None):
         lc = lora_lib.read_peft_config(t)
         src = model or json.loads((t / lora_lib.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not src:
-            raise ValueError(f"adapter {target!r} does not name its base model; pass --model")
+            raise UserError(f"adapter {target!r} does not name its base model; pass --model")
         lm = load_model(src, dtype="float32")
         try:
             lc.check(lm.config)
             definition = abstract_model(lm.config, lc)[0]
             lora = lora_lib.load_peft(t, definition)
         except ValueError as e:
-            raise ValueError(f"adapter {target!r} does not match model {src!r}: {e}") from e
+            raise UserError(f"adapter {target!r} does not match model {src!r}: {e}") from e
         return definition, lm.base, lora, lm.tokenizer, None
-    raise ValueError(f"{target!r} is neither a run folder (config.yaml) nor a PEFT adapter folder (adapter_config.json)")
+    raise UserError(f"{target!r} is neither a run folder (config.yaml) nor a PEFT adapter folder (adapter_config.json)")

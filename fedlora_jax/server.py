@@ -9,6 +9,7 @@ FedProx and SCAFFOLD use the FedAvg server step (their work is on the clients).
 
 from __future__ import annotations
 
+from .errors import UserError
 from typing import NamedTuple
 
 import jax
@@ -25,7 +26,7 @@ class FedOptState(NamedTuple):
 
 def fedopt(kind: str, lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3):
     if kind not in ("adagrad", "yogi", "adam"):
-        raise ValueError(f"unknown FedOpt rule {kind!r}; allowed: adagrad, yogi, adam")
+        raise UserError(f"unknown FedOpt rule {kind!r}; allowed: adagrad, yogi, adam")
 
     def init(params):
         return FedOptState(jax.tree.map(jnp.zeros_like, params),
@@ -50,7 +51,7 @@ def server_optimizer(fl) -> optax.GradientTransformation:
     """The server step for an FLSection (its algorithm and server hyper-parameters)."""
     alg = fl.algorithm
     if alg not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {alg!r}; allowed: {', '.join(ALGORITHMS)}")
+        raise UserError(f"unknown algorithm {alg!r}; allowed: {', '.join(ALGORITHMS)}")
     if alg in ("fedavg", "fedprox", "scaffold"):
         return optax.sgd(fl.server_lr)
     if alg == "fedavgm":

@@ -8,6 +8,7 @@ participations, blocks are reproducible after a resume and independent of chunki
 
 from __future__ import annotations
 
+from ..errors import UserError
 import math
 
 import numpy as np
@@ -19,7 +20,7 @@ class RoundBatcher:
     def __init__(self, data: TokenizedData, parts: list[np.ndarray], local_steps: int, batch_size: int,
                  seed: int = 0):
         if any(len(p) == 0 for p in parts):
-            raise ValueError("a client has no examples; every client needs at least one")
+            raise UserError("a client has no examples; every client needs at least one")
         self.data, self.parts = data, parts
         self.steps, self.batch, self.seed = local_steps, batch_size, seed
         self._perms = {}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 import importlib.util
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def chatterbot_examples() -> list[dict]:
 
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the offline chatterbot data needs: pip install --no-deps chatterbot-corpus==1.3.3")
+        raise UserError("the offline chatterbot data needs: pip install --no-deps chatterbot-corpus==1.3.3")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
     rows = []
     for f in sorted(folder.glob("*.yml")):
@@ -45,31 +46,31 @@ def load_examples(source: str, *, split: str = "train", columns: dict | None = N
         ds = datasets.Dataset.from_list(synthetic.generate(synthetic_examples, tuple(synthetic_tasks), seed))
     elif Path(source).suffix in LOCAL_FORMATS:
         if not Path(source).exists():
-            raise ValueError(f"data file {source!r} does not exist")
+            raise UserError(f"data file {source!r} does not exist")
         ds = datasets.load_dataset(LOCAL_FORMATS[Path(source).suffix], data_files=source, split="train")
     elif Path(source).exists():
-        raise ValueError(f"data source {source!r} is a path but not a .json/.jsonl/.csv/.parquet file")
+        raise UserError(f"data source {source!r} is a path but not a .json/.jsonl/.csv/.parquet file")
     else:
         try:
             ds = datasets.load_dataset(source, split=split)
         except Exception as e:
-            raise ValueError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub "
+            raise UserError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub "
                              f"({type(e).__name__}); if you are offline, pass a local json/jsonl/csv/parquet "
                              "file, 'chatterbot' or 'synthetic'") from e
     mapping = dict(columns or {})
     for ours in mapping:
         if ours not in STANDARD:
-            raise ValueError(f"data.columns key {ours!r} is not one of: {', '.join(STANDARD)}")
+            raise UserError(f"data.columns key {ours!r} is not one of: {', '.join(STANDARD)}")
     found = list(ds.column_names)
     need = {ours: mapping.get(ours, ours) for ours in STANDARD}
     for ours in ("instruction", "output"):
         if need[ours] not in found:
-            raise ValueError(f"dataset has no column {need[ours]!r} (for {ours}); columns found: {', '.join(found)}; "
+            raise UserError(f"dataset has no column {need[ours]!r} (for {ours}); columns found: {', '.join(found)}; "
                              "map them with data.columns")
     if label_column is not None and label_column not in found:
-        raise ValueError(f"label column {label_column!r} not in the dataset; columns found: {', '.join(found)}")
+        raise UserError(f"label column {label_column!r} not in the dataset; columns found: {', '.join(found)}")
     if len(ds) == 0:
-        raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
+        raise UserError(f"dataset {source!r} (split {split!r}) is empty")
     has_input = need["input"] in found
 
     def standard(batch):

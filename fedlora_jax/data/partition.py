@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 import numpy as np
 
 PARTITIONS = ("iid", "dirichlet", "by_column")
@@ -11,21 +12,21 @@ def partition(n: int, num_clients: int, method: str = "iid", labels=None, alpha:
               seed: int = 0) -> list[np.ndarray]:
     """Index arrays, one per client; every example lands in exactly one client."""
     if method not in PARTITIONS:
-        raise ValueError(f"unknown partition {method!r}; allowed: {', '.join(PARTITIONS)}")
+        raise UserError(f"unknown partition {method!r}; allowed: {', '.join(PARTITIONS)}")
     if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        raise UserError(f"num_clients must be >= 1, got {num_clients}")
     if num_clients > n:
-        raise ValueError(f"{num_clients} clients but only {n} examples; lower fl.num_clients")
+        raise UserError(f"{num_clients} clients but only {n} examples; lower fl.num_clients")
     rng = np.random.default_rng(seed)
     if method == "iid":  # shuffle and split, as OpenFedLLM does
         return [np.sort(p) for p in np.array_split(rng.permutation(n), num_clients)]
     if labels is None:
-        raise ValueError(f"partition {method!r} needs a label column (data.label_column)")
+        raise UserError(f"partition {method!r} needs a label column (data.label_column)")
     labels = np.asarray(labels)
     values, inverse = np.unique(labels, return_inverse=True)
     if method == "dirichlet":
         if alpha <= 0:
-            raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+            raise UserError(f"dirichlet alpha must be > 0, got {alpha}")
         for _ in range(100):  # redraw until every client has at least one example
             parts = [[] for _ in range(num_clients)]
             for v in range(len(values)):
@@ -36,7 +37,7 @@ def partition(n: int, num_clients: int, method: str = "iid", labels=None, alpha:
                     parts[c].extend(chunk.tolist())
             if min(len(p) for p in parts) > 0:
                 return [np.sort(np.asarray(p, np.int64)) for p in parts]
-        raise ValueError(f"dirichlet alpha {alpha} leaves some of {num_clients} clients empty in 100 draws; "
+        raise UserError(f"dirichlet alpha {alpha} leaves some of {num_clients} clients empty in 100 draws; "
                          "raise alpha or lower num_clients")
     # by_column: one group per value, then merge the smallest or split the largest
     groups = [np.nonzero(inverse == v)[0] for v in range(len(values))]
@@ -47,7 +48,7 @@ def partition(n: int, num_clients: int, method: str = "iid", labels=None, alpha:
         groups.sort(key=len)
         big = groups.pop()
         if len(big) < 2:
-            raise ValueError(f"cannot split {n} examples into {num_clients} non-empty clients")
+            raise UserError(f"cannot split {n} examples into {num_clients} non-empty clients")
         groups += [big[: len(big) // 2], big[len(big) // 2:]]
     order = np.argsort([g.min() for g in groups])  # stable, seed-free order of clients
     return [np.sort(groups[i]) for i in order]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 import dataclasses
 
 import numpy as np
@@ -54,7 +55,7 @@ def prepare(cfg, tokenizer) -> ClientData:
     d = cfg.data
     label = d.label_column or (DEFAULT_LABELS.get(d.source) if d.partition != "iid" or d.source in DEFAULT_LABELS else None)
     if d.partition != "iid" and label is None:
-        raise ValueError(f"partition {d.partition!r} needs data.label_column")
+        raise UserError(f"partition {d.partition!r} needs data.label_column")
     ds = load_examples(d.source, split=d.split, columns=dict(d.columns or ()), label_column=label,
                        synthetic_tasks=d.synthetic_tasks, synthetic_examples=d.synthetic_examples,
                        max_examples=d.max_examples, seed=cfg.seed)
@@ -70,7 +71,7 @@ def prepare(cfg, tokenizer) -> ClientData:
             p = rng.permutation(p)
             m = int(round(len(p) * d.eval_fraction))
             if len(p) - m < 1:
-                raise ValueError(f"a client with {len(p)} examples has none left after the evaluation split")
+                raise UserError(f"a client with {len(p)} examples has none left after the evaluation split")
             eval_parts.append(np.arange(len(flat_eval), len(flat_eval) + m))
             flat_eval.extend(p[:m].tolist())
             parts.append(np.sort(p[m:]))
@@ -80,7 +81,7 @@ def prepare(cfg, tokenizer) -> ClientData:
         perm = rng.permutation(n)
         m = int(round(n * d.eval_fraction))
         if n - m < k:
-            raise ValueError(f"{k} clients but only {n - m} training examples; lower fl.num_clients")
+            raise UserError(f"{k} clients but only {n - m} training examples; lower fl.num_clients")
         eval_data = data.select(np.sort(perm[:m])) if m else None
         train = data.select(np.sort(perm[m:]))
         parts = partition(len(train), k, d.partition, train.labels, d.dirichlet_alpha, cfg.seed)

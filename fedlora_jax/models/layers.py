@@ -5,6 +5,7 @@ Modules hold parameters only; the compute dtype is taken from the input activati
 
 from __future__ import annotations
 
+from ..errors import UserError
 import math
 
 import jax
@@ -41,7 +42,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
         if lora is not None:
             if lora.r > min(in_features, out_features):
-                raise ValueError(f"LoRA rank {lora.r} is larger than module {name} allows "
+                raise UserError(f"LoRA rank {lora.r} is larger than module {name} allows "
                                  f"(min(in, out) = {min(in_features, out_features)})")
             bound = 1.0 / math.sqrt(in_features)
             self.lora_a = LoRAParam(jax.random.uniform(
@@ -119,7 +120,7 @@ def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return jnp.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+    raise UserError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
 
 
 def apply_rope(x_bshd, cos_bsd, sin_bsd):

@@ -19,6 +19,7 @@ not distinguish the relations, so sampled replace-one RDP is not reported).
 
 from __future__ import annotations
 
+from ..errors import UserError
 import contextlib
 import dataclasses
 import math
@@ -34,15 +35,15 @@ PLD_DISCRETIZATION = 1e-3
 
 def _check(delta=None, z=None, q=None, neighbouring=None, mode=None):
     if delta is not None and not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+        raise UserError(f"delta must be in (0, 1), got {delta}")
     if z is not None and z < 0:
-        raise ValueError(f"noise multiplier must be >= 0, got {z}")
+        raise UserError(f"noise multiplier must be >= 0, got {z}")
     if q is not None and not 0 < q <= 1:
-        raise ValueError(f"sampling rate must be in (0, 1], got {q}")
+        raise UserError(f"sampling rate must be in (0, 1], got {q}")
     if neighbouring is not None and neighbouring not in NEIGHBOURING:
-        raise ValueError(f"unknown neighbouring relation {neighbouring!r}; allowed: {', '.join(NEIGHBOURING)}")
+        raise UserError(f"unknown neighbouring relation {neighbouring!r}; allowed: {', '.join(NEIGHBOURING)}")
     if mode is not None and mode not in MODES:
-        raise ValueError(f"unknown DP mode {mode!r}; allowed: {', '.join(MODES)}")
+        raise UserError(f"unknown DP mode {mode!r}; allowed: {', '.join(MODES)}")
 
 
 def _relation(neighbouring: str):
@@ -79,7 +80,7 @@ def gaussian_multiplier_for(epsilon: float, compositions: int, delta: float) -> 
     """The z_eff whose `compositions`-fold composition has exactly `epsilon` (inverse of
     gaussian_epsilon, via the analytic Gaussian mechanism)."""
     if epsilon <= 0:
-        raise ValueError(f"target epsilon must be > 0, got {epsilon}")
+        raise UserError(f"target epsilon must be > 0, got {epsilon}")
     _check(delta=delta)
     return float(dpa.get_sigma_gaussian(epsilon, delta)) * math.sqrt(max(compositions, 1))
 
@@ -127,7 +128,7 @@ def sampled_multiplier_for(epsilon: float, q: float, count: int, delta: float,
     """Noise multiplier whose `count` sampled Gaussians reach `epsilon` (PLD), by
     dp_accounting.calibrate_dp_mechanism."""
     if epsilon <= 0:
-        raise ValueError(f"target epsilon must be > 0, got {epsilon}")
+        raise UserError(f"target epsilon must be > 0, got {epsilon}")
     _check(delta=delta, q=q, neighbouring=neighbouring)
     try:
         # RDP (cheap, and an upper bound on the PLD epsilon) brackets the answer from above; PLD at
@@ -143,7 +144,7 @@ def sampled_multiplier_for(epsilon: float, q: float, count: int, delta: float,
             lambda z: sampled_event(z, q, count), epsilon, delta,
             dpa.ExplicitBracketInterval(z_rdp / 2, z_rdp * 1.01), tol=1e-4))
     except (ValueError, RuntimeError) as e:
-        raise ValueError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta} over {count} "
+        raise UserError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta} over {count} "
                          f"sampled steps at rate {q}: {e}") from e
 
 
@@ -249,23 +250,23 @@ def report(mode: str, *, delta: float, noise_multiplier: float | None = None, ro
     neighbouring = neighbouring or ("replace-one" if mode == "local" else "add-remove")
     _check(neighbouring=neighbouring)
     if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+        raise UserError(f"rounds must be >= 1, got {rounds}")
     if tensors < 1:
-        raise ValueError(f"tensors must be >= 1, got {tensors}")
+        raise UserError(f"tensors must be >= 1, got {tensors}")
     q = sampling_rate
     if clients is not None:
         if clients < 1:
-            raise ValueError(f"clients must be >= 1, got {clients}")
+            raise UserError(f"clients must be >= 1, got {clients}")
         if clients_per_round is not None:
             if not 1 <= clients_per_round <= clients:
-                raise ValueError(f"clients per round must be in [1, clients={clients}], got {clients_per_round}")
+                raise UserError(f"clients per round must be in [1, clients={clients}], got {clients_per_round}")
             q = q or clients_per_round / clients
     if participations is None:
         participations = rounds if q is None else math.ceil(rounds * q - 1e-9)
     if participations < 0 or participations > rounds:
-        raise ValueError(f"participations must be in [0, rounds={rounds}], got {participations}")
+        raise UserError(f"participations must be in [0, rounds={rounds}], got {participations}")
     if target_epsilon is None and noise_multiplier is None:
-        raise ValueError("give a noise multiplier (or sigma and clip), or a target epsilon")
+        raise UserError("give a noise multiplier (or sigma and clip), or a target epsilon")
 
     out = {"mode": mode, "delta": delta, "neighbouring": neighbouring, "rounds": rounds}
     if mode == "local":
@@ -282,13 +283,13 @@ def report(mode: str, *, delta: float, noise_multiplier: float | None = None, ro
                               f"{participations} release(s), no amplification (exact closed form)"))
     else:
         if mode == "central" and q is None:
-            raise ValueError("central mode needs a client sampling rate: give clients and clients per round, "
+            raise UserError("central mode needs a client sampling rate: give clients and clients per round, "
                              "or a sampling rate")
         if mode == "dpsgd":
             if batch_sampling_rate is None:
-                raise ValueError("dpsgd mode needs --batch-sampling-rate (batch size / client examples)")
+                raise UserError("dpsgd mode needs --batch-sampling-rate (batch size / client examples)")
             if local_steps < 1:
-                raise ValueError(f"local steps must be >= 1, got {local_steps}")
+                raise UserError(f"local steps must be >= 1, got {local_steps}")
             rate, count = batch_sampling_rate, local_steps * participations
             what = (f"Poisson-sampled Gaussian per local step (rate {rate}), {count} steps "
                     f"({local_steps} x {participations} participations), record level")

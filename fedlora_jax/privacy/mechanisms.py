@@ -7,6 +7,7 @@ that into the noise multiplier of the equivalent single Gaussian mechanism.
 
 from __future__ import annotations
 
+from ..errors import UserError
 import math
 import warnings
 
@@ -19,7 +20,7 @@ TARGETS = ("weights", "update")
 
 def _check_scope(scope):
     if scope not in SCOPES:
-        raise ValueError(f"unknown clip scope {scope!r}; allowed: {', '.join(SCOPES)}")
+        raise UserError(f"unknown clip scope {scope!r}; allowed: {', '.join(SCOPES)}")
 
 
 def _is_a(path) -> bool:
@@ -82,7 +83,7 @@ def privatize(local, global_, key, *, clip_a, clip_b, sigma_a, sigma_b, scope="p
     (`weights`) or the update local - global (`update`). Returns the released factors in weight
     space (for `update`: global + noisy clipped update), so aggregation is the same for both."""
     if target not in TARGETS:
-        raise ValueError(f"unknown clip target {target!r}; allowed: {', '.join(TARGETS)}")
+        raise UserError(f"unknown clip target {target!r}; allowed: {', '.join(TARGETS)}")
     x = local if target == "weights" else jax.tree.map(jnp.subtract, local, global_)
     x, _ = clip(x, clip_a, clip_b, scope)
     x = add_noise(x, key, sigma_a, sigma_b)
@@ -128,9 +129,9 @@ def classical_noise_multiplier(epsilon: float, delta: float) -> float:
     """sigma / C of the classical Gaussian mechanism, sqrt(2 ln(1.25/delta)) / epsilon (the paper's
     formula). It is a valid (epsilon, delta) bound only for epsilon < 1: warns once otherwise."""
     if epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        raise UserError(f"epsilon must be > 0, got {epsilon}")
     if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+        raise UserError(f"delta must be in (0, 1), got {delta}")
     if epsilon >= 1 and "classical" not in _WARNED:
         _WARNED.add("classical")
         warnings.warn(f"the classical Gaussian formula is not a valid privacy bound for epsilon >= 1 "
