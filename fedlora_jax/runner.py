@@ -19,6 +19,7 @@ import yaml
 
 from . import lora as lora_lib
 from .checkpoint import Checkpointer
+from .outdir import prepare_out
 from .config import RunConfig, config_diff, load_config
 from .models import LoRAConfig, ModelConfig, init_model, mean_nll
 from .privacy import accounting as acc
@@ -251,24 +252,6 @@ def _plot(rows, path):
     plt.close(fig)
 
 
-def _prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        saved = out / "config.yaml"
-        if not saved.exists():
-            raise UserError(f"--resume: {str(out)!r} holds no run (no config.yaml)")
-        prev = load_config(str(saved))
-        diff = config_diff(prev, cfg, ignore=())
-        if diff:
-            raise UserError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"output folder {str(out)!r} exists and is not empty; pass --resume or --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
 def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
         progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) a federated simulation; returns the summary (also written to summary.json)."""
@@ -293,7 +276,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     noise, ledger, dp_info = resolve_noise(cfg, lora, [len(p) for p in data.parts])
     from .evaluation import RunEvaluator
     extra_eval = RunEvaluator(cfg, tokenizer, data.eval)  # bad evaluation data fails before the folder is made
-    _prepare_out(cfg, out, resume, overwrite)
+    prepare_out(cfg, out, resume, overwrite)
     batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed, poisson=noise.mode == "dpsgd")
     state = init_state(cfg, lora, fl.num_clients)
     ckpt = Checkpointer(out / "checkpoints")
