@@ -5,14 +5,21 @@ Invalid values fail at load time with one sentence naming the key, the value and
 
 from __future__ import annotations
 
-from .errors import UserError
 import dataclasses
 import importlib.resources
+import math
+import numbers
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import UserError
+
+
+SYNTHETIC_TASKS = ("arithmetic", "reverse", "sort", "copy")  # data.synthetic generates these
 
 
 def _presets() -> dict:
@@ -35,6 +42,57 @@ def _positive(name, value, strict=True):
         raise UserError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
 
 
+def _at_least(name, value, low):
+    if value is not None and value < low:
+        raise UserError(f"{name} must be >= {low}, got {value!r}")
+
+
+def _in_unit(name, value):
+    """A decay rate or momentum: [0, 1)."""
+    if not 0 <= value < 1:
+        raise UserError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _strings(name, values, empty_ok=False):
+    if not values and not empty_ok:
+        raise UserError(f"{name} is empty; give at least one entry")
+    for x in values:
+        if not isinstance(x, str) or not x:
+            raise UserError(f"{name} entries must be non-empty strings, got {x!r}")
+
+
+def _unwrap(t):
+    """(the type inside an optional annotation, whether None is allowed)."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(t))
+    return t, False
+
+
+def _check_types(obj, prefix: str) -> None:
+    """Every field holds a value of its declared type (finite numbers; ints for int fields), also
+    for configs built in Python rather than from YAML."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        t, optional = _unwrap(hints[f.name])
+        v, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if v is None:
+            if not optional:
+                raise UserError(f"{name} needs a value, got none")
+            continue
+        if t is bool and not isinstance(v, bool):
+            raise UserError(f"{name} must be true or false, got {v!r}")
+        if t in (int, float):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise UserError(f"{name} must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise UserError(f"{name} must be a finite number, got {v!r}")
+            if t is int and v != int(v):
+                raise UserError(f"{name} must be an integer, got {v!r}")
+        if t is str and not isinstance(v, str):
+            raise UserError(f"{name} must be a string, got {v!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     source: str = "default"          # HF folder, hub id, GGUF path, 'default', or 'tiny' (random)
@@ -48,22 +106,47 @@ class ModelSection:
     intermediate_size: int = 128
 
     def __post_init__(self):
+        _check_types(self, "model.")
+        if not self.source.strip():
+            raise UserError("model.source is empty; give a Hugging Face folder, a hub id, a GGUF file, "
+                            "'default' or 'tiny'")
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            _at_least(f"model.{k}", getattr(self, k), 1)
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads "
+                            f"{self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise UserError(f"model.hidden_size / model.num_heads = {self.hidden_size // self.num_heads} must be "
+                            "even (rotary position embeddings rotate pairs)")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"model.num_heads {self.num_heads} is not a multiple of model.num_kv_heads "
+                            f"{self.num_kv_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRASection:
     r: int = 8
     alpha: float = 16.0
-    target_modules: tuple = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     use_rslora: bool = False
     freeze_a: bool = False           # FFA-LoRA: train B only
-    client_ranks: tuple | None = None  # per-client ranks (<= r) for heterogeneous clients
+    client_ranks: tuple[int, ...] | None = None  # per-client ranks (<= r) for heterogeneous clients
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.client_ranks is not None:
-            object.__setattr__(self, "client_ranks", tuple(int(x) for x in self.client_ranks))
+            object.__setattr__(self, "client_ranks", tuple(self.client_ranks))
+        _check_types(self, "lora.")
+        _at_least("lora.r", self.r, 1)
+        _positive("lora.alpha", self.alpha)
+        _strings("lora.target_modules", self.target_modules)
+        if self.client_ranks is not None:
+            if not self.client_ranks:
+                raise UserError("lora.client_ranks is an empty list; give one rank per client or leave it out")
+            for x in self.client_ranks:
+                if isinstance(x, bool) or not isinstance(x, int):
+                    raise UserError(f"lora.client_ranks entries must be integers, got {x!r}")
             bad = [x for x in self.client_ranks if not 1 <= x <= self.r]
             if bad:
                 raise UserError(f"lora.client_ranks must be in [1, r={self.r}], got {bad[0]}")
@@ -73,7 +156,7 @@ class LoRASection:
 class DataSection:
     source: str = "chatterbot"       # chatterbot | synthetic | local json/jsonl/csv/parquet | hub id
     split: str = "train"
-    columns: dict | None = None      # map of our names (instruction, input, output) -> dataset columns
+    columns: dict[str, str] | None = None  # map of our names (instruction, input, output) -> dataset columns
     label_column: str | None = None  # for dirichlet / by_column partitions
     template: str = "alpaca"         # alpaca | chat | plain
     seq_len: int = 128
@@ -82,20 +165,42 @@ class DataSection:
     eval_per_client: bool = False
     partition: str = "iid"           # iid | dirichlet | by_column
     dirichlet_alpha: float = 0.5
-    synthetic_tasks: tuple = ("arithmetic", "reverse", "sort", "copy")
+    synthetic_tasks: tuple[str, ...] = ("arithmetic", "reverse", "sort", "copy")
     synthetic_examples: int = 2000
 
     def __post_init__(self):
+        object.__setattr__(self, "synthetic_tasks", tuple(self.synthetic_tasks))
+        if self.columns is not None:
+            cols = self.columns
+            if isinstance(cols, tuple):  # already normalised (a config built from another one)
+                cols = dict(cols)
+            if not isinstance(cols, dict):
+                raise UserError(f"data.columns must be a mapping such as {{instruction: question, output: answer}}, "
+                                f"got {self.columns!r}")
+            for k, v in cols.items():
+                if k not in ("instruction", "input", "output"):
+                    raise UserError(f"data.columns key {k!r} is not allowed; choose among: instruction, input, output")
+                if not isinstance(v, str) or not v:
+                    raise UserError(f"data.columns.{k} must be a column name, got {v!r}")
+            object.__setattr__(self, "columns", tuple(sorted(cols.items())))
+        _check_types(self, "data.")
+        for k in ("source", "split"):
+            if not getattr(self, k).strip():
+                raise UserError(f"data.{k} is empty")
+        if self.label_column is not None and not self.label_column:
+            raise UserError("data.label_column is empty; name a column or leave it out")
         _choice("data.template", self.template, ("alpaca", "chat", "plain"))
         _choice("data.partition", self.partition, ("iid", "dirichlet", "by_column"))
         if self.seq_len < 4:
             raise UserError(f"data.seq_len must be >= 4, got {self.seq_len}")
+        _at_least("data.max_examples", self.max_examples, 1)
         if not 0 <= self.eval_fraction < 1:
             raise UserError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         _positive("data.dirichlet_alpha", self.dirichlet_alpha)
-        object.__setattr__(self, "synthetic_tasks", tuple(self.synthetic_tasks))
-        if self.columns is not None:
-            object.__setattr__(self, "columns", tuple(sorted(dict(self.columns).items())))
+        _strings("data.synthetic_tasks", self.synthetic_tasks)
+        for t in self.synthetic_tasks:
+            _choice("data.synthetic_tasks entry", t, SYNTHETIC_TASKS)
+        _at_least("data.synthetic_examples", self.synthetic_examples, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +226,7 @@ class FLSection:
     devices: int = 1                 # spread each chunk's clients over this many devices ('clients' mesh axis)
 
     def __post_init__(self):
+        _check_types(self, "fl.")
         _choice("fl.algorithm", self.algorithm,
                 ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"))
         _choice("fl.aggregation", self.aggregation, ("mean", "stack"))
@@ -134,7 +240,16 @@ class FLSection:
             raise UserError(f"fl.devices must be >= 1, got {self.devices}")
         if self.clients_per_round > self.num_clients:
             raise UserError(f"fl.clients_per_round ({self.clients_per_round}) is larger than "
-                             f"fl.num_clients ({self.num_clients})")
+                            f"fl.num_clients ({self.num_clients})")
+        _positive("fl.lr", self.lr, strict=False)
+        if not 0 <= self.lr_min <= self.lr:
+            raise UserError(f"fl.lr_min must be in [0, fl.lr={self.lr:g}], got {self.lr_min!r}")
+        _positive("fl.weight_decay", self.weight_decay, strict=False)
+        _positive("fl.prox_mu", self.prox_mu, strict=False)
+        _positive("fl.server_lr", self.server_lr)
+        for k in ("server_momentum", "server_b1", "server_b2"):
+            _in_unit(f"fl.{k}", getattr(self, k))
+        _positive("fl.server_tau", self.server_tau)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +274,7 @@ class DPSection:
     public_counts: bool = False
 
     def __post_init__(self):
+        _check_types(self, "dp.")
         _choice("dp.mode", self.mode, ("none", "local", "central", "dpsgd"))
         _choice("dp.scope", self.scope, ("per_matrix", "per_factor", "global"))
         _choice("dp.target", self.target, ("weights", "update"))
@@ -168,6 +284,9 @@ class DPSection:
         _positive("dp.clip_b", self.clip_b)
         _positive("dp.epsilon", self.epsilon)
         _positive("dp.noise_multiplier", self.noise_multiplier, strict=False)
+        if self.budget is not None:
+            _positive("dp.budget", self.budget)
+        _at_least("dp.stats_every", self.stats_every, 0)
         if self.stats_samples < 2:
             raise UserError(f"dp.stats_samples must be >= 2, got {self.stats_samples}")
         if not 0 < self.delta < 1:
@@ -185,18 +304,33 @@ class RunConfig:
     dp: DPSection = DPSection()
     eval_every: int = 5
     eval_batches: int = 4
-    eval_tasks: tuple = ("loss",)    # evaluated every eval_every rounds: loss | exact_match | multiple_choice
+    eval_tasks: tuple[str, ...] = ("loss",)  # evaluated every eval_every rounds: loss | exact_match | multiple_choice
     eval_limit: int = 64             # examples per exact_match / multiple_choice evaluation
     eval_choices: str = "synthetic"  # multiple_choice data: question/choices/answer file or hub id, or synthetic
     checkpoint_every: int = 10
-    log_every: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
+        _check_types(self, "")
+        for k, cls in (("model", ModelSection), ("lora", LoRASection), ("data", DataSection), ("fl", FLSection),
+                       ("dp", DPSection)):
+            if not isinstance(getattr(self, k), cls):
+                raise UserError(f"{k} must be a mapping of its keys, got {getattr(self, k)!r}")
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise UserError(f"name {self.name!r} names the run folder runs/NAME: it must be non-empty, not '.' "
+                            "or '..', and hold no '/' or '\\'")
+        if not 0 <= self.seed < 2 ** 32:
+            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed}")
+        _strings("eval_tasks", self.eval_tasks, empty_ok=True)
         for t in self.eval_tasks:
             _choice("eval_tasks entry", t, ("loss", "exact_match", "multiple_choice"))
+        _at_least("eval_every", self.eval_every, 0)
+        _at_least("eval_batches", self.eval_batches, 1)
+        _at_least("checkpoint_every", self.checkpoint_every, 0)
         if self.eval_limit < 1:
             raise UserError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        if not self.eval_choices.strip():
+            raise UserError("eval_choices is empty; give 'synthetic', a local file or a hub id")
 
     def to_dict(self) -> dict:
         def conv(x):
@@ -210,9 +344,12 @@ class RunConfig:
         return conv(self)
 
 
-def _build(cls, data: dict, prefix: str):
+def _build(cls, data, prefix: str):
+    where = prefix[:-1] or "the config"
+    if data is None:
+        raise UserError(f"{where} is empty; give its keys (e.g. {prefix}KEY: VALUE) or leave it out")
     if not isinstance(data, dict):
-        raise UserError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+        raise UserError(f"{where} must be a mapping of keys to values, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kw = {}
@@ -221,34 +358,62 @@ def _build(cls, data: dict, prefix: str):
             raise UserError(f"unknown config key '{prefix}{k}'; allowed: {', '.join(fields)}")
         t = hints[k]
         if dataclasses.is_dataclass(t):
-            kw[k] = _build(t, v or {}, f"{prefix}{k}.")
+            kw[k] = _build(t, v, f"{prefix}{k}.")
         else:
             kw[k] = _coerce(v, t, f"{prefix}{k}")
     return cls(**kw)
 
 
-def _coerce(v, t, name):
-    if v is None:
-        return None
-    base = [a for a in typing.get_args(t) if a is not type(None)] or [t]
-    target = base[0]
-    if target in (int, float) and isinstance(v, str):
+def _number(v, target, name):
+    if isinstance(v, str):
         try:  # YAML 1.1 reads 3e-2 (no dot) as a string
             v = float(v)
         except ValueError:
             raise UserError(f"{name} must be a number, got {v!r}") from None
-    if target in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
-        if target is int and float(v) != int(v):
-            raise UserError(f"{name} must be an integer, got {v!r}")
-        return target(v)
-    if target is bool and not isinstance(v, bool):
-        raise UserError(f"{name} must be true or false, got {v!r}")
-    if target in (int, float) and not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise UserError(f"{name} must be a number, got {v!r}")
-    if target is tuple and isinstance(v, (list, tuple)):
-        return tuple(v)
-    if target is tuple and isinstance(v, str):
-        return tuple(s.strip() for s in v.split(",") if s.strip())
+    if not math.isfinite(v):
+        raise UserError(f"{name} must be a finite number, got {v!r}")
+    if target is int:
+        if v != int(v):
+            raise UserError(f"{name} must be an integer, got {v!r}")
+        return int(v)
+    return float(v)
+
+
+def _coerce(v, t, name):
+    """A YAML value as the field's type, or a UserError naming the key."""
+    target, optional = _unwrap(t)
+    if v is None:
+        if optional:
+            return None
+        raise UserError(f"{name} needs a value, got an empty one")
+    origin = typing.get_origin(target) or target
+    if target is bool:
+        if not isinstance(v, bool):
+            raise UserError(f"{name} must be true or false, got {v!r}")
+        return v
+    if target in (int, float):
+        return _number(v, target, name)
+    if target is str:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return str(v)  # name: 2024
+        if not isinstance(v, str):
+            raise UserError(f"{name} must be a string, got {v!r}")
+        return v
+    if origin is tuple:
+        item = (typing.get_args(target) or (str,))[0]
+        if isinstance(v, str):  # q_proj,v_proj
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        elif not isinstance(v, (list, tuple)):
+            if isinstance(v, dict):
+                raise UserError(f"{name} must be a list, got {v!r}")
+            v = [v]
+        return tuple(_coerce(x, item, f"{name} entry") for x in v)
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise UserError(f"{name} must be a mapping, got {v!r}")
+        return {k: _coerce(x, str, f"{name}.{k}") for k, x in v.items()}
     return v
 
 
@@ -259,29 +424,69 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in a few words on one line, with its line and column when known."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{what}".split())
+
+
+def _read_yaml(path: Path, label: str):
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{label} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {label}: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{label} is not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:
+        raise UserError(f"{label} nests too deeply to be a config") from None
+
+
 def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """A RunConfig from a YAML file or a preset name in fedlora_jax/configs (default: 'default'),
     with `a.b=value` overrides (values parsed as YAML)."""
     name = path_or_preset or "default"
     path = Path(name)
     if path.exists():
-        text = path.read_text()
+        if not path.is_file():
+            raise UserError(f"config {name!r} is a folder, not a YAML file")
+        label = f"config file {name!r}"
+        data = _read_yaml(path, label)
     else:
         presets = _presets()
         if name not in presets:
             raise UserError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(sorted(presets))}")
-        text = presets[name].read_text()
-    data = yaml.safe_load(text) or {}
+        label = f"preset {name!r}"
+        data = yaml.safe_load(presets[name].read_text())
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{label} must be a YAML mapping of config keys (name, model, fl, ...), "
+                        f"got a {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise UserError(f"override {item!r}: {key.strip()!r} is not a dotted config key such as fl.rounds")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                            "quote a string, close brackets") from None
+        except RecursionError:
+            raise UserError(f"override {item!r}: the value nests too deeply") from None
         node: dict = {}
         cur = node
-        parts = key.strip().split(".")
         for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = yaml.safe_load(value)
+            cur = cur.setdefault(p.strip(), {})
+        cur[parts[-1].strip()] = parsed
         data = _merge(data, node)
     return _build(RunConfig, data, "")
 

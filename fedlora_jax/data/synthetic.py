@@ -3,10 +3,10 @@ evaluation and tests of non-IID splits."""
 
 from __future__ import annotations
 
-from ..errors import UserError
 import numpy as np
 
-TASKS = ("arithmetic", "reverse", "sort", "copy")
+from ..config import SYNTHETIC_TASKS as TASKS
+from ..errors import UserError
 
 
 def _word(rng, lo=3, hi=7):
