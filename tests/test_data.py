@@ -140,7 +140,7 @@ def test_data_cli_json(capsys):
     (["data.partition=random"], "choose one of: iid, dirichlet, by_column"),
     (["data.seq_len=5"], "seq_len 5 is too short for every prompt"),
     (["fl.num_clients=5000", "fl.clients_per_round=2"], "5000 clients but only"),
-    (["data.columns={instruction: question}"], "dataset has no column 'question' (for instruction); columns found:"),
+    (["data.columns={instruction: question}"], "has no column 'question' (for instruction); columns found:"),
     (["data.bogus=1"], "unknown config key 'data.bogus'"),
 ])
 def test_data_cli_bad_input(sets, message, capsys):
