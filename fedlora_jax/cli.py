@@ -2,12 +2,71 @@
 
 from __future__ import annotations
 
-from .errors import UserError
 import argparse
+import errno
 import json
 import logging
+import math
 import sys
 from pathlib import Path
+
+from .errors import UserError
+
+# OSErrors that are the user's environment, not a bug: reported as one sentence naming the path
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+               errno.ENAMETOOLONG}
+
+
+def _plain(x):
+    """x with NaN and infinities as None (and numpy scalars as Python numbers), for strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # numpy / jax scalar
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def dumps(obj) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities become null."""
+    return json.dumps(_plain(obj), allow_nan=False)
+
+
+def _read_text_file(name: str, flag: str) -> str:
+    path = Path(name)
+    if not path.exists():
+        raise UserError(f"{flag} {name!r} does not exist")
+    if not path.is_file():
+        raise UserError(f"{flag} {name!r} is not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {flag} {name!r}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} {name!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+
+
+def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=False):
+    """A numeric option in its domain, or a UserError naming the flag."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
+    bad = ((low is not None and (value <= low if low_open else value < low))
+           or (high is not None and (value >= high if high_open else value > high)))
+    if bad:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        allowed = (f"in {lo}, {hi}" if low is not None and high is not None
+                   else f"{'>' if low_open else '>='} {low:g}" if low is not None
+                   else f"{'<' if high_open else '<='} {high:g}")
+        raise UserError(f"{flag} must be {allowed}, got {value:g}")
 
 
 def _cmd_score(args) -> int:
@@ -16,26 +75,25 @@ def _cmd_score(args) -> int:
     from .models import abstract_model
     from .models.hub import load_model
 
-    if args.file is not None:
-        path = Path(args.file)
-        if not path.is_file():
-            raise UserError(f"--file {args.file!r} does not exist")
-        text = path.read_text()
-    else:
-        text = args.text
+    text = _read_text_file(args.file, "--file") if args.file is not None else args.text
+    if not text.strip():
+        raise UserError(f"{'--file ' + repr(args.file) if args.file is not None else '--text'} is empty; "
+                        "give a text to score")
+    if args.adapter:  # a broken adapter fails before the model is loaded
+        lc = lora_lib.read_peft_config(args.adapter)
+        lora_lib.check_peft_weights(args.adapter)
     lm = load_model(args.model, dtype=args.dtype)
     if lm.tokenizer is None:
         raise UserError(f"model {args.model!r} has no tokenizer files; cannot tokenize the text")
     definition, lora = lm.definition, lm.lora
     if args.adapter:
-        lc = lora_lib.read_peft_config(args.adapter)
         lc.check(lm.config)
         definition = abstract_model(lm.config, lc)[0]
         lora = lora_lib.load_peft(args.adapter, definition)
     ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
     result = score_ids(definition, lm.base, lora, ids)
     if args.json:
-        print(json.dumps(result))
+        print(dumps(result))
     else:
         print(f"model {lm.source}" + (f" + adapter {args.adapter}" if args.adapter else ""))
         print(f"tokens scored {result['n_tokens']}  mean NLL {result['nll']:.4f} nats  "
@@ -46,21 +104,20 @@ def _cmd_score(args) -> int:
 def _cmd_privacy(args) -> int:
     from .privacy import accounting
 
+    _check_privacy_args(args)
     z = args.noise_multiplier
-    if z is None and args.sigma is not None:
-        if args.clip is None or args.clip <= 0:
-            raise UserError(f"--sigma needs --clip C > 0 (got {args.clip})")
-        if args.sigma < 0:
-            raise UserError(f"--sigma must be >= 0, got {args.sigma}")
+    if args.sigma is not None:
         z = args.sigma / args.clip
-    out = accounting.report(
-        args.mode, delta=args.delta, noise_multiplier=z, rounds=args.rounds, tensors=args.tensors,
-        neighbouring=args.neighbouring, participations=args.participations, clients=args.clients,
-        clients_per_round=args.clients_per_round, sampling_rate=args.sampling_rate,
-        local_steps=args.local_steps, batch_sampling_rate=args.batch_sampling_rate,
-        target_epsilon=args.target_epsilon)
+    from dp_accounting.mechanism_calibration import NoBracketIntervalFoundError
+
+    try:
+        out = _privacy_report(accounting, args, z)
+    except NoBracketIntervalFoundError:  # dp-accounting's calibration gives up on a target it cannot bracket
+        raise UserError(f"--target-epsilon {args.target_epsilon:g} cannot be reached at delta {args.delta:g} with "
+                        "this sampling and number of rounds (the noise search found no bracket); try a smaller "
+                        "target or fewer rounds") from None
     if args.json:
-        print(json.dumps(out))
+        print(dumps(out))
         return 0
     print(f"mode {out['mode']}: {out['mechanism']}")
     print(f"neighbouring {out['neighbouring']}, delta {out['delta']:g}, noise multiplier sigma/C "
@@ -73,6 +130,50 @@ def _cmd_privacy(args) -> int:
     return 0
 
 
+def _check_privacy_args(args) -> None:
+    """Every calculator option in its domain, named by its flag (before any accounting)."""
+    given = [f for f, v in (("--noise-multiplier", args.noise_multiplier), ("--sigma", args.sigma),
+                            ("--target-epsilon", args.target_epsilon)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"give one of --noise-multiplier, --sigma with --clip, or --target-epsilon; got "
+                        f"{' and '.join(given)}")
+    if not given:
+        raise UserError("give --noise-multiplier Z, --sigma S with --clip C, or --target-epsilon E")
+    _finite("--noise-multiplier", args.noise_multiplier, low=0)
+    _finite("--sigma", args.sigma, low=0)
+    _finite("--clip", args.clip, low=0, low_open=True)
+    if args.sigma is not None and args.clip is None:
+        raise UserError("--sigma needs --clip C > 0 (the noise multiplier is sigma / C)")
+    if args.clip is not None and args.sigma is None:
+        raise UserError("--clip is used only with --sigma")
+    _finite("--target-epsilon", args.target_epsilon, low=0, low_open=True)
+    _finite("--delta", args.delta, low=0, high=1, low_open=True, high_open=True)
+    _finite("--sampling-rate", args.sampling_rate, low=0, high=1, low_open=True)
+    _finite("--batch-sampling-rate", args.batch_sampling_rate, low=0, high=1, low_open=True)
+    _finite("--rounds", args.rounds, low=1)
+    _finite("--tensors", args.tensors, low=1)
+    _finite("--local-steps", args.local_steps, low=1)
+    _finite("--clients", args.clients, low=1)
+    if args.clients_per_round is not None:
+        if args.clients is None:
+            raise UserError("--clients-per-round needs --clients (the sampling rate is their ratio)")
+        _finite("--clients-per-round", args.clients_per_round, low=1, high=args.clients)
+    _finite("--participations", args.participations, low=0, high=args.rounds)
+    if args.mode != "dpsgd" and args.batch_sampling_rate is not None:
+        raise UserError(f"--batch-sampling-rate is used by --mode dpsgd only, not {args.mode}")
+    if args.mode == "dpsgd" and args.batch_sampling_rate is None:
+        raise UserError("--mode dpsgd needs --batch-sampling-rate (batch size / client examples)")
+
+
+def _privacy_report(accounting, args, z):
+    return accounting.report(
+        args.mode, delta=args.delta, noise_multiplier=z, rounds=args.rounds, tensors=args.tensors,
+        neighbouring=args.neighbouring, participations=args.participations, clients=args.clients,
+        clients_per_round=args.clients_per_round, sampling_rate=args.sampling_rate,
+        local_steps=args.local_steps, batch_sampling_rate=args.batch_sampling_rate,
+        target_epsilon=args.target_epsilon)
+
+
 def _cmd_data(args) -> int:
     from .config import load_config
     from .data.pipeline import prepare
@@ -82,7 +183,7 @@ def _cmd_data(args) -> int:
     cd = prepare(cfg, build_tokenizer(cfg))
     s = cd.summary
     if args.json:
-        print(json.dumps(s))
+        print(dumps(s))
         return 0
     st = s["data"]
     print(f"data {cfg.data.source}: {st['examples']} examples kept ({st['dropped']} dropped: prompt longer than "
@@ -99,34 +200,80 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _check_budget(cfg) -> None:
+    """Refuse a dp.budget below the cost of one participation: the run would stop before its first
+    round. Computed from shapes only (no weights, no data); record-level DP-SGD's cost depends on
+    the clients' data sizes and is left to the run loop."""
+    import warnings
+
+    import numpy as np
+
+    from .models import LoRAConfig, abstract_model
+    from .privacy import modes
+    from .runner import build_model_config
+
+    lc = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                    use_rslora=cfg.lora.use_rslora)
+    mc = build_model_config(cfg)
+    lc.check(mc)
+    with warnings.catch_warnings():  # the run itself warns about the classical formula
+        warnings.simplefilter("ignore")
+        mechanism = modes.build(cfg, abstract_model(mc, lc)[2], None)
+        if mechanism.ledger is None:
+            return
+        cost = mechanism.ledger.worst_after(np.zeros(1, np.int64))
+    if cost > cfg.dp.budget:
+        raise UserError(f"dp.budget = {cfg.dp.budget:g} is below one round's cost (epsilon {cost:.4g} for a client "
+                        f"that takes part once), so no round could run; raise dp.budget or the noise")
+
+
 def _cmd_run(args) -> int:
     from .config import load_config
-    from .runner import run
+    from .outdir import check_out
 
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other: resume continues the run in the folder, "
+                        "overwrite replaces it")
     cfg = load_config(args.config, args.set)
     out = args.out or f"runs/{cfg.name}"
-    s = run(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    check_out(out, args.resume, args.overwrite)  # before any model is loaded; the run checks again
+    if cfg.dp.budget is not None and cfg.dp.mode not in ("none", "dpsgd") and not args.resume:
+        _check_budget(cfg)
+    from .runner import run
+
+    try:
+        s = run(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except OSError as e:
+        if e.errno not in _ENV_ERRNOS:
+            raise
+        raise UserError(f"cannot write {e.filename or out!r}: {e.strerror}; the run folder {out!r} keeps what "
+                        "was written before (--resume continues from its last checkpoint)") from e
     if args.json:
-        print(json.dumps(s))
+        print(dumps(s))
         return 0
-    p = s["privacy"]
+    p = s.get("privacy") or {}
+    fmt = lambda x, spec=".4f": "n/a" if x is None else format(x, spec)
     print(f"\nrun {cfg.name}: {s['rounds']} rounds ({s['stop_reason']}), model {s['model']}")
-    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"
-    print(f"eval loss {fmt(s['initial_eval_loss'])} -> {fmt(s['final_eval_loss'])}; last train loss {fmt(s['final_train_loss'])}")
+    print(f"eval loss {fmt(s.get('initial_eval_loss'))} -> {fmt(s.get('final_eval_loss'))}; last train loss "
+          f"{fmt(s.get('final_train_loss'))}")
     for k, v in (s.get("final_scores") or {}).items():
-        print(f"{k.replace('eval_', '')} {fmt(s['initial_scores'].get(k))} -> {fmt(v)}")
-    if p.get("epsilon") is not None:
+        print(f"{k.replace('eval_', '')} {fmt((s.get('initial_scores') or {}).get(k))} -> {fmt(v)}")
+    if p.get("mechanism") and p["mechanism"] != "no DP":
         print(f"privacy: {p['mechanism']}")
         who = "a record of the worst client" if p["mechanism"].startswith("dpsgd") else "worst client"
-        print(f"  honest epsilon ({who}, delta {p['delta']:.4g}): {p['epsilon']:.4g}; mean over clients "
-              f"{p['epsilon_mean']:.4g}; max participations {p['max_participations']}")
+        if p.get("epsilon") is None or not s["rounds"]:
+            print("  no round ran, so no privacy was spent")
+        else:
+            print(f"  honest epsilon ({who}, delta {fmt(p.get('delta'), '.4g')}): {fmt(p['epsilon'], '.4g')}; "
+                  f"mean over clients {fmt(p.get('epsilon_mean'), '.4g')}; max participations "
+                  f"{p.get('max_participations', 'n/a')}")
         if p.get("epsilon_paper") is not None:
-            print(f"  paper convention (classical formula, NOT a valid bound): per release {p['epsilon_paper']:.4g}, "
-                  f"paper code's tracker {p['epsilon_paper_tracker']:.4g}")
+            print(f"  paper convention (classical formula, NOT a valid bound): per release "
+                  f"{fmt(p['epsilon_paper'], '.4g')}, paper code's tracker {fmt(p.get('epsilon_paper_tracker'), '.4g')}")
     else:
         print("privacy: no DP")
-    print(f"wall time {s['wall_seconds']:.1f} s")
-    for k, v in s["outputs"].items():
+    print(f"wall time {fmt(s.get('wall_seconds'), '.1f')} s")
+    for k, v in (s.get("outputs") or {}).items():
         print(f"  {k}: {v}")
     return 0
 
@@ -135,10 +282,11 @@ def _cmd_plan(args) -> int:
     from .config import load_config
     from .plan import plan
 
+    _finite("--device-memory", args.device_memory, low=0, low_open=True)
     cfg = load_config(args.config, args.set)
     out = plan(cfg, args.device_memory, args.measure)
     if args.json:
-        print(json.dumps(out))
+        print(dumps(out))
         return 0
     e, gib = out["estimate"], 2 ** 30
     print(f"model {out['model']} ({out['dtype']}), {cfg.fl.clients_per_round} clients per round, "
@@ -157,22 +305,55 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _precheck_eval_target(target: str) -> None:
+    """Fail on a broken run folder or adapter before any model is loaded."""
+    from . import lora as lora_lib
+    from .config import load_config
+
+    t = Path(target)
+    if not t.exists():
+        raise UserError(f"{target!r} does not exist; pass a run folder or a PEFT adapter folder")
+    if (t / "config.yaml").is_file():
+        load_config(str(t / "config.yaml"))
+        if (t / "adapter").is_dir():
+            lora_lib.read_peft_config(t / "adapter")
+            lora_lib.check_peft_weights(t / "adapter")
+    elif (t / lora_lib.ADAPTER_CONFIG).exists():
+        lora_lib.read_peft_config(t)
+        lora_lib.check_peft_weights(t)
+
+
 def _cmd_eval(args) -> int:
-    from .evaluation import run_task
-    from .runner import load_for_eval
+    from .evaluation import LOCAL_SUFFIXES, load_multiple_choice, run_task
 
     args.task = args.task or ["loss"]
+    _finite("--limit", args.limit, low=1)
+    _finite("--max-new-tokens", args.max_new_tokens, low=1)
+    if args.data is not None and "multiple_choice" not in args.task:
+        raise UserError("--data is the multiple-choice data; it is used only with --task multiple_choice")
+    _precheck_eval_target(args.target)
+    if args.data is not None and Path(args.data).suffix in LOCAL_SUFFIXES:
+        load_multiple_choice(args.data, args.limit)  # a bad file fails before the model is loaded
+    from .runner import load_for_eval
+
     definition, base, lora, tok, cfg = load_for_eval(args.target, args.model)
     results = [run_task(t, definition, base, lora, tok, cfg, args.data, args.limit, args.max_new_tokens)
                for t in args.task]
     for r in results:
-        print(json.dumps(r) if args.json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                      for k, v in r.items()))
+        print(dumps(r) if args.json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in r.items()))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes as one line (`fedlora-jax CMD: error: ...`) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedlora-jax", description=__doc__)
+    p = _Parser(prog="fedlora-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="mean token NLL and perplexity of a text under a model (+ adapter)")
@@ -242,13 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a command-line mistake already printed on one line
+        return e.code if isinstance(e.code, int) else 2
     # dp-accounting's RDP logs every order it excludes at WARNING through absl; keep the CLI readable
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.fn(args)
     except UserError as e:
-        print(f"fedlora-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"fedlora-jax {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from .errors import UserError
 import functools
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import UserError
 from .models import Definition, token_nll
 
 
@@ -149,10 +150,46 @@ def multiple_choice(definition, base, lora, tokenizer, questions: list[str], cho
             "picks": picks}
 
 
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def _choice_rows(rows: list[dict], where: str):
+    """(questions, choices, answer indices) of question/choices/answer records, each checked."""
+    qs, cs, ans = [], [], []
+    for i, r in enumerate(rows, 1):
+        q, c, a = r.get("question"), r.get("choices"), r.get("answer")
+        if isinstance(c, str):  # a CSV cell holding a JSON list
+            try:
+                c = json.loads(c)
+            except ValueError:
+                pass
+        if not isinstance(q, str):
+            raise UserError(f"{where} record {i}: 'question' must be text, got {q!r:.60}")
+        if not isinstance(c, (list, tuple)) or len(c) < 2 or not all(isinstance(x, str) and x for x in c):
+            raise UserError(f"{where} record {i}: 'choices' must be a list of at least 2 non-empty texts, "
+                            f"got {c!r:.60}")
+        c = list(c)
+        if isinstance(a, str) and a.strip().isdigit():
+            a = int(a)
+        if isinstance(a, str):
+            if a not in c:
+                raise UserError(f"{where} record {i}: 'answer' {a!r:.60} is not one of its choices")
+            a = c.index(a)
+        elif isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(c):
+            raise UserError(f"{where} record {i}: 'answer' must be a choice index in [0, {len(c) - 1}] or the "
+                            f"text of a choice, got {a!r:.60}")
+        qs.append(q)
+        cs.append(c)
+        ans.append(a)
+    return qs, cs, ans
+
+
 def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
     """(questions, choices, answer indices) from a dataset with question / choices / answer
     columns (answer: an index or the text of the right choice): a local json/jsonl/csv/parquet
     file, a hub id with its test split (ID or ID:CONFIG, e.g. cais/mmlu:all), or 'synthetic'."""
+    if limit is not None and limit < 1:
+        raise UserError(f"the multiple-choice limit must be >= 1, got {limit}")
     if source == "synthetic":
         from .data import synthetic
         rng = np.random.default_rng(seed)
@@ -168,27 +205,30 @@ def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
             cs.append([" " + o if not o.startswith(" ") else o for o in opts])
             ans.append(opts.index(r["output"]))
         return qs, cs, ans
-    from .data.loading import LOCAL_FORMATS
-    import datasets
     from pathlib import Path
-    try:
-        if Path(source).suffix in LOCAL_FORMATS:
-            ds = datasets.load_dataset(LOCAL_FORMATS[Path(source).suffix], data_files=source, split="train")
-        else:  # a hub id, optionally with its configuration: cais/mmlu:all
-            name, _, config = source.partition(":")
+
+    if Path(source).suffix in LOCAL_SUFFIXES:
+        from .data.loading import read_rows
+        rows, where = read_rows(source, "multiple-choice file"), f"multiple-choice file {source!r}"
+    else:  # a hub id, optionally with its configuration: cais/mmlu:all
+        import datasets
+        name, _, config = source.partition(":")
+        try:
             ds = datasets.load_dataset(name, config or None, split="test")
-    except Exception as e:
-        raise UserError(f"could not load multiple-choice data {source!r} ({type(e).__name__}: {e})") from e
-    missing = [c for c in ("question", "choices", "answer") if c not in ds.column_names]
+        except Exception as e:
+            raise UserError(f"could not load multiple-choice data {source!r} from the Hugging Face hub "
+                            f"({type(e).__name__}); if you are offline, pass a local file or 'synthetic'") from e
+        if limit:
+            ds = ds.select(range(min(limit, len(ds))))
+        rows, where = ds.to_list(), f"multiple-choice data {source!r}"
+    found = list(dict.fromkeys(k for r in rows for k in r))
+    missing = [c for c in ("question", "choices", "answer") if c not in found]
     if missing:
-        raise UserError(f"multiple-choice data needs columns question, choices, answer; missing {', '.join(missing)}; "
-                         f"columns found: {', '.join(ds.column_names)}")
+        raise UserError(f"{where} needs columns question, choices, answer; missing {', '.join(missing)}; "
+                        f"columns found: {', '.join(map(str, found))}")
     if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    qs, cs, ans = list(ds["question"]), [list(c) for c in ds["choices"]], []
-    for a, c in zip(ds["answer"], cs):
-        ans.append(int(a) if not isinstance(a, str) or a.isdigit() else c.index(a))
-    return qs, cs, ans
+        rows = rows[:limit]
+    return _choice_rows(rows, where)
 
 
 TASKS = ("loss", "exact_match", "multiple_choice")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .errors import UserError
 import json
+import math
 import os
 from pathlib import Path
 
@@ -109,36 +110,101 @@ def save_peft(folder: str | os.PathLike, definition: Definition, tree: dict,
     return folder
 
 
-def read_peft_config(folder: str | os.PathLike) -> LoRAConfig:
-    folder = Path(folder)
+def _adapter_json(folder: Path) -> dict:
     f = folder / ADAPTER_CONFIG
-    if not f.exists():
+    if not f.is_file():
         raise UserError(f"{str(folder)!r} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    c = json.loads(f.read_text())
+    try:
+        text = f.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{str(f)!r} is not UTF-8 text; it must be PEFT's JSON adapter config") from None
+    except OSError as e:
+        raise UserError(f"cannot read {str(f)!r}: {e.strerror or e}") from None
+    try:
+        c = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{str(f)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(c, dict):
+        raise UserError(f"{str(f)!r} must hold a JSON object (PEFT's adapter config), got {c!r:.40}")
+    return c
+
+
+def read_peft_config(folder: str | os.PathLike) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter folder, every value checked (a UserError names the file and
+    the key)."""
+    folder = Path(folder)
+    c = _adapter_json(folder)
+    f = str(folder / ADAPTER_CONFIG)
     if c.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"adapter type {c.get('peft_type')!r} is not supported; only LORA")
+        raise UserError(f"{f!r}: adapter type {c.get('peft_type')!r} is not supported; only LORA")
     for key in ("rank_pattern", "alpha_pattern"):
         if c.get(key):
-            raise UserError(f"PEFT adapters with a {key} are not supported")
-    targets = c["target_modules"]
+            raise UserError(f"{f!r}: PEFT adapters with a {key} are not supported")
+    if "r" not in c:
+        raise UserError(f"{f!r} has no 'r' (the LoRA rank, an integer >= 1)")
+    r = c["r"]
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r != int(r) or r < 1:
+        raise UserError(f"{f!r}: 'r' must be an integer >= 1, got {r!r}")
+    alpha = c.get("lora_alpha", 8)  # PEFT's default
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise UserError(f"{f!r}: 'lora_alpha' must be a number > 0, got {alpha!r}")
+    targets = c.get("target_modules")
     if isinstance(targets, str):
-        raise UserError(f"target_modules as a regex ({targets!r}) is not supported; list the module names")
-    return LoRAConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), target_modules=tuple(targets),
-                      use_rslora=bool(c.get("use_rslora", False)))
+        raise UserError(f"{f!r}: target_modules as a regex ({targets!r}) is not supported; list the module names")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise UserError(f"{f!r}: 'target_modules' must be a non-empty list of module names, got {targets!r}")
+    rslora = c.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise UserError(f"{f!r}: 'use_rslora' must be true or false, got {rslora!r}")
+    return LoRAConfig(r=int(r), alpha=float(alpha), target_modules=tuple(targets), use_rslora=rslora)
+
+
+def check_peft_weights(folder: str | os.PathLike) -> None:
+    """Check that adapter_model.safetensors exists and is whole (its header parses and every
+    tensor's bytes are in the file) without reading the tensors."""
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{str(folder)!r} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not loaded)")
+    w = str(weights)
+    try:
+        size = weights.stat().st_size
+        with weights.open("rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise UserError(f"{w!r} is truncated or not a safetensors file (its header does not fit in its "
+                                f"{size} bytes)")
+            raw = fh.read(n)
+    except OSError as e:
+        raise UserError(f"cannot read {w!r}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        raise UserError(f"{w!r} is corrupt: its safetensors header is not valid") from None
+    if 8 + n + max(ends, default=0) > size:
+        raise UserError(f"{w!r} is truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}")
 
 
 def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
     """Read a PEFT LoRA adapter into an adapter tree for `definition` (whose LoRA config must be
     the adapter's: build it with read_peft_config). Checks every tensor name and shape."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     from .models import init_lora
 
     folder = Path(folder)
     weights = folder / ADAPTER_WEIGHTS
-    if not weights.exists():
-        raise UserError(f"{str(folder)!r} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not loaded)")
-    tensors = {k.replace(".default.", "."): v for k, v in load_file(str(weights)).items()}
+    check_peft_weights(folder)
+    try:
+        loaded = load_file(str(weights))
+    except SafetensorError as e:
+        raise UserError(f"{str(weights)!r} is corrupt ({' '.join(str(e).split())})") from None
+    tensors = {k.replace(".default.", "."): v for k, v in loaded.items()}
     template = jax.eval_shape(lambda: init_lora(definition))
     used = set()
 

@@ -1,7 +1,16 @@
-"""The run folder policy: create, resume, overwrite. Never deletes what this tool did not write."""
+"""The run folder policy: create, resume, overwrite. Never deletes what this tool did not write.
+
+- fresh: the folder must not exist or be empty.
+- `overwrite`: replaces only a run folder of this tool (its config.yaml and metrics.jsonl, and
+  nothing but the files a run writes); the old run is deleted only once the new folder is made.
+- `resume`: the folder holds a run (config.yaml) with at least one checkpoint, and the same config.
+- an output path that cannot be written (read-only, under a file, a full disk) is a UserError
+  naming the path and the reason, and leaves what was there as it was.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,21 +19,140 @@ import yaml
 from .config import RunConfig, config_diff, load_config
 from .errors import UserError
 
+# everything a run writes into its folder (runner.run)
+RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "metrics.csv", "metrics.png", "summary.json",
+                         "dp_stats.csv", "checkpoints", "adapter", "merged_model"})
+# top-level keys of a config.yaml this tool wrote (log_every: written by earlier versions)
+_CONFIG_KEYS = {f for f in RunConfig.__dataclass_fields__} | {"log_every"}
+
+
+def _q(p: Path) -> str:
+    return repr(str(p))
+
+
+def _has_checkpoint(out: Path) -> bool:
+    folder = out / "checkpoints"
+    return folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
+
+
+def is_run_folder(out: Path) -> bool:
+    """Whether `out` holds a run of this tool: its config.yaml (a mapping of our config keys) and
+    metrics.jsonl."""
+    cfg, metrics = out / "config.yaml", out / "metrics.jsonl"
+    if not (cfg.is_file() and metrics.is_file()):
+        return False
+    try:
+        data = yaml.safe_load(cfg.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "fl" in data and set(data) <= _CONFIG_KEYS
+
+
+def _existing_ancestor(p: Path) -> Path:
+    p = Path(os.path.abspath(p))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_out(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse (UserError) what prepare_out would refuse, without writing anything: called by the
+    CLI before it loads a model, and again by prepare_out."""
+    out = Path(out)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other: resume continues the run in the folder, "
+                        "overwrite replaces it")
+    try:
+        _check(out, resume, overwrite)
+    except OSError as e:  # e.g. a name too long for the file system
+        raise UserError(f"output folder {_q(out)} cannot be used: {e.strerror or e}") from None
+
+
+def _check(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {_q(out)} is a file; pass a folder to --out")
+    if not out.exists():
+        if resume:
+            raise UserError(f"--resume: {_q(out)} does not exist; there is no run to resume")
+        anc = _existing_ancestor(out)
+        if not anc.is_dir():
+            raise UserError(f"output folder {_q(out)} cannot be made: {_q(anc)} is a file, not a folder")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise UserError(f"output folder {_q(out)} cannot be made: {_q(anc)} is not writable (read-only "
+                            "or not yours)")
+        return
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise UserError(f"--resume: {_q(out)} holds no run (no config.yaml)")
+        if not _has_checkpoint(out):
+            raise UserError(f"--resume: the run in {_q(out)} has no checkpoint yet (checkpoint_every rounds); "
+                            "start it again with --overwrite")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UserError(f"--resume: run folder {_q(out)} is not writable (read-only or not yours)")
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UserError(f"output folder {_q(out)} is not writable (read-only or not yours)")
+        return
+    if not overwrite:
+        raise UserError(f"output folder {_q(out)} exists and is not empty; pass --resume or --overwrite")
+    if out.is_symlink():
+        raise UserError(f"--overwrite: {_q(out)} is a symbolic link; pass the run folder itself")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise UserError(f"--overwrite would delete {_q(out)}, which holds the current directory; "
+                        "pass a run folder to --out")
+    if not is_run_folder(out):
+        raise UserError(f"--overwrite replaces only a run folder of this tool (with its config.yaml and "
+                        f"metrics.jsonl); {_q(out)} is not one, so nothing was deleted; choose another --out")
+    foreign = [e for e in entries if e not in RUN_ENTRIES]
+    if foreign:
+        raise UserError(f"--overwrite: run folder {_q(out)} also holds {foreign[0]!r}, which this tool did not "
+                        "write; move it away or choose another --out")
+    if not os.access(out.resolve().parent, os.W_OK | os.X_OK):
+        raise UserError(f"--overwrite: the folder holding {_q(out)} is not writable (read-only or not yours)")
+
 
 def prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> None:
     """Check (resume) or create (fresh, overwrite) the run folder and write config.yaml."""
+    out = Path(out)
+    check_out(out, resume, overwrite)
     if resume:
-        saved = out / "config.yaml"
-        if not saved.exists():
-            raise UserError(f"--resume: {str(out)!r} holds no run (no config.yaml)")
-        prev = load_config(str(saved))
+        prev = load_config(str(out / "config.yaml"))
         diff = config_diff(prev, cfg, ignore=())
         if diff:
             raise UserError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
         return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"output folder {str(out)!r} exists and is not empty; pass --resume or --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    old = None
+    if out.exists() and any(out.iterdir()):  # an old run (check_out made sure): move it aside first
+        old = out.with_name(f".{out.name}.overwritten-{os.getpid()}")
+        try:
+            out.rename(old)
+        except OSError as e:
+            raise UserError(f"--overwrite: cannot replace {_q(out)}: {e.strerror or e}") from None
+    made = []  # folders this call creates, outermost first
+    p = Path(os.path.abspath(out))
+    while not p.exists():
+        made.insert(0, p)
+        p = p.parent
+    try:
+        for d in made:
+            d.mkdir()
+        (out / "config.yaml").write_text(text)
+    except OSError as e:
+        # leave everything as it was: remove what this call made, put the old run back
+        if out.is_dir():
+            (out / "config.yaml").unlink(missing_ok=True)
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if old is not None:
+            old.rename(out)
+        where = e.filename or out
+        raise UserError(f"cannot write the run folder {_q(out)}: {where}: {e.strerror or e}") from None
+    if old is not None:
+        shutil.rmtree(old)
