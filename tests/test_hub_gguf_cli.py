@@ -348,3 +348,143 @@ def test_default_tokenizer_loads_without_torch(tmp_path):
     assert out["ids"] == ours(EXTRA_TEXTS)["input_ids"]
     assert out["chat"] == ours.apply_chat_template(CONVERSATIONS[1], tokenize=False)
     assert out["special"] == [1, 2, 2, 0]
+
+
+# ----------------------------------------------------------------------------- bad checkpoint files
+
+@pytest.fixture(scope="module")
+def intact_folder(tmp_path_factory):
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer) written without torch; it loads."""
+    from conftest import make_tokenizer
+    from safetensors.numpy import save_file
+
+    from fedlora_jax.models import ModelConfig, init_model
+    from fedlora_jax.models.hub import config_to_hf, params_to_hf
+
+    folder = tmp_path_factory.mktemp("intact") / "model"
+    folder.mkdir()
+    tok = make_tokenizer(folder)
+    cfg = ModelConfig("llama", vocab_size=len(tok), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    _, base, _ = init_model(cfg)
+    save_file(params_to_hf(cfg, base), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg)))
+    load_model(str(folder))
+    return folder
+
+
+@pytest.fixture
+def tiny_folder(intact_folder, tmp_path):
+    """A copy of the intact folder, to damage."""
+    import shutil
+
+    return Path(shutil.copytree(intact_folder, tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def intact_gguf(tmp_path_factory):
+    path = byte_level_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf")
+    load_model(str(path))
+    return path
+
+
+def _expect_user_error(source, *names):
+    with pytest.raises(UserError) as info:
+        load_model(str(source))
+    message = str(info.value)
+    for name in names:
+        assert name in message, message
+    assert "\n" not in message
+    return message
+
+
+def _config(folder):
+    return json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("damage, words", [
+    pytest.param(lambda b: b[: len(b) // 2], "truncated", id="cut-in-data"),
+    pytest.param(lambda b: b[:6], "truncated", id="cut-in-header-length"),
+    pytest.param(lambda b: b"", "truncated", id="empty"),
+    pytest.param(lambda b: b"\xff" * 8 + b[8:], "truncated", id="header-length-overwritten"),
+    pytest.param(lambda b: (8).to_bytes(8, "little") + b"{garbage" + b[16:], "safetensors", id="header-not-json"),
+])
+def test_corrupt_safetensors_raise_user_error(tiny_folder, damage, words):
+    weights = tiny_folder / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    _expect_user_error(tiny_folder, str(weights), words)
+
+
+def test_sharded_checkpoint_with_missing_or_bad_index(tiny_folder):
+    weights = tiny_folder / "model.safetensors"
+    shard = tiny_folder / "model-00001-of-00002.safetensors"
+    weights.rename(shard)
+    index = tiny_folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": shard.name, "b": "model-00002-of-00002.safetensors"}}))
+    _expect_user_error(tiny_folder, str(tiny_folder / "model-00002-of-00002.safetensors"), "missing")
+    index.write_text(json.dumps({"metadata": {}}))
+    _expect_user_error(tiny_folder, str(index), "weight_map")
+    index.write_text("{not json")
+    _expect_user_error(tiny_folder, str(index), "not valid JSON")
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                 "intermediate_size", "model_type"])
+def test_config_without_required_key(tiny_folder, key):
+    cfg = _config(tiny_folder)
+    del cfg[key]
+    (tiny_folder / "config.json").write_text(json.dumps(cfg))
+    _expect_user_error(tiny_folder, str(tiny_folder / "config.json"), key if key != "model_type" else "model_type")
+
+
+@pytest.mark.parametrize("value", ["49152", 0, -3, 1.5, True, [1]])
+def test_config_with_bad_vocab_size(tiny_folder, value):
+    (tiny_folder / "config.json").write_text(json.dumps({**_config(tiny_folder), "vocab_size": value}))
+    _expect_user_error(tiny_folder, str(tiny_folder / "config.json"), "vocab_size", "positive integer")
+
+
+@pytest.mark.parametrize("text", ["{\"model_type\": \"llama\",", "[1, 2]", "\xff\xfe"])
+def test_config_not_a_json_object(tiny_folder, text):
+    (tiny_folder / "config.json").write_bytes(text.encode("latin-1"))
+    _expect_user_error(tiny_folder, str(tiny_folder / "config.json"))
+
+
+def test_gpt2_config_without_n_embd(tiny_folder):
+    (tiny_folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_layer": 1,
+                                                          "n_head": 2, "n_positions": 8}))
+    _expect_user_error(tiny_folder, str(tiny_folder / "config.json"), "'n_embd'")
+
+
+@pytest.mark.parametrize("damage", ["half", "header", "not_gguf", "empty", "tail"])
+def test_truncated_or_foreign_gguf(intact_gguf, tmp_path, damage):
+    path = tmp_path / "m.gguf"
+    data = intact_gguf.read_bytes()
+    path.write_bytes({"half": data[: len(data) // 2], "header": data[:100], "not_gguf": b"PK\x03\x04" + data[4:],
+                      "empty": b"", "tail": data[:-7]}[damage])
+    message = _expect_user_error(path, str(path), "cannot read GGUF file")
+    assert ("not a GGUF file" if damage in ("not_gguf", "empty") else "truncated or corrupt") in message
+    with pytest.raises(UserError, match="cannot read GGUF file") as info:
+        load_tokenizer(path)
+    assert str(path) in str(info.value)
+
+
+def test_gguf_without_tokenizer_or_required_metadata(tmp_path):
+    from fedlora_jax.models.gguf_tokenizer import tokenizer_from_gguf
+
+    path = write_gguf(tmp_path / "notok.gguf", None, None)
+    with pytest.raises(UserError, match="has no tokenizer vocabulary") as info:
+        tokenizer_from_gguf(path)
+    assert str(path) in str(info.value)
+    path = write_gguf(tmp_path / "t5.gguf", ["<pad>", "a"], [3, 1], model="t5")
+    with pytest.raises(UserError, match="tokenizer.ggml.model 't5'; supported: gpt2, llama"):
+        tokenizer_from_gguf(path)
+    path = write_gguf(tmp_path / "bos.gguf", ["<s>", "a"], [3, 1], bos=7)
+    with pytest.raises(UserError, match="bos_token_id 7 outside its vocabulary of 2 tokens"):
+        tokenizer_from_gguf(path)
+
+
+def test_cli_reports_a_corrupt_checkpoint_in_one_line(tiny_folder, capsys):
+    weights = tiny_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert cli.main(["score", str(tiny_folder), "--text", "hello there"]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and err.count("\n") == 1  # one sentence, no traceback
