@@ -355,7 +355,7 @@ def _build(cls, data, prefix: str):
     kw = {}
     for k, v in data.items():
         if k not in fields:
-            raise UserError(f"unknown config key '{prefix}{k}'; allowed: {', '.join(fields)}")
+            raise UserError(f"unknown config key {prefix + str(k)!r}; allowed: {', '.join(fields)}")
         t = hints[k]
         if dataclasses.is_dataclass(t):
             kw[k] = _build(t, v, f"{prefix}{k}.")
@@ -426,10 +426,14 @@ def _merge(a: dict, b: dict) -> dict:
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error in a few words on one line, with its line and column when known."""
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    what = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return " ".join(f"{where}{what}".split())
+    mark, what = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if what is None:
+        what, mark, ctx = ctx or str(e), ctx_mark, None
+    text = (f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else "") + str(what)
+    if ctx and ctx_mark is not None:
+        text += f" ({ctx} started at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})"
+    return " ".join(text.split())
 
 
 def _read_yaml(path: Path, label: str):
