@@ -246,8 +246,11 @@ def _cmd_run(args) -> int:
     except OSError as e:
         if e.errno not in _ENV_ERRNOS:
             raise
-        raise UserError(f"cannot write {e.filename or out!r}: {e.strerror}; the run folder {out!r} keeps what "
-                        "was written before (--resume continues from its last checkpoint)") from e
+        where = str(e.filename or out)
+        if Path(where).resolve().is_relative_to(Path(out).resolve()):
+            raise UserError(f"cannot write {where!r}: {e.strerror}; the run folder {out!r} keeps what was written "
+                            "before (--resume continues from its last checkpoint)") from e
+        raise UserError(f"cannot access {where!r}: {e.strerror}") from e
     if args.json:
         print(dumps(s))
         return 0

@@ -472,6 +472,7 @@ def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) ->
     if not isinstance(data, dict):
         raise UserError(f"{label} must be a YAML mapping of config keys (name, model, fl, ...), "
                         f"got a {type(data).__name__}")
+    file_data = data
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like key.sub=value")
@@ -492,7 +493,19 @@ def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) ->
             cur = cur.setdefault(p.strip(), {})
         cur[parts[-1].strip()] = parsed
         data = _merge(data, node)
-    return _build(RunConfig, data, "")
+    try:
+        return _build(RunConfig, data, "")
+    except UserError as e:
+        if overrides and path.is_file():  # name the file when the mistake is in it, not in an override
+            try:
+                _build(RunConfig, file_data, "")
+            except UserError as e2:
+                if str(e2) == str(e):
+                    raise UserError(f"{label}: {e}") from None
+            raise
+        if path.is_file():
+            raise UserError(f"{label}: {e}") from None
+        raise
 
 
 def config_diff(a: RunConfig, b: RunConfig, ignore=("fl.rounds",)) -> list[str]:
