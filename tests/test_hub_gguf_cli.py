@@ -101,7 +101,7 @@ def test_score_cli_bad_input(argv, message, capsys):
 def write_torch_blocker(folder: Path) -> Path:
     """A sitecustomize.py that hides torch and peft as if not installed (find_spec is None, `import
     torch` raises ModuleNotFoundError) and, when $BLOCKER_REPORT is set, writes at exit whether
-    either got imported anyway. Put `folder` first on PYTHONPATH of a subprocess."""
+    either got imported anyway (and where fedlora_jax came from). Put `folder` on PYTHONPATH of a subprocess."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(textwrap.dedent('''
         import atexit, importlib.machinery, json, os, sys
@@ -123,7 +123,8 @@ def write_torch_blocker(folder: Path) -> Path:
             @atexit.register
             def _report():
                 with open(os.environ["BLOCKER_REPORT"], "w") as f:
-                    json.dump({"imported": sorted(m for m in sys.modules if m.partition(".")[0] in _BLOCKED)}, f)
+                    json.dump({"imported": sorted(m for m in sys.modules if m.partition(".")[0] in _BLOCKED),
+                               "fedlora_jax": getattr(sys.modules.get("fedlora_jax"), "__file__", None)}, f)
     '''))
     return folder
 
