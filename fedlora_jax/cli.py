@@ -52,10 +52,12 @@ def _read_text_file(name: str, flag: str) -> str:
                         "save it as UTF-8") from None
 
 
-def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=False):
-    """A numeric option in its domain, or a UserError naming the flag."""
+def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=False, what=None):
+    """A numeric option in its domain, or a UserError naming the flag (and `what` it is)."""
     if value is None:
         return
+    if what:
+        flag = f"{flag}: {what}"
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{flag} must be a finite number, got {value}")
     bad = ((low is not None and (value <= low if low_open else value < low))
@@ -139,14 +141,14 @@ def _check_privacy_args(args) -> None:
                         f"{' and '.join(given)}")
     if not given:
         raise UserError("give --noise-multiplier Z, --sigma S with --clip C, or --target-epsilon E")
-    _finite("--noise-multiplier", args.noise_multiplier, low=0)
+    _finite("--noise-multiplier", args.noise_multiplier, low=0, what="noise multiplier")
     _finite("--sigma", args.sigma, low=0)
-    _finite("--clip", args.clip, low=0, low_open=True)
-    if args.sigma is not None and args.clip is None:
-        raise UserError("--sigma needs --clip C > 0 (the noise multiplier is sigma / C)")
+    _finite("--clip", args.clip)
+    if args.sigma is not None and (args.clip is None or args.clip <= 0):
+        raise UserError(f"--sigma needs --clip C > 0 (got {args.clip}); the noise multiplier is sigma / C")
     if args.clip is not None and args.sigma is None:
         raise UserError("--clip is used only with --sigma")
-    _finite("--target-epsilon", args.target_epsilon, low=0, low_open=True)
+    _finite("--target-epsilon", args.target_epsilon, low=0, low_open=True, what="target epsilon")
     _finite("--delta", args.delta, low=0, high=1, low_open=True, high_open=True)
     _finite("--sampling-rate", args.sampling_rate, low=0, high=1, low_open=True)
     _finite("--batch-sampling-rate", args.batch_sampling_rate, low=0, high=1, low_open=True)
@@ -157,7 +159,7 @@ def _check_privacy_args(args) -> None:
     if args.clients_per_round is not None:
         if args.clients is None:
             raise UserError("--clients-per-round needs --clients (the sampling rate is their ratio)")
-        _finite("--clients-per-round", args.clients_per_round, low=1, high=args.clients)
+        _finite("--clients-per-round", args.clients_per_round, low=1, high=args.clients, what="clients per round")
     _finite("--participations", args.participations, low=0, high=args.rounds)
     if args.mode != "dpsgd" and args.batch_sampling_rate is not None:
         raise UserError(f"--batch-sampling-rate is used by --mode dpsgd only, not {args.mode}")
