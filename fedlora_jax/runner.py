@@ -6,8 +6,8 @@ from __future__ import annotations
 from .errors import UserError
 import csv
 import json
+import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,20 +15,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from . import lora as lora_lib
 from .checkpoint import Checkpointer
 from .outdir import prepare_out
-from .config import RunConfig, config_diff, load_config
+from .config import RunConfig, load_config
 from .models import LoRAConfig, ModelConfig, init_model, mean_nll
-from .privacy import accounting as acc
-from .privacy import mechanisms as mech
-from .simulation import NoiseSpec, cosine_lr, effective_base, init_state, make_round
+from . import randomness, sampling
+from .privacy import modes
+from .simulation import cosine_lr, effective_base, init_state, make_round
 
-METRIC_FIELDS = ["round", "lr", "loss", "first_loss", "update_norm", "dropped", "clients", "eval_loss",
-                 "eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm",
-                 "epsilon", "delta", "epsilon_mean", "epsilon_rdp", "epsilon_paper", "epsilon_paper_tracker", "seconds"]
+log = logging.getLogger("fedlora_jax")
 
 
 def build_model_config(cfg: RunConfig) -> ModelConfig:
@@ -82,98 +79,9 @@ def build_model(cfg: RunConfig):
     return lm.definition, lm.base, lm.lora, lm.tokenizer, lm.source
 
 
-def _resolve_dpsgd(cfg: RunConfig, client_sizes) -> tuple[NoiseSpec, acc.Ledger, dict]:
-    """Record-level DP-SGD: Poisson batches at rate q_c = min(1, B / n_c) per client (accounted at
-    the largest rate), per-example clip dp.clip_a, N(0, (z C)^2) on each step's clipped sum."""
-    from .data.batches import poisson_capacity
-
-    dp, fl = cfg.dp, cfg.fl
-    if client_sizes is None:
-        raise UserError("dp.mode dpsgd needs the clients' dataset sizes")
-    sizes = sorted({int(n) for n in client_sizes})
-    q = min(1.0, fl.batch_size / sizes[0])
-    capacity, overflow = poisson_capacity(sizes, fl.batch_size)
-    planned = worst_participations(cfg)
-    if dp.noise == "multiplier":
-        z = dp.noise_multiplier
-    elif dp.noise == "calibrate":
-        z = acc.sampled_multiplier_for(dp.epsilon, q, fl.local_steps * planned, dp.delta, "add-remove")
-    else:
-        raise UserError(f"dp.noise = {dp.noise!r} is not defined for dp.mode dpsgd; choose calibrate or multiplier")
-    sigma = z * dp.clip_a
-    ledger = acc.Ledger("dpsgd", fl.num_clients, z, dp.delta, "add-remove", sampling_rate=q,
-                        local_steps=fl.local_steps)
-    info = {"noise_multiplier": z, "effective_noise_multiplier": z, "sigma_a": sigma, "sigma_b": sigma,
-            "clipped_blocks": [0, 0], "neighbouring": "add-remove", "delta": dp.delta,
-            "batch_sampling_rate": q, "batch_capacity": capacity, "overflow_probability": overflow,
-            "mechanism": (f"dpsgd (record level): Poisson-sampled Gaussian per local step, rate q={q:.4g} "
-                          f"(largest client rate), per-example clip {dp.clip_a:g}, sigma {sigma:.4g} on the "
-                          f"clipped sum, add-remove, {fl.local_steps} steps per participation, PLD; batches padded "
-                          f"to {capacity} (overflow probability {overflow:.2g} per step, added to delta)")}
-    return NoiseSpec("dpsgd", sigma, sigma, z, z, (0, 0)), ledger, info
-
-
-def truncation_delta(info: dict, epsilon: float, steps: int) -> float:
-    """The delta that DP-SGD's padded Poisson batches add: a mechanism within total-variation
-    distance g of an (eps, delta)-DP one is (eps, delta + (1 + e^eps) g)-DP, and g <= the number
-    of a record's sampled steps times the per-step overflow probability."""
-    p = info.get("overflow_probability", 0.0)
-    if not p:
-        return 0.0
-    return (1.0 + math.exp(min(epsilon, 700.0))) * steps * p
-
-
-def resolve_noise(cfg: RunConfig, lora, client_sizes=None) -> tuple[NoiseSpec, acc.Ledger | None, dict]:
-    """sigma_A, sigma_B from the DP config, the equivalent single-Gaussian multiplier, and the ledger.
-    client_sizes (examples per client) is needed by dpsgd only."""
-    dp, fl = cfg.dp, cfg.fl
-    if dp.mode == "none":
-        return NoiseSpec(), None, {"mechanism": "no DP"}
-    if dp.mode == "dpsgd":
-        return _resolve_dpsgd(cfg, client_sizes)
-    if dp.mode == "central" and fl.sampling != "poisson":
-        raise UserError("dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client sampling)")
-    n_a, n_b, ca, cb = mech.clip_blocks(lora, dp.scope, dp.clip_a, dp.clip_b)
-    if cfg.lora.freeze_a and dp.mode == "local":
-        n_a = 0  # A is frozen, shared and public: only B is released
-    neighbouring = dp.neighbouring if dp.mode == "local" else "add-remove"
-    # z_eff = z / factor: the multiplier of one release when every block gets sigma = z * its clip
-    factor = 1.0 / mech.effective_noise_multiplier(n_a, n_b, ca, cb, ca, cb if n_b else 1.0, neighbouring)
-    q = fl.clients_per_round / fl.num_clients
-    planned = worst_participations(cfg)
-    if dp.noise == "classical":
-        z = mech.classical_noise_multiplier(dp.epsilon, dp.delta)
-    elif dp.noise == "analytic":
-        z = acc.gaussian_multiplier_for(dp.epsilon, 1, dp.delta) * factor if dp.mode == "local" else \
-            acc.gaussian_multiplier_for(dp.epsilon, 1, dp.delta)
-    elif dp.noise == "multiplier":
-        z = dp.noise_multiplier
-    elif dp.mode == "local":
-        z = acc.gaussian_multiplier_for(dp.epsilon, planned, dp.delta) * factor
-    else:
-        z = acc.sampled_multiplier_for(dp.epsilon, q, fl.rounds, dp.delta) * factor
-    z_eff = z / factor
-    sigma_a = z * dp.clip_a
-    sigma_b = z * (dp.clip_a if dp.scope == "global" else dp.clip_b)
-    ledger = acc.Ledger(dp.mode, fl.num_clients, z_eff, dp.delta, neighbouring, sampling_rate=q)
-    info = {"noise_multiplier": z, "effective_noise_multiplier": z_eff, "sigma_a": sigma_a, "sigma_b": sigma_b,
-            "clipped_blocks": [n_a, n_b], "neighbouring": neighbouring, "delta": dp.delta,
-            "mechanism": (f"{dp.mode} DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
-                          f"sigma_A {sigma_a:.4g}, sigma_B {sigma_b:.4g}, {neighbouring}"
-                          + (", composed over each client's participations, no amplification"
-                             if dp.mode == "local" else f", Poisson client sampling q={q:g}, PLD"))}
-    return NoiseSpec(dp.mode, sigma_a, sigma_b, z, z_eff, (n_a, n_b)), ledger, info
-
-
 def worst_participations(cfg: RunConfig) -> int:
-    """The most rounds any client takes part in under the run's sampling schedule. The schedule
-    is a pure function of (seed, round) and independent of the data, so calibrating the noise to
-    it (dp.noise: calibrate) costs no privacy and makes every client's epsilon at most the target."""
-    counts = np.zeros(cfg.fl.num_clients, np.int64)
-    for r in range(cfg.fl.rounds):
-        ids, valid = _sample(cfg, r)
-        np.add.at(counts, ids[valid], 1)
-    return int(counts.max())
+    """The most rounds any client takes part in under the run's seeded sampling schedule."""
+    return int(sampling.config_counts(cfg).max())
 
 
 def client_mesh(devices: int):
@@ -185,16 +93,6 @@ def client_mesh(devices: int):
     if devices > len(available):
         raise UserError(f"fl.devices = {devices} but only {len(available)} device(s) are visible: {available}")
     return jax.sharding.Mesh(np.array(available[:devices]), ("clients",))
-
-
-def _sample(cfg: RunConfig, round_index: int):
-    """(client slots, valid mask) of a round, a pure function of (seed, round)."""
-    fl = cfg.fl
-    rng = np.random.default_rng([cfg.seed, 2, round_index])
-    if fl.sampling == "uniform":
-        ids = np.sort(rng.choice(fl.num_clients, fl.clients_per_round, replace=False))
-        return ids, np.ones(len(ids), bool)
-    return np.arange(fl.num_clients), rng.random(fl.num_clients) < fl.clients_per_round / fl.num_clients
 
 
 def _eval_fn(definition):
@@ -230,13 +128,18 @@ def _plot(rows, path):
         axes[2].set_ylabel("score")
         axes[2].set_ylim(0, 1)
         axes[2].legend()
-    axes[0].plot(r, [x["loss"] for x in rows], label="train loss (clients)")
+    for name, label in (("loss", "train loss (clients)"),
+                        ("unprotected_loss", "train loss (clients; outside the DP guarantee)")):
+        pts = [(x["round"], x[name]) for x in rows if x.get(name) is not None]
+        if pts:
+            axes[0].plot(*zip(*pts), label=label)
     ev = [(x["round"], x["eval_loss"]) for x in rows if x.get("eval_loss") is not None]
     if ev:
         axes[0].plot(*zip(*ev), "o-", label="eval loss")
     axes[0].set_xlabel("round")
     axes[0].set_ylabel("loss (nats/token)")
-    axes[0].legend()
+    if axes[0].get_lines():
+        axes[0].legend()
     if rows and rows[0].get("epsilon") is not None:
         axes[1].plot(r, [x["epsilon"] for x in rows], label="honest epsilon (worst client)")
         if rows[0].get("epsilon_paper_tracker") is not None:
@@ -252,12 +155,70 @@ def _plot(rows, path):
     plt.close(fig)
 
 
+def _finite_or_none(x):
+    """Strict JSON: NaN and infinities become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _read_rows(path: Path, upto: int) -> list[dict]:
+    """Metrics rows of rounds <= upto. A truncated last line (a crash mid-write) is skipped."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # the round that was being written when the run stopped; it reruns
+            raise UserError(f"{path}: line {i + 1} is not JSON; the run folder is damaged (resume needs its "
+                            f"metrics up to the last checkpoint)") from None
+    return [r for r in rows if r.get("round", 0) <= upto]
+
+
+class _StopOnSignal:
+    """SIGINT (Ctrl-C) during the loop: finish the round in progress, then stop cleanly. A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
         progress: bool = True, stop_after: int | None = None) -> dict:
-    """Run (or resume) a federated simulation; returns the summary (also written to summary.json)."""
+    """Run (or resume) a federated simulation; returns the summary (also written to summary.json).
+
+    In a DP mode, metrics, progress bar and summary carry only what the mechanism's guarantee covers
+    (held-out evaluation, privatized aggregates, epsilon/delta); client training metrics only with
+    dp.publish_client_metrics, and then under names marked 'unprotected_'."""
     from tqdm.auto import tqdm
 
     from .data.pipeline import prepare
+    from .evaluation import RunEvaluator
 
     t_start = time.time()
     out = Path(out_dir)
@@ -267,142 +228,188 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             raise UserError(f"lora.client_ranks has {len(cfg.lora.client_ranks)} entries for {fl.num_clients} clients")
         if fl.aggregation == "mean" and len(set(cfg.lora.client_ranks)) > 1:
             raise UserError("mixed client ranks need fl.aggregation stack (averaging A and B of different ranks "
-                             "is not defined)")
+                            "is not defined)")
     if fl.aggregation == "stack" and fl.algorithm not in ("fedavg", "fedprox"):
         raise UserError(f"fl.aggregation stack merges into the base each round; it runs with fedavg or fedprox, "
-                         f"not {fl.algorithm}")
+                        f"not {fl.algorithm}")
+    if resume and (out / "summary.json").exists() and (out / "config.yaml").exists():
+        done = json.loads((out / "summary.json").read_text())
+        if done.get("stop_reason") == "completed" and done.get("rounds") == fl.rounds:
+            prepare_out(cfg, out, resume, overwrite)  # the config must still match
+            log.info("run %s already finished (%d rounds); nothing to do", out, fl.rounds)
+            return {**done, "already_finished": True}
     definition, base, lora, tokenizer, source = build_model(cfg)
     data = prepare(cfg, tokenizer)
-    noise, ledger, dp_info = resolve_noise(cfg, lora, [len(p) for p in data.parts])
-    from .evaluation import RunEvaluator
+    mechanism = modes.build(cfg, lora, [len(p) for p in data.parts])
+    ledger = mechanism.ledger
     extra_eval = RunEvaluator(cfg, tokenizer, data.eval)  # bad evaluation data fails before the folder is made
     prepare_out(cfg, out, resume, overwrite)
-    batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed, poisson=noise.mode == "dpsgd")
+    batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed, poisson=mechanism.record_level)
     state = init_state(cfg, lora, fl.num_clients)
     ckpt = Checkpointer(out / "checkpoints")
     start = 0
-    metrics_path, csv_path = out / "metrics.jsonl", out / "metrics.csv"
+    metrics_path = out / "metrics.jsonl"
     rows = []
+    participations = np.zeros(fl.num_clients, np.int64)
+    meta: dict = {}
     if resume:
         state, meta = ckpt.restore(state)
         start = int(meta["round"])
         if ledger is not None:
             ledger.load_state_dict(meta["ledger"])
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-            if metrics_path.exists() else []
-        rows = [r for r in rows if r["round"] <= start]  # drop rows logged after the checkpoint
-    participations = ledger.participations if ledger is not None else np.zeros(fl.num_clients, np.int64)
-    round_fn = make_round(definition, cfg, noise, fl.num_clients, donate=True, mesh=client_mesh(fl.devices))
+        participations = np.asarray(meta.get("participations") or
+                                    (meta["ledger"] or {}).get("participations", participations), np.int64)
+        rows = _read_rows(metrics_path, start)  # rows logged after the checkpoint are dropped: they rerun
+    if ledger is not None:
+        ledger.participations = participations  # one array: the ledger's count is the batcher's
+    round_fn = make_round(definition, cfg, mechanism, fl.num_clients, donate=True, mesh=client_mesh(fl.devices))
     evaluate = _eval_fn(definition)
     ev = eval_batches(data.eval, fl.batch_size, cfg.eval_batches)
     ranks_all = np.asarray(cfg.lora.client_ranks or [cfg.lora.r] * fl.num_clients, np.int32)
-    root = jax.random.key(cfg.seed)
 
     def run_eval(st):
         if ev is None or "loss" not in cfg.eval_tasks:
             return None
         return float(jnp.mean(evaluate(effective_base(base, st), st["lora"], *ev)))
 
-    def paper_figures(parts_max):
-        if noise.mode != "local":
-            return None, None
-        return acc.paper_epsilon(noise.z, cfg.dp.delta, int(parts_max))
+    if start == 0:
+        initial_eval = run_eval(state)
+        initial_scores = extra_eval(definition, effective_base(base, state), state["lora"]) if extra_eval.tasks else {}
+    else:
+        initial_eval, initial_scores = meta.get("initial_eval_loss"), meta.get("initial_scores") or {}
+    wall_before = float(meta.get("wall_seconds", 0.0))
 
-    initial_eval = run_eval(state) if start == 0 else None
-    initial_scores = extra_eval(definition, effective_base(base, state), state["lora"]) \
-        if start == 0 and extra_eval.tasks else {}
+    def checkpoint_meta(done):
+        return {"round": done, "ledger": ledger.state_dict() if ledger else None,
+                "participations": participations.tolist(), "initial_eval_loss": initial_eval,
+                "initial_scores": initial_scores, "wall_seconds": wall_before + time.time() - t_start,
+                "config": cfg.to_dict()}
+
+    def publish(row, m, valid):
+        """The client-derived values of a round, where (and under the name) the mechanism allows."""
+        for field in modes.CLIENT_FIELDS:
+            name = mechanism.published_name(field)
+            if name is not None:
+                row[name] = float(m[field]) if field != "dropped" else int(m[field])
+        if mechanism.participation_public:
+            row["clients"] = int(valid.sum())
+        elif mechanism.published_name("clients") is not None:
+            row[mechanism.published_name("clients")] = int(valid.sum())
+
     stop_reason = "completed"
+    if progress and start == 0:
+        log.info("compiling the round (the first round includes XLA compilation)")
     bar = tqdm(total=fl.rounds, initial=start, disable=not progress, desc="rounds", file=sys.stderr)
-    for r in range(start, fl.rounds):
-        if stop_after is not None and r >= start + stop_after:
-            stop_reason = "stopped"
-            break
-        ids, valid = _sample(cfg, r)
-        if ledger is not None and cfg.dp.budget is not None and ledger.worst_after(ids[valid]) > cfg.dp.budget:
-            stop_reason = f"privacy budget {cfg.dp.budget} would be exceeded in round {r + 1}"
-            break
-        t0 = time.time()
-        block = batcher.block(ids, participations)
-        lr = cosine_lr(r, fl.rounds, fl.lr, fl.lr_min)
-        state, m = round_fn(state, base, {k: jnp.asarray(v) for k, v in block.items()}, jnp.asarray(ids, jnp.int32),
-                            jnp.asarray(ranks_all[ids]), jnp.asarray(valid), jax.random.fold_in(root, r),
-                            jnp.float32(lr))
-        if ledger is not None:
-            ledger.record(ids[valid])
-        else:
-            np.add.at(participations, ids[valid], 1)
-        row = {"round": r + 1, "lr": lr, "loss": float(m["loss"]), "first_loss": float(m["first_loss"]),
-               "update_norm": float(m["update_norm"]), "dropped": int(m["dropped"]), "clients": int(valid.sum()),
-               "eval_loss": None}
-        if row["dropped"]:
-            bad = [int(c) for c, ok, v in zip(ids, np.isfinite(np.asarray(m["client_loss"])), valid) if v and not ok]
-            tqdm.write(f"round {r + 1}: {row['dropped']} client update(s) were not finite and were dropped "
-                       f"(clients {bad or 'with non-finite factors'})", file=sys.stderr)
-        if ledger is not None:
-            row["epsilon"], row["epsilon_mean"] = ledger.worst(), ledger.mean()
-            row["delta"] = cfg.dp.delta + truncation_delta(dp_info, row["epsilon"],
-                                                           fl.local_steps * int(ledger.participations.max()))
-            row["epsilon_paper"], row["epsilon_paper_tracker"] = paper_figures(ledger.participations.max())
-            if noise.mode == "local":
-                row["epsilon_rdp"] = acc.gaussian_epsilon_rdp(noise.z_eff, int(ledger.participations.max()),
-                                                              cfg.dp.delta)
-        if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
-            row["eval_loss"] = run_eval(state)
-            row.update(extra_eval(definition, effective_base(base, state), state["lora"]))
-        if cfg.dp.stats_every and noise.mode != "none" and (r + 1) % cfg.dp.stats_every == 0:
-            from .privacy.analysis import round_stats, write_stats_csv
-            write_stats_csv(out / "dp_stats.csv", round_stats(state["lora"], noise.sigma_a, noise.sigma_b,
-                                                              jax.random.fold_in(jax.random.fold_in(root, 2 ** 31 - 3), r), f"round_{r + 1}_global",
-                                                              samples=cfg.dp.stats_samples), append=True)
-        row["seconds"] = time.time() - t0
-        rows.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", **({"eps": f"{row['epsilon']:.3g}"} if ledger else {}))
-        if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == fl.rounds):
-            ckpt.save(r + 1, state, {"round": r + 1, "ledger": ledger.state_dict() if ledger else None,
-                                     "config": cfg.to_dict()})
-    bar.close()
-    done = rows[-1]["round"] if rows else start
-    if done and (ckpt.latest() or 0) < done:  # also keep where an early stop left off
-        ckpt.save(done, state, {"round": done, "ledger": ledger.state_dict() if ledger else None,
-                                "config": cfg.to_dict()})
-    ckpt.close()
+    with _StopOnSignal() as stop:
+        for r in range(start, fl.rounds):
+            if stop_after is not None and r >= start + stop_after:
+                stop_reason = "stopped"
+                break
+            if stop.requested:
+                stop_reason = "interrupted"
+                break
+            ids, valid = sampling.for_config(cfg, r)
+            if mechanism.budget_exceeded(ids[valid]):
+                stop_reason = f"privacy budget {cfg.dp.budget} would be exceeded in round {r + 1}"
+                break
+            t0 = time.time()
+            block = batcher.block(ids, participations)
+            lr = cosine_lr(r, fl.rounds, fl.lr, fl.lr_min)
+            state, m = round_fn(state, base, {k: jnp.asarray(v) for k, v in block.items()},
+                                jnp.asarray(ids, jnp.int32), jnp.asarray(ranks_all[ids]), jnp.asarray(valid),
+                                randomness.round_keys(cfg.seed, r), jnp.float32(lr))
+            if ledger is not None:
+                ledger.record(ids[valid])  # also counts participations (the same array)
+            else:
+                np.add.at(participations, ids[valid], 1)
+            row = {"round": r + 1, "lr": lr}
+            publish(row, m, valid)
+            row["eval_loss"] = None
+            dropped = int(m["dropped"])
+            if dropped and mechanism.publish_client_metrics:
+                bad = [int(c) for c, ok, v in zip(ids, np.isfinite(np.asarray(m["client_loss"])), valid) if v and not ok]
+                tqdm.write(f"round {r + 1}: {dropped} client update(s) were not finite and were dropped "
+                           f"(clients {bad or 'with non-finite factors'})"
+                           + (" [outside the DP guarantee]" if mechanism.private else ""), file=sys.stderr)
+            row.update(mechanism.privacy_row(participations))
+            if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
+                row["eval_loss"] = run_eval(state)
+                row.update(extra_eval(definition, effective_base(base, state), state["lora"]))
+            if cfg.dp.stats_every and mechanism.private and (r + 1) % cfg.dp.stats_every == 0:
+                from .privacy.analysis import round_stats, write_stats_csv
+                write_stats_csv(out / "dp_stats.csv",
+                                round_stats(state["lora"], mechanism.sigma_a, mechanism.sigma_b,
+                                            randomness.key(cfg.seed, "noise_stats", r), f"round_{r + 1}_global",
+                                            samples=cfg.dp.stats_samples), append=True)
+            row["seconds"] = time.time() - t0
+            row = {k: _finite_or_none(v) for k, v in row.items()}
+            rows.append(row)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+            bar.update(1)
+            bar.set_postfix(_postfix(row, rows))
+            if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == fl.rounds):
+                ckpt.save(r + 1, state, checkpoint_meta(r + 1))
+        bar.close()
+        done = rows[-1]["round"] if rows else start
+        if done and (ckpt.latest() or 0) < done:  # also keep where an early stop left off
+            ckpt.save(done, state, checkpoint_meta(done))
+        ckpt.close()
+    summary = _write_outputs(cfg, out, rows, state, base, definition, tokenizer, source, mechanism,
+                             participations, initial_eval, initial_scores, done, stop_reason,
+                             wall_before + time.time() - t_start)
+    return summary
+
+
+def _postfix(row: dict, rows: list[dict]) -> dict:
+    """The progress bar shows the latest held-out loss, epsilon and (marked) client loss."""
+    out = {}
+    last_eval = next((x["eval_loss"] for x in reversed(rows) if x.get("eval_loss") is not None), None)
+    if last_eval is not None:
+        out["eval"] = f"{last_eval:.3f}"
+    if row.get("epsilon") is not None:
+        out["eps"] = f"{row['epsilon']:.3g}"
+    for name in ("loss", modes.UNPROTECTED_PREFIX + "loss"):
+        if row.get(name) is not None:
+            out["train" if name == "loss" else "train(unprotected)"] = f"{row[name]:.3f}"
+    return out
+
+
+def _write_outputs(cfg, out, rows, state, base, definition, tokenizer, source, mechanism, participations,
+                   initial_eval, initial_scores, done, stop_reason, wall_seconds) -> dict:
+    """metrics.jsonl/.csv, metrics.png, the adapter or merged model, summary.json."""
+    metrics_path, csv_path = out / "metrics.jsonl", out / "metrics.csv"
     # rewrite the metrics (a resume may have dropped rows logged after its checkpoint)
-    metrics_path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    metrics_path.write_text("".join(json.dumps(x, allow_nan=False) + "\n" for x in rows))
+    fields = list(dict.fromkeys(k for x in rows for k in x)) or ["round"]
     with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     if rows:
         _plot(rows, out / "metrics.png")
     outputs = {"metrics_jsonl": str(metrics_path), "metrics_csv": str(csv_path), "plot": str(out / "metrics.png"),
                "checkpoints": str(out / "checkpoints"), "config": str(out / "config.yaml")}
-    if fl.aggregation == "stack":
+    if cfg.fl.aggregation == "stack":
         from .models.hub import LoadedModel, save_merged
-        if cfg.model.source != "tiny":
-            final_base = effective_base(base, state)
-            save_merged(out / "merged_model", LoadedModel(definition, base, {}, tokenizer, {}, source), final_base)
-            outputs["merged_model"] = str(out / "merged_model")
+        final_base = effective_base(base, state)
+        save_merged(out / "merged_model", LoadedModel(definition, base, {}, tokenizer, {}, source), final_base)
+        outputs["merged_model"] = str(out / "merged_model")
     else:
         lora_lib.save_peft(out / "adapter", definition, state["lora"], None if cfg.model.source == "tiny" else source)
         outputs["adapter"] = str(out / "adapter")
+    last = lambda k: next((x[k] for x in reversed(rows) if x.get(k) is not None), None)
     summary = {"rounds": done, "stop_reason": stop_reason, "initial_eval_loss": initial_eval,
-               "final_eval_loss": next((x["eval_loss"] for x in reversed(rows) if x.get("eval_loss") is not None), None),
-               "final_train_loss": rows[-1]["loss"] if rows else None, "model": source,
-               "initial_scores": initial_scores,
-               "final_scores": {k: next((x[k] for x in reversed(rows) if x.get(k) is not None), None)
-                                for k in ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm")
-                                if any(x.get(k) is not None for x in rows)},
-               "privacy": {**dp_info, "epsilon": ledger.worst() if ledger else None,
-                           "epsilon_mean": ledger.mean() if ledger else None,
-                           "epsilon_paper": rows[-1].get("epsilon_paper") if rows else None,
-                           "epsilon_paper_tracker": rows[-1].get("epsilon_paper_tracker") if rows else None,
-                           "delta": rows[-1].get("delta") if rows else None,
-                           "max_participations": int(participations.max())},
-               "wall_seconds": time.time() - t_start, "outputs": outputs}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+               "final_eval_loss": last("eval_loss"), "model": source, "initial_scores": initial_scores,
+               "final_scores": {k: last(k) for k in ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm")
+                                if any(x.get(k) is not None for x in rows)}}
+    train_name = mechanism.published_name("loss")
+    if train_name is not None:
+        summary[("final_train_loss" if train_name == "loss" else modes.UNPROTECTED_PREFIX + "final_train_loss")] = \
+            last(train_name)
+    summary["privacy"] = mechanism.summary(participations, rows[-1] if rows else None)
+    summary.update(wall_seconds=wall_seconds, outputs=outputs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
 
 

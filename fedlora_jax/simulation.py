@@ -1,42 +1,25 @@
-"""The federated round as one jitted function, and the run loop around it.
+"""The federated round as one jitted function.
 
-round_fn(state, base, block, client_ids, ranks, valid, round_key, lr) -> (state, metrics):
-vmap(client_update) -> privatize (DP mode) -> aggregate -> server optimizer step.
+round_fn(state, base, block, client_ids, ranks, valid, keys, lr) -> (state, metrics):
+vmap(client_update) -> mechanism.release -> aggregate -> server optimizer step. The DP mechanism
+(fedlora_jax.privacy.modes) owns every privacy decision; the round asks it and never branches on
+the mode. keys: randomness.round_keys(seed, round), one key per randomness domain.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import aggregation as agg
 from . import lora as lora_lib
 from .client import client_update
-from .privacy import mechanisms as mech
+from .privacy.modes import EPS_FLOOR, Mechanism
 from .server import server_optimizer
-
-
-# fold_in domains of the round key beside the client ids (client ids stay below these)
-SERVER_NOISE = 2 ** 31 - 1
-REINIT = 2 ** 31 - 2
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseSpec:
-    """The DP noise of a run, resolved on the host (see resolve_noise)."""
-
-    mode: str = "none"
-    sigma_a: float = 0.0
-    sigma_b: float = 0.0
-    z: float = 0.0              # sigma / C per clipped tensor
-    z_eff: float = math.inf     # the equivalent single-Gaussian multiplier of one release / round
-    blocks: tuple = (0, 0)      # separately clipped A and B blocks of one release
 
 
 def init_state(cfg, lora, num_clients: int):
@@ -58,62 +41,49 @@ def effective_base(base, state):
     return agg.add_kernel_deltas(base, state["delta_w"]) if "delta_w" in state else base
 
 
-def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool = False, mesh=None):
-    """The jitted round for a run config. Nothing in it depends on values that change per round,
-    so the second call compiles nothing. donate=True lets XLA reuse the old state's buffers (the
-    caller must not touch the state it passed in again).
+def make_round(definition, cfg, mechanism: Mechanism, num_clients: int, donate: bool = False, mesh=None):
+    """The jitted round for a run config and its DP mechanism. Nothing in it depends on values that
+    change per round, so the second call compiles nothing. donate=True lets XLA reuse the old state's
+    buffers (the caller must not touch the state it passed in again).
 
     Clients run in chunks of fl.clients_per_chunk (default: the whole cohort) under lax.scan,
     vmapped within a chunk; each chunk is folded into running sums, so memory grows with the
     chunk, not the cohort. A cohort that the chunk does not divide is padded with invalid clients.
     mesh: a jax.sharding.Mesh with a 'clients' axis; each chunk's clients are spread over it
     (base and adapter replicated)."""
-    fl, dp = cfg.fl, cfg.dp
+    fl = cfg.fl
     server_opt = server_optimizer(fl)
     hetero = cfg.lora.client_ranks is not None
     scaffold = fl.algorithm == "scaffold"
+    stack = fl.aggregation == "stack"
     prox_mu = fl.prox_mu if fl.algorithm == "fedprox" else 0.0
-    global_scope = dp.scope == "global"
-    sig_a, sig_b = noise.sigma_a, (noise.sigma_a if global_scope else noise.sigma_b)
-    clip_b = dp.clip_a if global_scope else dp.clip_b
 
-    def one_client(state, base, batches, cid, rank, round_key, lr):
+    def one_client(state, base, batches, cid, rank, keys, lr):
         g = state["lora"]
         control = None
         if scaffold:
             control = (state["controls"]["global"],
                        jax.tree.map(lambda c: c[cid], state["controls"]["clients"]))
-        dpsgd = None
-        if noise.mode == "dpsgd":  # record-level: clip and noise each step's per-example gradients
-            dpsgd = (dp.clip_a, noise.sigma_a, mech.client_key(round_key, cid), float(fl.batch_size))
         local, metrics, new_c = client_update(
             definition, base, g, batches, lr, rank=rank if hetero else None, weight_decay=fl.weight_decay,
-            prox_mu=prox_mu, control=control, freeze_a=cfg.lora.freeze_a, dpsgd=dpsgd)
-        if noise.mode == "local":
-            released = mech.privatize(local, g, mech.client_key(round_key, cid), clip_a=dp.clip_a, clip_b=clip_b,
-                                      sigma_a=sig_a, sigma_b=sig_b, scope=dp.scope, target=dp.target)
-            if hetero:  # post-processing: keep the padded entries of a low-rank client at zero
-                released = lora_lib.rank_mask(released, rank)
-            if cfg.lora.freeze_a:  # A is public (frozen and shared): only B is released
-                released = lora_lib.map_modules(lambda a, a0, b, b0: (a0, b), released, g)
-        elif noise.mode == "central":
-            upd, _ = mech.clip(jax.tree.map(jnp.subtract, local, g), dp.clip_a, clip_b, dp.scope)
-            released = jax.tree.map(jnp.add, g, upd)
-        else:
-            released = local
-        return released, metrics, new_c
+            prox_mu=prox_mu, control=control, freeze_a=cfg.lora.freeze_a,
+            dpsgd=mechanism.dpsgd_args(jax.random.fold_in(keys["dpsgd_noise"], cid)))
+        released = mechanism.release(local, g, jax.random.fold_in(keys["client_noise"], cid),
+                                     rank if hetero else None)
+        kept = mechanism.kept(released, metrics["loss"])
+        return released, metrics, new_c, kept
 
-    def accumulate(carry, g, released, finite, n_ex, ids, new_c):
+    def accumulate(carry, g, released, kept, n_ex, ids, new_c):
         """Fold one chunk of released adapters into the running sums (never all clients at once)."""
         carry = dict(carry)
-        f = finite.astype(jnp.float32)
-        if noise.mode == "central":  # sum of clipped updates (unweighted: the sum's sensitivity is C)
+        if mechanism.sums_updates:  # sum of clipped updates; the mechanism noises it in finalize
+            f = kept.astype(jnp.float32)
             carry["sum"] = jax.tree.map(lambda s, r, x: s + jnp.tensordot(f, r - x[None], axes=1),
                                         carry["sum"], released, g)
         else:
-            w = f * n_ex
+            w = jnp.where(kept, mechanism.weight(n_ex), 0.0)
             carry["wsum"] = carry["wsum"] + jnp.sum(w)
-            if fl.aggregation == "stack":
+            if stack:
                 part = agg.stacked_product(definition, released, w)
                 carry["sum"] = {k: carry["sum"][k] + part[k] for k in part}
             else:
@@ -121,22 +91,22 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool
         if scaffold:
             old = carry["controls"]
             cur = jax.tree.map(lambda c: c.at[ids].get(mode="fill", fill_value=0), old)
-            keep = lambda n, o: jnp.where(finite.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+            keep = lambda n, o: jnp.where(kept.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
             new_c = jax.tree.map(keep, new_c, cur)
             carry["dc"] = jax.tree.map(lambda d, n, o: d + jnp.sum(n - o, axis=0), carry["dc"], new_c, cur)
             # padded slots carry the out-of-range id num_clients: their writes are dropped
             carry["controls"] = jax.tree.map(lambda o, n: o.at[ids].set(n, mode="drop"), old, new_c)
         return carry
 
-    def round_fn(state, base, block, client_ids, ranks, valid, round_key, lr):
+    def round_fn(state, base, block, client_ids, ranks, valid, keys, lr):
         g = state["lora"]
         base_eff = effective_base(base, state)
-        k = client_ids.shape[0]
-        c = min(fl.clients_per_chunk or k, k)
+        cohort = client_ids.shape[0]
+        c = min(fl.clients_per_chunk or cohort, cohort)
         if mesh is not None:  # every device gets the same number of client slots (padding if needed)
             c = -(-c // mesh.size) * mesh.size
-        n_chunks = -(-k // c)
-        pad = n_chunks * c - k
+        n_chunks = -(-cohort // c)
+        pad = n_chunks * c - cohort
 
         def chunked(x, fill=0):  # [K, ...] -> [chunks, C, ...], padded with invalid clients
             x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
@@ -150,7 +120,7 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool
               "ids": chunked(client_ids, num_clients), "ranks": chunked(ranks, 1), "valid": chunked(valid, False),
               "n_ex": chunked(block["num_examples"])}
         carry = {"wsum": jnp.zeros((), jnp.float32)}
-        if fl.aggregation == "stack" and noise.mode != "central":
+        if stack:
             carry["sum"] = jax.tree.map(jnp.zeros_like, state["delta_w"])
         else:
             carry["sum"] = jax.tree.map(jnp.zeros_like, g)
@@ -159,45 +129,49 @@ def make_round(definition, cfg, noise: NoiseSpec, num_clients: int, donate: bool
             carry["dc"] = jax.tree.map(jnp.zeros_like, g)
 
         def body(carry, x):
-            released, metrics, new_c = jax.vmap(
-                lambda b, i, r: one_client(state, base_eff, b, i, r, round_key, lr))(x["batches"], x["ids"], x["ranks"])
-            finite = agg.all_finite(released) & jnp.isfinite(metrics["loss"]) & x["valid"]
-            released = agg.zero_invalid(released, finite)
-            carry = accumulate(carry, g, released, finite, x["n_ex"], x["ids"], new_c)
-            return carry, {**metrics, "finite": finite}
+            released, metrics, new_c, kept = jax.vmap(
+                lambda b, i, r: one_client(state, base_eff, b, i, r, keys, lr))(x["batches"], x["ids"], x["ranks"])
+            kept = kept & x["valid"]
+            released = agg.zero_invalid(released, kept)
+            carry = accumulate(carry, g, released, kept, x["n_ex"], x["ids"], new_c)
+            return carry, {**metrics, "kept": kept}
 
         carry, per = jax.lax.scan(body, carry, xs)
-        per = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:k], per)
-        finite = per["finite"]
+        per = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:cohort], per)
+        kept = per["kept"]
         new_state = dict(state)
-        if noise.mode == "central":
-            # DP-FedAvg: noise on the sum of clipped updates, divided by the expected cohort size
-            noisy = mech.add_noise(carry["sum"], jax.random.fold_in(round_key, SERVER_NOISE), sig_a, sig_b)
-            aggregate = jax.tree.map(lambda x, t: x + t / fl.clients_per_round, g, noisy)
-        elif fl.aggregation == "stack":
-            wsum = jnp.maximum(carry["wsum"], 1e-30)
-            new_state["delta_w"] = {key: state["delta_w"][key] + carry["sum"][key] / wsum for key in carry["sum"]}
-            aggregate = g  # the product went into the base; adapters restart below
+        if mechanism.sums_updates:
+            # the noise is added in every round, empty or all-dropped cohorts included
+            aggregate = mechanism.finalize_sum(carry["sum"], g, keys["server_noise"], fl.clients_per_round)
         else:
-            aggregate = jax.tree.map(lambda s: s / jnp.maximum(carry["wsum"], 1e-30), carry["sum"])
-        # a round where every client was dropped leaves the global adapter where it was
-        aggregate = jax.tree.map(lambda a, x: jnp.where(jnp.any(finite), a, x), aggregate, g)
+            wsum = jnp.maximum(carry["wsum"], EPS_FLOOR)
+            any_kept = jnp.any(kept)
+            if stack:
+                new_state["delta_w"] = {key: state["delta_w"][key] + carry["sum"][key] / wsum for key in carry["sum"]}
+                aggregate = g  # the product went into the base; adapters restart below
+            else:
+                # a round where every release was dropped leaves the global adapter where it was
+                # (a function of the releases only: post-processing)
+                aggregate = jax.tree.map(lambda s, x: jnp.where(any_kept, s / wsum, x), carry["sum"], g)
         pseudo_grad = jax.tree.map(jnp.subtract, g, aggregate)
         updates, new_state["opt"] = server_opt.update(pseudo_grad, state["opt"], g)
         new_g = optax.apply_updates(g, updates)
-        if fl.aggregation == "stack":
-            new_g = lora_lib.reinit(g, jax.random.fold_in(round_key, REINIT))
+        if stack:
+            new_g = lora_lib.reinit(g, keys["lora_reinit"])
         new_state["lora"] = new_g
         if scaffold:
             new_state["controls"] = {
                 "global": jax.tree.map(lambda c0, d: c0 + d / num_clients, state["controls"]["global"], carry["dc"]),
                 "clients": carry["controls"]}
         new_state["round"] = state["round"] + 1
-        n_ok = jnp.maximum(jnp.sum(finite), 1)
-        out = {"loss": jnp.sum(jnp.where(finite, per["loss"], 0.0)) / n_ok,
-               "first_loss": jnp.sum(jnp.where(finite, per["first_loss"], 0.0)) / n_ok,
-               "update_norm": jnp.sum(jnp.where(finite, per["update_norm"], 0.0)) / n_ok,
-               "dropped": jnp.sum(valid & ~finite), "client_loss": per["loss"]}
+        n_kept = jnp.sum(kept)
+        denom = jnp.maximum(n_kept, 1)
+        # client-derived values (the run loop publishes them only where the mechanism allows);
+        # with no kept client the means are NaN, logged as null
+        mean_kept = lambda v: jnp.where(n_kept > 0, jnp.sum(jnp.where(kept, v, 0.0)) / denom, jnp.nan)
+        out = {"loss": mean_kept(per["loss"]), "first_loss": mean_kept(per["first_loss"]),
+               "update_norm": mean_kept(per["update_norm"]), "dropped": jnp.sum(valid & ~kept),
+               "client_loss": per["loss"]}
         return new_state, out
 
     return jax.jit(round_fn, donate_argnums=(0,) if donate else ())

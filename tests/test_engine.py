@@ -16,7 +16,9 @@ from fedlora_jax.config import load_config
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
 from fedlora_jax.runner import run
 from fedlora_jax.server import fedopt
-from fedlora_jax.simulation import NoiseSpec, init_state, make_round
+from fedlora_jax import randomness
+from fedlora_jax.privacy import modes
+from fedlora_jax.simulation import init_state, make_round
 
 K, STEPS, B, S = 3, 2, 2, 12
 
@@ -36,9 +38,12 @@ def _setup(algorithm="fedavg", aggregation="mean", extra=()):
     return cfg, definition, base, lora, block
 
 
+LOCAL = ["dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.1"]
+
+
 def _args(block, ids=(0, 2, 4)):
     return (block, jnp.asarray(ids, jnp.int32), jnp.full((K,), 4, jnp.int32), jnp.ones((K,), bool),
-            jax.random.key(3), jnp.float32(1e-2))
+            randomness.round_keys(0, 3), jnp.float32(1e-2))
 
 
 def _close(a, b, atol=1e-5):
@@ -48,22 +53,24 @@ def _close(a, b, atol=1e-5):
 
 @pytest.mark.parametrize("dp_mode", ["none", "local"])
 def test_vmapped_round_equals_python_loop_and_does_not_recompile(dp_mode):
-    cfg, definition, base, lora, block = _setup()
+    cfg, definition, base, lora, block = _setup(extra=LOCAL if dp_mode == "local" else ())
     from fedlora_jax.privacy import mechanisms as mech
-    noise = NoiseSpec("local", 0.01, 0.02, 0.1, 0.05, (4, 4)) if dp_mode == "local" else NoiseSpec()
-    round_fn = make_round(definition, cfg, noise, 5)
+    mechanism = modes.build(cfg, lora)
+    round_fn = make_round(definition, cfg, mechanism, 5)
     state = init_state(cfg, lora, 5)
     new_state, m = round_fn(jax.tree.map(jnp.copy, state), base, *_args(block))
-    ids, key = [0, 2, 4], jax.random.key(3)
+    ids, key = [0, 2, 4], randomness.round_keys(0, 3)["client_noise"]
     released = []
     for i, cid in enumerate(ids):  # the same clients one at a time, with the same keys
         batches = {k: block[k][i] for k in ("tokens", "attention_mask", "loss_mask")}
         local, _, _ = client_update(definition, base, lora, batches, 1e-2)
         if dp_mode == "local":
-            local = mech.privatize(local, lora, mech.client_key(key, cid), clip_a=cfg.dp.clip_a, clip_b=cfg.dp.clip_b,
-                                   sigma_a=0.01, sigma_b=0.02)
+            assert mechanism.sigma_a == pytest.approx(0.1 * cfg.dp.clip_a)
+            local = mech.privatize(local, lora, jax.random.fold_in(key, cid), clip_a=cfg.dp.clip_a,
+                                   clip_b=cfg.dp.clip_b, sigma_a=mechanism.sigma_a, sigma_b=mechanism.sigma_b)
         released.append(local)
-    p = np.array([10.0, 30.0, 20.0]) / 60.0
+    # without DP the weights are example counts; under DP uniform (the counts are not declared public)
+    p = np.array([10.0, 30.0, 20.0]) / 60.0 if dp_mode == "none" else np.full(3, 1 / 3)
     expect = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(p, xs)), *released)
     _close(new_state["lora"], expect)
     # a second round with new values compiles nothing
@@ -75,9 +82,10 @@ def test_fedavg_one_client_without_dp_is_local_training():
     cfg, definition, base, lora, block = _setup()
     one = {k: v[:1] for k, v in block.items()}
     cfg1 = load_config("tiny", ["fl.num_clients=5", "fl.clients_per_round=1", f"fl.local_steps={STEPS}"])
-    round_fn = make_round(definition, cfg1, NoiseSpec(), 5)
+    round_fn = make_round(definition, cfg1, modes.build(cfg1, lora), 5)
     state, _ = round_fn(init_state(cfg1, lora, 5), base, one, jnp.asarray([2], jnp.int32),
-                        jnp.asarray([4], jnp.int32), jnp.ones((1,), bool), jax.random.key(0), jnp.float32(1e-2))
+                        jnp.asarray([4], jnp.int32), jnp.ones((1,), bool), randomness.round_keys(0, 0),
+                        jnp.float32(1e-2))
     local, _, _ = client_update(definition, base, lora, {k: one[k][0] for k in ("tokens", "attention_mask", "loss_mask")}, 1e-2)
     _close(state["lora"], local)
 
@@ -99,9 +107,9 @@ def test_mean_of_identical_adapters_and_stacking_identity():
 @pytest.mark.parametrize("alg, extra", [("fedprox", ["fl.prox_mu=0"]), ("scaffold", [])])
 def test_fedprox_mu0_and_scaffold_zero_controls_equal_fedavg(alg, extra):
     cfg, definition, base, lora, block = _setup()
-    ref, _ = make_round(definition, cfg, NoiseSpec(), 5)(init_state(cfg, lora, 5), base, *_args(block))
+    ref, _ = make_round(definition, cfg, modes.build(cfg, lora), 5)(init_state(cfg, lora, 5), base, *_args(block))
     cfg2, *_ = _setup(alg, extra=extra)
-    out, _ = make_round(definition, cfg2, NoiseSpec(), 5)(init_state(cfg2, lora, 5), base, *_args(block))
+    out, _ = make_round(definition, cfg2, modes.build(cfg2, lora), 5)(init_state(cfg2, lora, 5), base, *_args(block))
     _close(out["lora"], ref["lora"])
     if alg == "scaffold":  # controls move after a round
         assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(out["controls"]["global"]))
@@ -135,9 +143,10 @@ def test_non_finite_client_is_dropped_not_averaged():
     mean = agg.weighted_mean(agg.zero_invalid(good, finite), w)
     _close(mean, jax.tree.map(lambda x: 0.25 * (x + 1.0) + 0.75 * (x - 1.0), lora), atol=1e-6)
     # a round whose every update is non-finite (NaN learning rate) drops all and keeps the global
-    round_fn = make_round(definition, cfg, NoiseSpec(), 5)
+    round_fn = make_round(definition, cfg, modes.build(cfg, lora), 5)
     state, m = round_fn(init_state(cfg, lora, 5), base, block, jnp.asarray([0, 2, 4], jnp.int32),
-                        jnp.full((K,), 4, jnp.int32), jnp.ones((K,), bool), jax.random.key(0), jnp.float32(jnp.nan))
+                        jnp.full((K,), 4, jnp.int32), jnp.ones((K,), bool), randomness.round_keys(0, 0),
+                        jnp.float32(jnp.nan))
     assert int(m["dropped"]) == K
     _close(state["lora"], lora, atol=0)
 
@@ -200,11 +209,14 @@ def test_tiny_task_learns_without_dp(tmp_path):
     ["fl.algorithm=fedadam", "fl.server_lr=1e-2"], ["fl.algorithm=fedyogi", "fl.server_lr=1e-2"],
     ["fl.algorithm=fedadagrad", "fl.server_lr=1e-2"], ["fl.algorithm=fedavgm"], ["fl.algorithm=scaffold"],
     ["fl.aggregation=stack", "lora.client_ranks=[2,4,8,8]"], ["lora.freeze_a=true", "dp.mode=local"],
+    ["lora.freeze_a=true", "dp.mode=local", "dp.scope=global"], ["lora.freeze_a=true", "dp.mode=local", "dp.scope=per_factor"],
     ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.scope=global"],
 ])
 def test_every_algorithm_and_mode_runs(tmp_path, extra):
     s = run(_tiny_cfg(tmp_path, "fl.rounds=2", *extra), tmp_path / "r", progress=False)
-    assert s["rounds"] == 2 and np.isfinite(s["final_train_loss"])
+    assert s["rounds"] == 2 and np.isfinite(s["final_eval_loss"])
+    if "dp.mode" not in " ".join(extra):
+        assert np.isfinite(s["final_train_loss"])
 
 
 def test_budget_stops_before_exceeding(tmp_path):
@@ -262,20 +274,21 @@ def test_run_epsilon_agrees_with_the_privacy_calculator(tmp_path):
 def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation, dp_mode):
     from fedlora_jax.runner import client_mesh
 
-    cfg, definition, base, lora, block = _setup(algorithm, aggregation)
-    noise = NoiseSpec("local", 0.01, 0.02, 0.1, 0.05, (4, 4)) if dp_mode == "local" else NoiseSpec()
+    dp = LOCAL if dp_mode == "local" else []
+    cfg, definition, base, lora, block = _setup(algorithm, aggregation, extra=dp)
+    noise = modes.build(cfg, lora)
     ref, ref_m = make_round(definition, cfg, noise, 5)(init_state(cfg, lora, 5), base, *_args(block))
     # chunks of 2 over a cohort of 3: one padded (invalid) slot
     cfg2 = load_config("tiny", [f"fl.algorithm={algorithm}", f"fl.aggregation={aggregation}", "fl.num_clients=5",
                                 f"fl.clients_per_round={K}", f"fl.local_steps={STEPS}", f"fl.batch_size={B}",
-                                "fl.clients_per_chunk=2"])
+                                "fl.clients_per_chunk=2", *dp])
     out, m = make_round(definition, cfg2, noise, 5)(init_state(cfg2, lora, 5), base, *_args(block))
     _same_state(out, ref)
     assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-6) and int(m["dropped"]) == 0
     # the client axis over a 4-device mesh (chunk of 4 with one padded slot)
     cfg4 = load_config("tiny", [f"fl.algorithm={algorithm}", f"fl.aggregation={aggregation}", "fl.num_clients=5",
                                 f"fl.clients_per_round={K}", f"fl.local_steps={STEPS}", f"fl.batch_size={B}",
-                                "fl.clients_per_chunk=4", "fl.devices=4"])
+                                "fl.clients_per_chunk=4", "fl.devices=4", *dp])
     assert len(jax.devices()) >= 4  # tests force 4 CPU devices (conftest)
     out4, _ = make_round(definition, cfg4, noise, 5, mesh=client_mesh(4))(init_state(cfg4, lora, 5), base, *_args(block))
     _same_state(out4, ref)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .. import randomness
 from .config import LoRAConfig, ModelConfig, SUPPORTED_MODEL_TYPES
 from .gpt2 import GPT2Model
 from .layers import LoRAParam
@@ -61,7 +62,7 @@ def init_model(cfg: ModelConfig, lora: LoRAConfig | None = None, *, seed: int = 
         _, lora_state, base_state = nnx.split(_build(cfg, lora, key), LoRAParam, ...)
         return nnx.to_pure_dict(base_state), nnx.to_pure_dict(lora_state)
 
-    base, lora_params = make(jax.random.key(seed))
+    base, lora_params = make(randomness.key(seed, "model_init"))
     return definition, base, lora_params
 
 
@@ -74,7 +75,7 @@ def init_lora(definition: Definition, seed: int = 0) -> Params:
         _, lora_state, _ = nnx.split(_build(definition.config, definition.lora, key), LoRAParam, ...)
         return nnx.to_pure_dict(lora_state)
 
-    return make(jax.random.key(seed))
+    return make(randomness.key(seed, "lora_init"))
 
 
 def apply(definition: Definition, base: Params, lora: Params, tokens, mask=None):

@@ -31,6 +31,7 @@ from dp_accounting import pld, rdp
 MODES = ("local", "central", "dpsgd")
 NEIGHBOURING = ("replace-one", "add-remove")
 PLD_DISCRETIZATION = 1e-3
+MAX_EXP_EPSILON = 700.0  # exp() of a larger epsilon overflows a float64
 
 
 def _check(delta=None, z=None, q=None, neighbouring=None, mode=None):
@@ -237,7 +238,8 @@ def report(mode: str, *, delta: float, noise_multiplier: float | None = None, ro
            tensors: int = 1, neighbouring: str | None = None, participations: int | None = None,
            clients: int | None = None, clients_per_round: int | None = None,
            sampling_rate: float | None = None, local_steps: int = 1,
-           batch_sampling_rate: float | None = None, target_epsilon: float | None = None) -> dict:
+           batch_sampling_rate: float | None = None, target_epsilon: float | None = None,
+           seed: int = 0, sampling: str = "uniform") -> dict:
     """Epsilon of a planned run (or, with target_epsilon, the noise multiplier that meets it).
 
     noise_multiplier is sigma / C of each separately clipped tensor. local: one release holds
@@ -245,6 +247,11 @@ def report(mode: str, *, delta: float, noise_multiplier: float | None = None, ro
     rounds * K / N, rounded up). central: C bounds each client's whole update; clients are
     sampled at rate q (K/N or sampling_rate) for `rounds` rounds. dpsgd: per-example clip C,
     batch sampling rate q_b, local_steps per participation.
+
+    participations (local, dpsgd) defaults to the WORST client: the most rounds any client takes
+    part in under the run's seeded schedule (clients, clients_per_round, rounds, seed, sampling:
+    the same sampler a run uses); without a client count, every round. The spread over clients
+    (min / median / max) is reported.
     """
     _check(delta=delta, mode=mode)
     neighbouring = neighbouring or ("replace-one" if mode == "local" else "add-remove")
@@ -261,14 +268,22 @@ def report(mode: str, *, delta: float, noise_multiplier: float | None = None, ro
             if not 1 <= clients_per_round <= clients:
                 raise UserError(f"clients per round must be in [1, clients={clients}], got {clients_per_round}")
             q = q or clients_per_round / clients
+    spread = None
     if participations is None:
-        participations = rounds if q is None else math.ceil(rounds * q - 1e-9)
+        if clients is not None and clients_per_round is not None:
+            from .. import sampling as sampler
+            counts = sampler.participation_counts(seed, clients, clients_per_round, sampling, rounds)
+            spread = {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
+            participations = spread["max"]
+        else:
+            participations = rounds  # no schedule to simulate: the worst case is every round
     if participations < 0 or participations > rounds:
         raise UserError(f"participations must be in [0, rounds={rounds}], got {participations}")
     if target_epsilon is None and noise_multiplier is None:
         raise UserError("give a noise multiplier (or sigma and clip), or a target epsilon")
 
-    out = {"mode": mode, "delta": delta, "neighbouring": neighbouring, "rounds": rounds}
+    out = {"mode": mode, "delta": delta, "neighbouring": neighbouring, "rounds": rounds,
+           "participations_spread": spread, "seed": seed if spread else None}
     if mode == "local":
         factor = math.sqrt(tensors) * (2.0 if neighbouring == "replace-one" else 1.0)
         if target_epsilon is not None:
