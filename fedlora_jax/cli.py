@@ -126,6 +126,13 @@ def _cmd_privacy(args) -> int:
           f"{out['noise_multiplier']:.6g}")
     rdp = "n/a (RDP does not model sampled replace-one)" if out["epsilon_rdp"] is None else f"{out['epsilon_rdp']:.4f}"
     print(f"epsilon (PLD / exact): {out['epsilon_pld']:.4f}    epsilon (RDP): {rdp}")
+    spread = out.get("participations_spread")
+    if spread:
+        print(f"participations per client under the seeded {args.sampling} schedule (seed {args.seed}): min "
+              f"{spread['min']}, median {spread['median']:g}, max {spread['max']} (epsilon is for the max)")
+    elif out["mode"] != "central" and args.participations is None:
+        print(f"participations: {out['participations']} (every round: give --clients and --clients-per-round "
+              f"to simulate the seeded schedule)")
     if out.get("epsilon_paper") is not None:
         print(f"paper convention, NOT a valid bound for epsilon >= 1: per release {out['epsilon_paper']:.4f}, "
               f"paper code's tracker {out['epsilon_paper_tracker']:.4f}")
@@ -173,7 +180,7 @@ def _privacy_report(accounting, args, z):
         neighbouring=args.neighbouring, participations=args.participations, clients=args.clients,
         clients_per_round=args.clients_per_round, sampling_rate=args.sampling_rate,
         local_steps=args.local_steps, batch_sampling_rate=args.batch_sampling_rate,
-        target_epsilon=args.target_epsilon)
+        target_epsilon=args.target_epsilon, seed=args.seed, sampling=args.sampling)
 
 
 def _cmd_data(args) -> int:
@@ -221,7 +228,7 @@ def _check_budget(cfg) -> None:
     with warnings.catch_warnings():  # the run itself warns about the classical formula
         warnings.simplefilter("ignore")
         mechanism = modes.build(cfg, abstract_model(mc, lc)[2], None)
-        if mechanism.ledger is None:
+        if mechanism.ledger is None or mechanism.record_level:  # record level: needs the data sizes
             return
         cost = mechanism.ledger.worst_after(np.zeros(1, np.int64))
     if cost > cfg.dp.budget:
@@ -239,8 +246,8 @@ def _cmd_run(args) -> int:
     cfg = load_config(args.config, args.set)
     out = args.out or f"runs/{cfg.name}"
     check_out(out, args.resume, args.overwrite)  # before any model is loaded; the run checks again
-    if cfg.dp.budget is not None and cfg.dp.mode not in ("none", "dpsgd") and not args.resume:
-        _check_budget(cfg)
+    if cfg.dp.budget is not None and not args.resume:
+        _check_budget(cfg)  # early, from shapes; the run loop checks again with the data
     from .runner import run
 
     try:
@@ -260,7 +267,9 @@ def _cmd_run(args) -> int:
     fmt = lambda x, spec=".4f": "n/a" if x is None else format(x, spec)
     print(f"\nrun {cfg.name}: {s['rounds']} rounds ({s['stop_reason']}), model {s['model']}")
     print(f"eval loss {fmt(s.get('initial_eval_loss'))} -> {fmt(s.get('final_eval_loss'))}; last train loss "
-          f"{fmt(s.get('final_train_loss'))}")
+          f"{fmt(s.get('final_train_loss'))}" if "final_train_loss" in s or "unprotected_final_train_loss" not in s
+          else f"eval loss {fmt(s.get('initial_eval_loss'))} -> {fmt(s.get('final_eval_loss'))}; last train loss "
+          f"{fmt(s.get('unprotected_final_train_loss'))} (OUTSIDE the DP guarantee)")
     for k, v in (s.get("final_scores") or {}).items():
         print(f"{k.replace('eval_', '')} {fmt((s.get('initial_scores') or {}).get(k))} -> {fmt(v)}")
     if p.get("mechanism") and p["mechanism"] != "no DP":
@@ -357,6 +366,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+def _dp_modes() -> tuple[str, ...]:
+    from .privacy import modes
+    return modes.dp_names()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedlora-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -372,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_score)
 
     s = sub.add_parser("privacy", help="privacy calculator: epsilon of a planned run, or the noise for a target")
-    s.add_argument("--mode", choices=["local", "central", "dpsgd"], default="local")
+    s.add_argument("--mode", choices=list(_dp_modes()), default="local", help="the DP mechanism")
     s.add_argument("--noise-multiplier", type=float, help="sigma / C")
     s.add_argument("--sigma", type=float)
     s.add_argument("--clip", type=float)
@@ -381,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clients", type=int)
     s.add_argument("--clients-per-round", type=int)
     s.add_argument("--sampling-rate", type=float)
-    s.add_argument("--participations", type=int, help="local/dpsgd: rounds one client takes part in")
+    s.add_argument("--participations", type=int,
+                   help="local/dpsgd: rounds one client takes part in (default: the most-sampled client of the "
+                        "seeded schedule given --clients and --clients-per-round; else every round)")
+    s.add_argument("--seed", type=int, default=0, help="the run's seed: its client sampling schedule")
+    s.add_argument("--sampling", choices=["uniform", "poisson"], default="uniform",
+                   help="client sampling of the schedule (as fl.sampling)")
     s.add_argument("--local-steps", type=int, default=1)
     s.add_argument("--batch-sampling-rate", type=float)
     s.add_argument("--delta", type=float, default=1e-5)

@@ -230,7 +230,8 @@ class FLSection:
         _choice("fl.algorithm", self.algorithm,
                 ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"))
         _choice("fl.aggregation", self.aggregation, ("mean", "stack"))
-        _choice("fl.sampling", self.sampling, ("uniform", "poisson"))
+        from .sampling import SAMPLINGS
+        _choice("fl.sampling", self.sampling, SAMPLINGS)
         for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size"):
             if getattr(self, k) < 1:
                 raise UserError(f"fl.{k} must be >= 1, got {getattr(self, k)}")
@@ -275,7 +276,8 @@ class DPSection:
 
     def __post_init__(self):
         _check_types(self, "dp.")
-        _choice("dp.mode", self.mode, ("none", "local", "central", "dpsgd"))
+        from .privacy.modes import names as dp_modes  # the registry of mechanisms is the list of modes
+        _choice("dp.mode", self.mode, dp_modes())
         _choice("dp.scope", self.scope, ("per_matrix", "per_factor", "global"))
         _choice("dp.target", self.target, ("weights", "update"))
         _choice("dp.noise", self.noise, ("classical", "analytic", "multiplier", "calibrate"))

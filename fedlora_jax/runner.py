@@ -243,6 +243,12 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     mechanism = modes.build(cfg, lora, [len(p) for p in data.parts])
     ledger = mechanism.ledger
     extra_eval = RunEvaluator(cfg, tokenizer, data.eval)  # bad evaluation data fails before the folder is made
+    if not resume:
+        first_ids, first_valid = sampling.for_config(cfg, 0)
+        if mechanism.budget_exceeded(first_ids[first_valid]):
+            raise UserError(f"dp.budget = {cfg.dp.budget:g} is below the first round's cost "
+                            f"(epsilon {mechanism.ledger.worst_after(first_ids[first_valid]):.4g}), so no round "
+                            f"could run; raise dp.budget or the noise")
     prepare_out(cfg, out, resume, overwrite)
     batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed, poisson=mechanism.record_level)
     state = init_state(cfg, lora, fl.num_clients)

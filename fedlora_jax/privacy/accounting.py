@@ -113,7 +113,11 @@ def sampled_epsilon(z: float, q: float, count: int, delta: float, neighbouring: 
         return math.inf, math.inf
     event = sampled_event(z, q, count)
     acc = pld.PLDAccountant(_relation(neighbouring), value_discretization_interval=PLD_DISCRETIZATION)
-    acc.compose(event)
+    try:
+        acc.compose(event)
+    except ValueError as e:  # dp-accounting cannot build the PLD of a vanishing noise ("Maximum allowed size")
+        raise UserError(f"noise multiplier {z:g} is too small to account with PLD (its epsilon is astronomically "
+                        f"large): {e}") from None
     eps_pld = float(acc.get_epsilon(delta))
     eps_rdp = None
     if neighbouring == "add-remove" and with_rdp:
@@ -144,7 +148,7 @@ def sampled_multiplier_for(epsilon: float, q: float, count: int, delta: float,
             lambda: pld.PLDAccountant(_relation(neighbouring), value_discretization_interval=PLD_DISCRETIZATION),
             lambda z: sampled_event(z, q, count), epsilon, delta,
             dpa.ExplicitBracketInterval(z_rdp / 2, z_rdp * 1.01), tol=1e-4))
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, dpa.mechanism_calibration.NoBracketIntervalFoundError) as e:
         raise UserError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta} over {count} "
                          f"sampled steps at rate {q}: {e}") from e
 
