@@ -98,15 +98,15 @@ def test_score_cli_bad_input(argv, message, capsys):
 
 # ----------------------------------------------------------------------------- helpers
 
-def write_torch_blocker(folder: Path) -> Path:
-    """A sitecustomize.py that hides torch and peft as if not installed (find_spec is None, `import
-    torch` raises ModuleNotFoundError) and, when $BLOCKER_REPORT is set, writes at exit whether
-    either got imported anyway (and where fedlora_jax came from). Put `folder` on PYTHONPATH of a subprocess."""
+def write_import_blocker(folder: Path, blocked=("torch", "peft")) -> Path:
+    """A sitecustomize.py that hides the top-level modules `blocked` as if not installed (find_spec
+    gives None, importing raises ModuleNotFoundError) and, when $BLOCKER_REPORT is set, writes at exit
+    which of them got imported anyway and where fedlora_jax came from. Put `folder` on PYTHONPATH."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(textwrap.dedent('''
         import atexit, importlib.machinery, json, os, sys
 
-        _BLOCKED = {"torch", "peft"}
+        _BLOCKED = set(%r)
 
 
         class _HideBlocked(importlib.machinery.PathFinder):
@@ -125,7 +125,7 @@ def write_torch_blocker(folder: Path) -> Path:
                 with open(os.environ["BLOCKER_REPORT"], "w") as f:
                     json.dump({"imported": sorted(m for m in sys.modules if m.partition(".")[0] in _BLOCKED),
                                "fedlora_jax": getattr(sys.modules.get("fedlora_jax"), "__file__", None)}, f)
-    '''))
+    ''' % (sorted(blocked),)))
     return folder
 
 
@@ -320,7 +320,7 @@ def test_gguf_tokenizer_matches_transformers(tmp_path, kind):
 @needs_smollm2
 def test_default_tokenizer_loads_without_torch(tmp_path):
     """What a fresh machine without torch sees: a cold cache and `import torch` failing."""
-    blocker = write_torch_blocker(tmp_path / "blocker")
+    blocker = write_import_blocker(tmp_path / "blocker")
     script = textwrap.dedent(f'''
         import json, sys
         try:
@@ -383,8 +383,11 @@ def tiny_folder(intact_folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def intact_gguf(tmp_path_factory):
+    from fedlora_jax.models.gguf_tokenizer import tokenizer_from_gguf
+
     path = byte_level_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf")
-    load_model(str(path))
+    load_model(str(path), tokenizer=False)
+    tokenizer_from_gguf(path)  # (load_model's tokenizer would write to the user's cache)
     return path
 
 
