@@ -274,7 +274,7 @@ def _cmd_run(args) -> int:
         print(f"{k.replace('eval_', '')} {fmt((s.get('initial_scores') or {}).get(k))} -> {fmt(v)}")
     if p.get("mechanism") and p["mechanism"] != "no DP":
         print(f"privacy: {p['mechanism']}")
-        who = "a record of the worst client" if p["mechanism"].startswith("dpsgd") else "worst client"
+        who = p.get("epsilon_of", "worst client")
         if p.get("epsilon") is None or not s["rounds"]:
             print("  no round ran, so no privacy was spent")
         else:

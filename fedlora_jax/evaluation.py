@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import UserError
+from . import randomness
 from .models import Definition, token_nll
 
 
@@ -192,10 +193,10 @@ def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
         raise UserError(f"the multiple-choice limit must be >= 1, got {limit}")
     if source == "synthetic":
         from .data import synthetic
-        rng = np.random.default_rng(seed)
-        # a seed of its own: the questions are not the training examples that data.source
-        # synthetic generates from the run's seed
-        rows = synthetic.generate(4 * (limit or 100), seed=seed + 1_000_003)
+        rng = randomness.np_rng(seed, "eval_sample")
+        # a randomness domain of its own: the questions are not the training examples that
+        # data.source synthetic generates from the run's seed
+        rows = synthetic.generate(4 * (limit or 100), seed=seed, domain="synthetic_eval")
         qs, cs, ans = [], [], []
         for i, r in enumerate(rows[: limit or 100]):
             others = [x["output"] for x in rows if x["task"] == r["task"] and x["output"] != r["output"]][:3]

@@ -51,7 +51,9 @@ def base_config(scale: str, overrides=()) -> RunConfig:
     if scale not in SCALES:
         raise UserError(f"scale {scale!r} is not allowed; choose one of: {', '.join(SCALES)}")
     preset, ov = _BASE[scale]
-    return load_config(preset, [*ov, *overrides])
+    # the experiments compare training curves across DP settings, so their DP runs publish the
+    # clients' training loss, marked 'unprotected_' (outside the guarantee) in every run folder
+    return load_config(preset, [*ov, "dp.publish_client_metrics=true", *overrides])
 
 
 def enable_compilation_cache(path=None) -> None:
@@ -97,14 +99,24 @@ def run_grid(runs: dict, scale: str, out, overrides=(), reuse: bool = True, prog
         s["seconds"] = time.time() - t0
         saved.write_text(json.dumps(s, indent=2))
         summaries[name] = s
-        log(f"[{i + 1}/{len(cfgs)}] {name}: {s['seconds']:.1f} s, train loss {s['final_train_loss']:.4g}"
+        log(f"[{i + 1}/{len(cfgs)}] {name}: {s['seconds']:.1f} s, train loss {_train_loss(s):.4g}"
             + (f", epsilon {s['privacy']['epsilon']:.4g}" if s["privacy"].get("epsilon") is not None else ""))
     return summaries
 
 
+def _train_loss(summary: dict) -> float:
+    v = summary.get("final_train_loss", summary.get("unprotected_final_train_loss"))
+    return math.nan if v is None else v
+
+
 def read_metrics(folder) -> list[dict]:
-    """The per-round metrics a run wrote (metrics.jsonl)."""
-    return [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    """The per-round metrics a run wrote (metrics.jsonl). A DP run's client training metrics are
+    published as 'unprotected_*' (outside the guarantee); the tables read them under the plain name."""
+    rows = [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    for r in rows:
+        for k in [k for k in r if k.startswith("unprotected_")]:
+            r.setdefault(k[len("unprotected_"):], r[k])
+    return rows
 
 
 def tail_mean(rows: list[dict], key: str = "loss", last: int = 5) -> float:

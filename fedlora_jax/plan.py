@@ -8,12 +8,11 @@ memory analysis on the current backend, which is exact for that backend.
 from __future__ import annotations
 
 from .errors import UserError
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import randomness
 from .models import abstract_model, LoRAConfig
 
 ADAPTER_COPIES = 6  # local factors, start point, gradient, two AdamW moments, the release
@@ -26,10 +25,15 @@ def _nbytes(tree, dtype_bytes=None):
 def step_batch(cfg) -> int:
     """Examples per local step: fl.batch_size, or under dpsgd the padded Poisson capacity (an
     upper bound that needs no data)."""
-    if cfg.dp.mode == "dpsgd":
+    if _record_level(cfg):
         from .data.batches import poisson_capacity_bound
         return poisson_capacity_bound(cfg.fl.batch_size)
     return cfg.fl.batch_size
+
+
+def _record_level(cfg) -> bool:
+    from .privacy.modes import MECHANISMS
+    return MECHANISMS[cfg.dp.mode].record_level
 
 
 def estimate(cfg, model_config) -> dict:
@@ -50,7 +54,7 @@ def estimate(cfg, model_config) -> dict:
     logits = 3 * b * s * v * 4  # logits, log-softmax and their gradient, float32
     activations = model_config.num_layers * per_layer + logits
     per_client = ADAPTER_COPIES * adapter + activations
-    if cfg.dp.mode == "dpsgd":  # one float32 gradient per example of the padded batch
+    if _record_level(cfg):  # one float32 gradient per example of the padded batch
         per_client += b * adapter
     return {"base_bytes": base_bytes, "adapter_bytes": adapter, "activation_bytes_per_client": activations,
             "per_client_bytes": per_client}
@@ -71,20 +75,20 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     in chunks of `chunk` (shapes only: no data, no execution)."""
     import dataclasses
 
-    from .simulation import NoiseSpec, init_state, make_round
+    from .privacy import modes
+    from .simulation import init_state, make_round
 
     k = cohort or chunk
     fl = dataclasses.replace(cfg.fl, num_clients=k, clients_per_round=k, clients_per_chunk=chunk)
     c = dataclasses.replace(cfg, fl=fl)
-    noise = NoiseSpec(cfg.dp.mode, 1.0, 1.0, 1.0, 1.0, (1, 1)) if cfg.dp.mode != "none" else NoiseSpec()
-    fn = make_round(definition, c, noise, k)
+    fn = make_round(definition, c, modes.build(c, lora_shapes, None), k)
     state = jax.eval_shape(lambda lo: init_state(c, lo, k), lora_shapes)
     shp = (k, fl.local_steps, step_batch(cfg), cfg.data.seq_len)
     sds = jax.ShapeDtypeStruct
     block = {"tokens": sds(shp, jnp.int32), "attention_mask": sds(shp, jnp.int32), "loss_mask": sds(shp, jnp.int32),
              "num_examples": sds((k,), jnp.float32)}
     compiled = fn.lower(state, base_shapes, block, sds((k,), jnp.int32), sds((k,), jnp.int32),
-                        sds((k,), jnp.bool_), jax.random.key(0), sds((), jnp.float32)).compile()
+                        sds((k,), jnp.bool_), randomness.round_keys(cfg.seed, 0), sds((), jnp.float32)).compile()
     ma = compiled.memory_analysis()
     return {"temp_bytes": ma.temp_size_in_bytes, "argument_bytes": ma.argument_size_in_bytes,
             "output_bytes": ma.output_size_in_bytes}

@@ -27,6 +27,7 @@ DOMAINS = (
     "lora_reinit",      # adapters restarted each round under stacking (round)
     "client_sampling",  # which clients take part (round)
     "data_split",       # held-out split
+    "subsample",        # data.max_examples: which examples are kept
     "partition",        # examples -> clients
     "data_order",       # a client's epoch permutations (client, epoch)
     "dpsgd_batches",    # a client's Poisson batches (client, participation)

@@ -245,3 +245,40 @@ def test_aggregation_weights_are_uniform_under_dp_unless_counts_are_public():
     public = _tiny(*MODES["local"], "dp.public_counts=true")
     np.testing.assert_array_equal(modes.build(public, lora).weight(n), n)
     np.testing.assert_array_equal(modes.build(_tiny(), lora).weight(n), n)  # no DP: example counts
+
+
+# ----------------------------------------------------------------------------- the registry, the calculator
+
+def test_a_mechanism_registered_at_test_time_runs_end_to_end(tmp_path, monkeypatch):
+    """A new mode is one class and one table entry: config, round, loop and summary ask the object."""
+    from fedlora_jax.privacy import mechanisms as prim
+
+    class HalfNoise(modes.Mechanism):
+        name = "test_half_noise"
+
+        def calibrate(self):
+            self.info = {"mechanism": "test: half of each release, plus N(0, 0.01^2)"}
+
+        def release(self, local, global_, key, rank=None):
+            return prim.add_noise(jax.tree.map(lambda x: 0.5 * x, local), key, 0.01, 0.01)
+
+    monkeypatch.setitem(modes.MECHANISMS, HalfNoise.name, HalfNoise)
+    s = run(_tiny("dp.mode=test_half_noise", "fl.rounds=2"), tmp_path / "r", progress=False)
+    assert s["rounds"] == 2 and s["privacy"]["mechanism"].startswith("test:")
+    assert np.isfinite(s["final_eval_loss"])
+
+
+def test_privacy_calculator_defaults_to_the_most_sampled_client_of_the_seeded_schedule(capsys):
+    from fedlora_jax import sampling
+
+    for seed in (0, 1, 7):
+        rc = cli.main(["privacy", "--noise-multiplier", "0.5", "--rounds", "60", "--clients", "20",
+                       "--clients-per-round", "2", "--seed", str(seed), "--json"])
+        out = json.loads(capsys.readouterr().out)
+        counts = sampling.participation_counts(seed, 20, 2, "uniform", 60)
+        # the run's own sampler for the same seed, not the average ceil(R K / N) = 6
+        cfg = load_config("tiny", [f"seed={seed}", "fl.rounds=60", "fl.num_clients=20", "fl.clients_per_round=2"])
+        assert rc == 0 and out["participations"] == int(counts.max()) == int(sampling.config_counts(cfg).max())
+        assert out["participations_spread"] == {"min": int(counts.min()), "median": float(np.median(counts)),
+                                                "max": int(counts.max())}
+        assert out["participations"] > 6

@@ -9,6 +9,7 @@ participations, blocks are reproducible after a resume and independent of chunki
 from __future__ import annotations
 
 from ..errors import UserError
+from .. import randomness
 import math
 
 import numpy as np
@@ -28,7 +29,7 @@ class RoundBatcher:
     def _perm(self, client: int, epoch: int) -> np.ndarray:
         key = (client, epoch)
         if key not in self._perms:
-            rng = np.random.default_rng([self.seed, client, epoch])
+            rng = randomness.np_rng(self.seed, "data_order", client, epoch)
             self._perms[key] = self.parts[client][rng.permutation(len(self.parts[client]))]
         return self._perms[key]
 
@@ -110,7 +111,7 @@ class PoissonBatcher(RoundBatcher):
     def poisson_indices(self, client: int, participation: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices [steps, capacity], taken [steps, capacity]) of one participation."""
         part = self.parts[client]
-        rng = np.random.default_rng([self.seed, 3, client, participation])
+        rng = randomness.np_rng(self.seed, "dpsgd_batches", client, participation)
         take = rng.random((self.steps, len(part))) < self.rates[client]
         idx = np.zeros((self.steps, self.capacity), np.int64)
         ok = np.zeros((self.steps, self.capacity), bool)

@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 
 from ..errors import UserError
+from .. import randomness
 from . import synthetic
 
 STANDARD = ("instruction", "input", "output")
@@ -202,5 +203,5 @@ def load_examples(source: str, *, split: str = "train", columns: dict | None = N
         out.append(ex)
     ds = datasets.Dataset.from_list(out)
     if max_examples is not None and max_examples < len(ds):
-        ds = ds.shuffle(seed=seed).select(range(max_examples))
+        ds = ds.shuffle(seed=randomness.np_seed(seed, "subsample")).select(range(max_examples))
     return ds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
+from .. import randomness
 import numpy as np
 
 PARTITIONS = ("iid", "dirichlet", "by_column")
@@ -17,7 +18,7 @@ def partition(n: int, num_clients: int, method: str = "iid", labels=None, alpha:
         raise UserError(f"num_clients must be >= 1, got {num_clients}")
     if num_clients > n:
         raise UserError(f"{num_clients} clients but only {n} examples; lower fl.num_clients")
-    rng = np.random.default_rng(seed)
+    rng = randomness.np_rng(seed, "partition")
     if method == "iid":  # shuffle and split, as OpenFedLLM does
         return [np.sort(p) for p in np.array_split(rng.permutation(n), num_clients)]
     if labels is None:

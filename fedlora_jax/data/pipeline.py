@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
+from .. import randomness
 import dataclasses
 
 import numpy as np
@@ -61,7 +62,7 @@ def prepare(cfg, tokenizer) -> ClientData:
                        max_examples=d.max_examples, seed=cfg.seed)
     data = tokenize_examples(ds, tokenizer, d.template, d.seq_len)
     n = len(data)
-    rng = np.random.default_rng([cfg.seed, 1])
+    rng = randomness.np_rng(cfg.seed, "data_split")
     eval_data, eval_parts = None, None
     k = cfg.fl.num_clients
     if d.eval_per_client:

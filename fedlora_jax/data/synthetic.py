@@ -7,6 +7,7 @@ import numpy as np
 
 from ..config import SYNTHETIC_TASKS as TASKS
 from ..errors import UserError
+from .. import randomness
 
 
 def _word(rng, lo=3, hi=7):
@@ -30,10 +31,10 @@ def make_example(task: str, rng: np.random.Generator) -> dict:
     raise UserError(f"unknown synthetic task {task!r}; allowed: {', '.join(TASKS)}")
 
 
-def generate(n: int, tasks=TASKS, seed: int = 0) -> list[dict]:
-    """n examples, tasks in equal shares (round-robin), deterministic by seed."""
+def generate(n: int, tasks=TASKS, seed: int = 0, domain: str = "synthetic_data") -> list[dict]:
+    """n examples, tasks in equal shares (round-robin), deterministic by (seed, randomness domain)."""
     for t in tasks:
         if t not in TASKS:
             raise UserError(f"unknown synthetic task {t!r}; allowed: {', '.join(TASKS)}")
-    rng = np.random.default_rng(seed)
+    rng = randomness.np_rng(seed, domain)
     return [make_example(tasks[i % len(tasks)], rng) for i in range(n)]

@@ -353,6 +353,12 @@ def read_config(folder: Path) -> dict:
     return _read_json(cfg_file, "config file")
 
 
+def folder_config(folder: Path, dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder's config.json (UserErrors name the file)."""
+    cfg_file = Path(folder) / "config.json"
+    return config_from_hf(read_config(folder), dtype, where=f"config file {str(cfg_file)!r}")
+
+
 def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file (UserError naming the file when it is missing, cut or corrupt)."""
     from safetensors import SafetensorError
@@ -465,8 +471,8 @@ def load_model(source: str, lora: LoRAConfig | None = None, *, dtype: str = "flo
         cfg, tensors = read_gguf(path, dtype)
         hf = config_to_hf(cfg)
     else:
+        cfg = folder_config(path, dtype)  # checks config.json before reading the weights
         hf, tensors = read_folder(path)
-        cfg = config_from_hf(hf, dtype, where=f"config file {str(path / 'config.json')!r}")
     base = params_from_hf(cfg, tensors)
     definition, _, _ = abstract_model(cfg, lora)
     lora_params = init_lora(definition, seed) if lora is not None else {}

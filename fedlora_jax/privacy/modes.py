@@ -224,7 +224,7 @@ class LocalDP(_DP):
                                  sampling_rate=fl.clients_per_round / fl.num_clients)
         self.info = {"noise_multiplier": z, "effective_noise_multiplier": self.z_eff, "sigma_a": self.sigma_a,
                      "sigma_b": self.sigma_b, "clipped_blocks": [n_a, n_b], "neighbouring": neighbouring,
-                     "delta": dp.delta,
+                     "delta": dp.delta, "epsilon_of": "worst client (its whole data)",
                      "mechanism": (f"local DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
                                    f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g}, {neighbouring}, "
                                    f"composed over each client's participations, no amplification")}
@@ -294,7 +294,7 @@ class CentralDP(_DP):
         self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, "add-remove", sampling_rate=q)
         self.info = {"noise_multiplier": z, "effective_noise_multiplier": self.z_eff, "sigma_a": self.sigma_a,
                      "sigma_b": self.sigma_b, "clipped_blocks": [n_a, n_b], "neighbouring": "add-remove",
-                     "delta": dp.delta,
+                     "delta": dp.delta, "epsilon_of": "every client (its whole data)",
                      "mechanism": (f"central DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
                                    f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g} on the sum in every "
                                    f"round, add-remove, Poisson client sampling q={q:g}, PLD")}
@@ -352,7 +352,7 @@ class DPSGD(_DP):
         self.info = {"noise_multiplier": z, "effective_noise_multiplier": z, "sigma_a": self.sigma_a,
                      "sigma_b": self.sigma_b, "clipped_blocks": [0, 0], "neighbouring": "add-remove",
                      "delta": dp.delta, "batch_sampling_rate": q, "batch_capacity": capacity,
-                     "overflow_probability": overflow,
+                     "overflow_probability": overflow, "epsilon_of": "a record of the worst client",
                      "mechanism": (f"dpsgd (record level): Poisson-sampled Gaussian per local step, rate q={q:.4g} "
                                    f"(largest client rate; the rates use the clients' example counts), "
                                    f"per-example clip {dp.clip_a:g}, sigma {self.sigma_a:.4g} on the clipped sum, "
