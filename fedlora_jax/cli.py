@@ -7,8 +7,12 @@ import errno
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
+
+# transformers prints "PyTorch was not found" on every torch-free start; torch is not needed here
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from .errors import UserError
 
@@ -260,9 +264,17 @@ def _cmd_run(args) -> int:
             raise UserError(f"cannot write {where!r}: {e.strerror}; the run folder {out!r} keeps what was written "
                             "before (--resume continues from its last checkpoint)") from e
         raise UserError(f"cannot access {where!r}: {e.strerror}") from e
+    if s.get("already_finished"):
+        print(dumps(s) if args.json else f"run {out} already finished ({s['rounds']} rounds); nothing to do")
+        return 0
+    code = 0
+    if s.get("stop_reason") == "interrupted":
+        print(f"fedlora-jax run: interrupted after round {s['rounds']}; checkpoint saved in {out}/checkpoints "
+              f"(--resume continues)", file=sys.stderr)
+        code = 130
     if args.json:
         print(dumps(s))
-        return 0
+        return code
     p = s.get("privacy") or {}
     fmt = lambda x, spec=".4f": "n/a" if x is None else format(x, spec)
     print(f"\nrun {cfg.name}: {s['rounds']} rounds ({s['stop_reason']}), model {s['model']}")
@@ -289,7 +301,7 @@ def _cmd_run(args) -> int:
     print(f"wall time {fmt(s.get('wall_seconds'), '.1f')} s")
     for k, v in (s.get("outputs") or {}).items():
         print(f"  {k}: {v}")
-    return 0
+    return code
 
 
 def _cmd_plan(args) -> int:
@@ -453,11 +465,19 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     # dp-accounting's RDP logs every order it excludes at WARNING through absl; keep the CLI readable
     logging.getLogger("absl").setLevel(logging.ERROR)
+    if not logging.getLogger("fedlora_jax").handlers:  # diagnostics (e.g. "compiling the round") on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("fedlora_jax").addHandler(handler)
+        logging.getLogger("fedlora_jax").setLevel(logging.INFO)
     try:
         return args.fn(args)
     except UserError as e:
         print(f"fedlora-jax {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one finishes the round and stops cleanly)
+        print(f"fedlora-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

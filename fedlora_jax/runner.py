@@ -36,12 +36,12 @@ def build_model_config(cfg: RunConfig) -> ModelConfig:
         return ModelConfig("llama", vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
                            num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
                            max_position_embeddings=4096, dtype=m.dtype)
-    from .models.hub import config_from_hf, resolve
+    from .models.hub import folder_config, resolve
     path = resolve(m.source)
     if path.is_file():
         from .models.hub import read_gguf  # dequantizes to read the shapes: a few seconds
         return read_gguf(path, m.dtype)[0]
-    return config_from_hf(json.loads((path / "config.json").read_text()), m.dtype)
+    return folder_config(path, m.dtype)
 
 
 def build_tokenizer(cfg: RunConfig):
