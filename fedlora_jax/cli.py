@@ -190,7 +190,7 @@ def _privacy_report(accounting, args, z):
 def _cmd_data(args) -> int:
     from .config import load_config
     from .data.pipeline import prepare
-    from .runner import build_tokenizer
+    from .models.factory import build_tokenizer
 
     cfg = load_config(args.config, args.set)
     cd = prepare(cfg, build_tokenizer(cfg))
@@ -221,12 +221,11 @@ def _check_budget(cfg) -> None:
 
     import numpy as np
 
-    from .models import LoRAConfig, abstract_model
+    from .models import abstract_model
     from .privacy import modes
-    from .runner import build_model_config
+    from .models.factory import build_model_config
 
-    lc = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                    use_rslora=cfg.lora.use_rslora)
+    lc = cfg.lora.to_lora_config()
     mc = build_model_config(cfg)
     lc.check(mc)
     with warnings.catch_warnings():  # the run itself warns about the classical formula
@@ -278,10 +277,13 @@ def _cmd_run(args) -> int:
     p = s.get("privacy") or {}
     fmt = lambda x, spec=".4f": "n/a" if x is None else format(x, spec)
     print(f"\nrun {cfg.name}: {s['rounds']} rounds ({s['stop_reason']}), model {s['model']}")
-    print(f"eval loss {fmt(s.get('initial_eval_loss'))} -> {fmt(s.get('final_eval_loss'))}; last train loss "
-          f"{fmt(s.get('final_train_loss'))}" if "final_train_loss" in s or "unprotected_final_train_loss" not in s
-          else f"eval loss {fmt(s.get('initial_eval_loss'))} -> {fmt(s.get('final_eval_loss'))}; last train loss "
-          f"{fmt(s.get('unprotected_final_train_loss'))} (OUTSIDE the DP guarantee)")
+    if "final_train_loss" in s:
+        train = f"last train loss {fmt(s['final_train_loss'])}"
+    elif "unprotected_final_train_loss" in s:
+        train = f"last train loss {fmt(s['unprotected_final_train_loss'])} (OUTSIDE the DP guarantee)"
+    else:
+        train = "client train loss not published under DP (dp.publish_client_metrics: true publishes it, marked)"
+    print(f"eval loss {fmt(s.get('initial_eval_loss'))} -> {fmt(s.get('final_eval_loss'))}; {train}")
     for k, v in (s.get("final_scores") or {}).items():
         print(f"{k.replace('eval_', '')} {fmt((s.get('initial_scores') or {}).get(k))} -> {fmt(v)}")
     if p.get("mechanism") and p["mechanism"] != "no DP":
@@ -360,7 +362,7 @@ def _cmd_eval(args) -> int:
     _precheck_eval_target(args.target)
     if args.data is not None and Path(args.data).suffix in LOCAL_SUFFIXES:
         load_multiple_choice(args.data, args.limit)  # a bad file fails before the model is loaded
-    from .runner import load_for_eval
+    from .artifacts import load_for_eval
 
     definition, base, lora, tok, cfg = load_for_eval(args.target, args.model)
     results = [run_task(t, definition, base, lora, tok, cfg, args.data, args.limit, args.max_new_tokens)

@@ -133,6 +133,11 @@ class LoRASection:
     freeze_a: bool = False           # FFA-LoRA: train B only
     client_ranks: tuple[int, ...] | None = None  # per-client ranks (<= r) for heterogeneous clients
 
+    def to_lora_config(self):
+        """The model's LoRAConfig (what the adapters look like): the one conversion from this section."""
+        from .models import LoRAConfig
+        return LoRAConfig(r=self.r, alpha=self.alpha, target_modules=self.target_modules, use_rslora=self.use_rslora)
+
     def __post_init__(self):
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.client_ranks is not None:

@@ -22,6 +22,25 @@ def _masked_sum(definition, base, lora, tokens, attn, loss_mask=None):
     return jnp.sum(nll * w), jnp.sum(w)
 
 
+def heldout_loss(definition: Definition, base, lora, data, n: int, batch_size: int = 16) -> float:
+    """THE held-out loss (one definition, used by the run and by `fedlora-jax eval`): mean NLL per
+    response token over the first n examples of `data` (token-weighted, every example once).
+    Batches have one static shape; the last is padded with loss-masked rows."""
+    n = min(int(n), len(data))
+    if n < 1:
+        raise UserError("the held-out split is empty; no loss to evaluate")
+    total, count = 0.0, 0.0
+    for i in range(0, n, batch_size):
+        rows = np.arange(i, i + batch_size)
+        real = rows < n
+        rows = np.where(real, rows, 0)
+        loss_mask = data.loss_mask[rows] * real[:, None]
+        s, c = _masked_sum(definition, base, lora, jnp.asarray(data.tokens[rows]),
+                           jnp.asarray(data.attention_mask[rows]), jnp.asarray(loss_mask))
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
 def score_ids(definition: Definition, base, lora, ids: list[int]) -> dict:
     """Mean NLL and perplexity of each token given the ones before it (all tokens but the first
     are scored). The sequence is padded to a power of two so similar lengths share one compile."""
@@ -272,20 +291,22 @@ def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str |
     ev = prepare(cfg, tokenizer).eval
     if ev is None or len(ev) == 0:
         raise UserError("the run has no held-out split (data.eval_fraction is 0)")
-    n = min(limit or len(ev), len(ev))
     if task == "loss":
-        total, count = 0.0, 0.0
-        for i in range(0, n, 16):
-            s, c = _masked_sum(definition, base, lora, jnp.asarray(ev.tokens[i:i + 16]), jnp.asarray(ev.attention_mask[i:i + 16]),
-                jnp.asarray(ev.loss_mask[i:i + 16]))
-            total, count = total + float(s), count + float(c)
-        nll = total / max(count, 1.0)
+        # by default the examples the run itself evaluates, so the figure equals the run's eval_loss
+        n = min(limit or run_eval_examples(cfg, len(ev)), len(ev))
+        nll = heldout_loss(definition, base, lora, ev, n, cfg.fl.batch_size)
         return {"task": task, "n": n, "loss": nll, "perplexity": math.exp(nll)}
+    n = min(limit or len(ev), len(ev))
     prompts, answers = held_out_prompts(tokenizer, ev, n)
     texts = greedy_answers(definition, base, lora, tokenizer, prompts, max_new_tokens)
     hits = [t == a for t, a in zip(texts, answers)]
     return {"task": task, "n": n, "exact_match": float(np.mean(hits))}
 
+
+
+def run_eval_examples(cfg, available: int) -> int:
+    """How many held-out examples a run's loss evaluation scores: eval_batches x batch_size."""
+    return min(cfg.eval_batches * cfg.fl.batch_size, available)
 
 
 class RunEvaluator:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import randomness
-from .models import abstract_model, LoRAConfig
+from .models import abstract_model
 
 ADAPTER_COPIES = 6  # local factors, start point, gradient, two AdamW moments, the release
 
@@ -40,7 +40,7 @@ def estimate(cfg, model_config) -> dict:
     """Bytes of the base (shared), and per client in a chunk: adapter copies and activations of
     one local step (lax.scan runs steps one after another; the layer scan keeps each layer's
     inputs for the backward pass)."""
-    lc = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+    lc = cfg.lora.to_lora_config()
     _, base, lora = abstract_model(model_config, lc)
     item = jnp.dtype(model_config.dtype).itemsize
     base_bytes = _nbytes(base, item)
@@ -95,7 +95,7 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
 
 
 def plan(cfg, device_gib: float | None = None, do_measure: bool = False) -> dict:
-    from .runner import build_model_config
+    from .models.factory import build_model_config
 
     mc = build_model_config(cfg)
     est = estimate(cfg, mc)
@@ -105,7 +105,7 @@ def plan(cfg, device_gib: float | None = None, do_measure: bool = False) -> dict
         out["device_gib"] = device_gib
         out["largest_clients_per_chunk"] = largest_chunk(est, device_gib * 2 ** 30, cfg.fl.clients_per_round)
     if do_measure:
-        lc = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+        lc = cfg.lora.to_lora_config()
         definition, base, lora = abstract_model(mc, lc)
         base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(mc.dtype)), base)
         lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), lora)

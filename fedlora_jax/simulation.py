@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -20,6 +21,7 @@ from . import lora as lora_lib
 from .client import client_update
 from .privacy.modes import EPS_FLOOR, Mechanism
 from .server import server_optimizer
+from .errors import UserError
 
 
 def init_state(cfg, lora, num_clients: int):
@@ -180,3 +182,14 @@ def make_round(definition, cfg, mechanism: Mechanism, num_clients: int, donate: 
 def cosine_lr(round_index: int, rounds: int, lr: float, lr_min: float) -> float:
     """The paper's schedule: cosine over rounds from lr to lr_min, constant within a round."""
     return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * round_index / rounds))
+
+
+def client_mesh(devices: int):
+    """A 1-D mesh with a 'clients' axis over the first `devices` devices (None for one device).
+    Multi-host: call jax.distributed.initialize() first; jax.devices() then lists every host's."""
+    if devices <= 1:
+        return None
+    available = jax.devices()
+    if devices > len(available):
+        raise UserError(f"fl.devices = {devices} but only {len(available)} device(s) are visible: {available}")
+    return jax.sharding.Mesh(np.array(available[:devices]), ("clients",))
