@@ -234,7 +234,8 @@ class FLSection:
         _check_types(self, "fl.")
         _choice("fl.algorithm", self.algorithm,
                 ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"))
-        _choice("fl.aggregation", self.aggregation, ("mean", "stack"))
+        from .aggregation import names as aggregations  # the registry of aggregators
+        _choice("fl.aggregation", self.aggregation, aggregations())
         from .sampling import SAMPLINGS
         _choice("fl.sampling", self.sampling, SAMPLINGS)
         for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size"):

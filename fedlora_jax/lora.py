@@ -67,15 +67,21 @@ def delta_weights(definition: Definition, tree: dict):
         yield path, scale * jnp.einsum("lor,lri->loi", m["lora_b"], m["lora_a"])
 
 
-def merge(definition: Definition, base: dict, tree: dict) -> dict:
-    """Base parameters with scale * B A folded into each adapted kernel (kernel is [in, out])."""
+def add_to_kernels(base: dict, deltas) -> dict:
+    """Base parameters with each (module path, delta [layers, in, out]) added to that module's
+    kernel (our kernel layout is [in, out]); the kernel keeps its dtype."""
     out = jax.tree.map(lambda x: x, base)
-    for path, delta in delta_weights(definition, tree):
+    for path, delta in deltas:
         node = out
         for k in path:
             node = node[k]
-        node["kernel"] = (node["kernel"] + jnp.swapaxes(delta, -1, -2)).astype(node["kernel"].dtype)
+        node["kernel"] = (node["kernel"] + delta).astype(node["kernel"].dtype)
     return out
+
+
+def merge(definition: Definition, base: dict, tree: dict) -> dict:
+    """Base parameters with scale * B A folded into each adapted kernel (kernel is [in, out])."""
+    return add_to_kernels(base, ((p, jnp.swapaxes(d, -1, -2)) for p, d in delta_weights(definition, tree)))
 
 
 # ----------------------------------------------------------------------------- PEFT format
@@ -238,7 +244,7 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
 def reinit(tree: dict, key) -> dict:
     """Fresh factors of the same shapes: A ~ U(-1/sqrt(in), 1/sqrt(in)) as PEFT (and
     models.layers.Linear) initialise it, B = 0. Jittable; used when stacking restarts adapters."""
-    out, i = {}, 0
+    i = 0
 
     def rec(node, k):
         nonlocal i

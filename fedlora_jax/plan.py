@@ -80,7 +80,8 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
 
     k = cohort or chunk
     fl = dataclasses.replace(cfg.fl, num_clients=k, clients_per_round=k, clients_per_chunk=chunk)
-    c = dataclasses.replace(cfg, fl=fl)
+    # the noise's value does not change the program's memory: every mechanism accepts a multiplier
+    c = dataclasses.replace(cfg, fl=fl, dp=dataclasses.replace(cfg.dp, noise="multiplier"))
     fn = make_round(definition, c, modes.build(c, lora_shapes, None), k)
     state = jax.eval_shape(lambda lo: init_state(c, lo, k), lora_shapes)
     shp = (k, fl.local_steps, step_batch(cfg), cfg.data.seq_len)

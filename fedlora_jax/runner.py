@@ -12,7 +12,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from . import artifacts, randomness, reporting, sampling
+from . import aggregation, artifacts, randomness, reporting, sampling
 from .artifacts import load_for_eval  # noqa: F401  (re-exported: the loader of run and adapter folders)
 from .checkpoint import Checkpointer
 from .config import RunConfig
@@ -72,15 +72,9 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     t_start = time.time()
     out = Path(out_dir)
     fl = cfg.fl
-    if cfg.lora.client_ranks is not None:
-        if len(cfg.lora.client_ranks) != fl.num_clients:
-            raise UserError(f"lora.client_ranks has {len(cfg.lora.client_ranks)} entries for {fl.num_clients} clients")
-        if fl.aggregation == "mean" and len(set(cfg.lora.client_ranks)) > 1:
-            raise UserError("mixed client ranks need fl.aggregation stack (averaging A and B of different ranks "
-                            "is not defined)")
-    if fl.aggregation == "stack" and fl.algorithm not in ("fedavg", "fedprox"):
-        raise UserError(f"fl.aggregation stack merges into the base each round; it runs with fedavg or fedprox, "
-                        f"not {fl.algorithm}")
+    if cfg.lora.client_ranks is not None and len(cfg.lora.client_ranks) != fl.num_clients:
+        raise UserError(f"lora.client_ranks has {len(cfg.lora.client_ranks)} entries for {fl.num_clients} clients")
+    aggregation.get(fl.aggregation).check(cfg)
     if resume and (out / "summary.json").exists() and (out / "config.yaml").exists():
         done = json.loads((out / "summary.json").read_text())
         if done.get("stop_reason") == "completed" and done.get("rounds") == fl.rounds:

@@ -17,9 +17,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import aggregation as agg
-from . import lora as lora_lib
 from .client import client_update
-from .privacy.modes import EPS_FLOOR, Mechanism
+from .privacy.modes import Mechanism
 from .server import server_optimizer
 from .errors import UserError
 
@@ -27,20 +26,17 @@ from .errors import UserError
 def init_state(cfg, lora, num_clients: int):
     fl = cfg.fl
     opt = server_optimizer(fl)
-    state = {"lora": lora, "opt": opt.init(lora), "round": jnp.zeros((), jnp.int32)}
+    state = {"lora": lora, "opt": opt.init(lora), "round": jnp.zeros((), jnp.int32),
+             **agg.get(fl.aggregation).init_state(lora)}
     if fl.algorithm == "scaffold":
         zeros = jax.tree.map(jnp.zeros_like, lora)
         state["controls"] = {"global": zeros,
                              "clients": jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora)}
-    if fl.aggregation == "stack":
-        state["delta_w"] = {"/".join(p): jnp.zeros((m["lora_a"].shape[0], m["lora_a"].shape[-1], m["lora_b"].shape[-2]),
-                                                   m["lora_a"].dtype)
-                            for p, m in lora_lib.modules(lora)}
     return state
 
 
 def effective_base(base, state):
-    return agg.add_kernel_deltas(base, state["delta_w"]) if "delta_w" in state else base
+    return agg.effective_base(base, state)
 
 
 def make_round(definition, cfg, mechanism: Mechanism, num_clients: int, donate: bool = False, mesh=None):
@@ -57,7 +53,7 @@ def make_round(definition, cfg, mechanism: Mechanism, num_clients: int, donate: 
     server_opt = server_optimizer(fl)
     hetero = cfg.lora.client_ranks is not None
     scaffold = fl.algorithm == "scaffold"
-    stack = fl.aggregation == "stack"
+    aggregator = agg.get(fl.aggregation)
     prox_mu = fl.prox_mu if fl.algorithm == "fedprox" else 0.0
 
     def one_client(state, base, batches, cid, rank, keys, lr):
@@ -85,11 +81,7 @@ def make_round(definition, cfg, mechanism: Mechanism, num_clients: int, donate: 
         else:
             w = jnp.where(kept, mechanism.weight(n_ex), 0.0)
             carry["wsum"] = carry["wsum"] + jnp.sum(w)
-            if stack:
-                part = agg.stacked_product(definition, released, w)
-                carry["sum"] = {k: carry["sum"][k] + part[k] for k in part}
-            else:
-                carry["sum"] = jax.tree.map(lambda s, r: s + jnp.tensordot(w, r, axes=1), carry["sum"], released)
+            carry["sum"] = aggregator.accumulate(carry["sum"], definition, released, w)
         if scaffold:
             old = carry["controls"]
             cur = jax.tree.map(lambda c: c.at[ids].get(mode="fill", fill_value=0), old)
@@ -122,10 +114,7 @@ def make_round(definition, cfg, mechanism: Mechanism, num_clients: int, donate: 
               "ids": chunked(client_ids, num_clients), "ranks": chunked(ranks, 1), "valid": chunked(valid, False),
               "n_ex": chunked(block["num_examples"])}
         carry = {"wsum": jnp.zeros((), jnp.float32)}
-        if stack:
-            carry["sum"] = jax.tree.map(jnp.zeros_like, state["delta_w"])
-        else:
-            carry["sum"] = jax.tree.map(jnp.zeros_like, g)
+        carry["sum"] = jax.tree.map(jnp.zeros_like, g) if mechanism.sums_updates else aggregator.zeros(state, g)
         if scaffold:
             carry["controls"] = state["controls"]["clients"]
             carry["dc"] = jax.tree.map(jnp.zeros_like, g)
@@ -145,22 +134,12 @@ def make_round(definition, cfg, mechanism: Mechanism, num_clients: int, donate: 
         if mechanism.sums_updates:
             # the noise is added in every round, empty or all-dropped cohorts included
             aggregate = mechanism.finalize_sum(carry["sum"], g, keys["server_noise"], fl.clients_per_round)
-        else:
-            wsum = jnp.maximum(carry["wsum"], EPS_FLOOR)
-            any_kept = jnp.any(kept)
-            if stack:
-                new_state["delta_w"] = {key: state["delta_w"][key] + carry["sum"][key] / wsum for key in carry["sum"]}
-                aggregate = g  # the product went into the base; adapters restart below
-            else:
-                # a round where every release was dropped leaves the global adapter where it was
-                # (a function of the releases only: post-processing)
-                aggregate = jax.tree.map(lambda s, x: jnp.where(any_kept, s / wsum, x), carry["sum"], g)
+        else:  # a function of the releases only (post-processing), empty rounds included
+            aggregate, extra = aggregator.finalize(state, carry["sum"], carry["wsum"], jnp.any(kept), g)
+            new_state.update(extra)
         pseudo_grad = jax.tree.map(jnp.subtract, g, aggregate)
         updates, new_state["opt"] = server_opt.update(pseudo_grad, state["opt"], g)
-        new_g = optax.apply_updates(g, updates)
-        if stack:
-            new_g = lora_lib.reinit(g, keys["lora_reinit"])
-        new_state["lora"] = new_g
+        new_state["lora"] = aggregator.restart(optax.apply_updates(g, updates), g, keys["lora_reinit"])
         if scaffold:
             new_state["controls"] = {
                 "global": jax.tree.map(lambda c0, d: c0 + d / num_clients, state["controls"]["global"], carry["dc"]),

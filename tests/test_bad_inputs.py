@@ -209,7 +209,7 @@ ADAPTERS = [
 
 PRIVACY = [
     privacy("unreachable-target", ["--mode", "central", "--sampling-rate", "0.1", "--rounds", "10",
-                                   "--target-epsilon", "1e6"], "--target-epsilon 1e+06 cannot be reached"),
+                                   "--target-epsilon", "1e6"], "no noise multiplier reaches epsilon 1000000.0"),
     privacy("target-nan", ["--target-epsilon", "nan"], "--target-epsilon: target epsilon must be a finite number"),
     privacy("target-inf", ["--target-epsilon", "inf"], "--target-epsilon: target epsilon must be a finite number"),
     privacy("target-negative", ["--target-epsilon", "-1"], "--target-epsilon: target epsilon must be > 0"),
