@@ -26,7 +26,9 @@ from fedlora_jax.data import tokenize_examples
 from fedlora_jax.data.pipeline import byte_tokenizer, prepare
 from fedlora_jax.privacy import accounting as acc
 from fedlora_jax.privacy import mechanisms as mech
-from fedlora_jax.runner import build_model, resolve_noise
+from fedlora_jax import randomness
+from fedlora_jax.privacy import modes
+from fedlora_jax.runner import build_model
 from fedlora_jax.simulation import init_state, make_round
 
 
@@ -49,7 +51,7 @@ def main():
                                "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=1.0"])
     definition, base, lora, tok, _ = build_model(cfg)
     data = prepare(cfg, tok)
-    noise, _, _ = resolve_noise(cfg, lora)
+    noise = modes.build(cfg, lora)
     batcher = data.batcher(cfg.fl.local_steps, cfg.fl.batch_size, 0)
     ids = np.arange(64)
     parts = np.zeros(64, np.int64)
@@ -58,14 +60,14 @@ def main():
     state = init_state(cfg, lora, 64)
     call = lambda: jax.block_until_ready(round_fn(state, base, block, jnp.asarray(ids, jnp.int32),
                                                   jnp.full((64,), cfg.lora.r, jnp.int32), jnp.ones(64, bool),
-                                                  jax.random.key(0), jnp.float32(1e-3)))
+                                                  randomness.round_keys(0, 0), jnp.float32(1e-3)))
     t = time.perf_counter()
     call()
     res["tiny_round_64_clients"] = {"compile_and_first_s": time.perf_counter() - t, "round_s": timed(call),
                                     "shape": list(block["tokens"].shape)}
     # --- clip and noise of 64 clients' adapters alone
     stacked = jax.tree.map(lambda x: jnp.stack([x] * 64), lora)
-    priv = jax.jit(jax.vmap(lambda l, c: mech.privatize(l, lora, mech.client_key(jax.random.key(1), c), clip_a=0.1,
+    priv = jax.jit(jax.vmap(lambda l, c: mech.privatize(l, lora, jax.random.fold_in(randomness.key(1, "client_noise", 0), c), clip_a=0.1,
                                                         clip_b=0.1, sigma_a=0.1, sigma_b=0.1)))
     cn = timed(lambda: jax.block_until_ready(priv(stacked, jnp.arange(64))), n=20)
     res["clip_and_noise_64_clients_s"] = cn

@@ -26,7 +26,9 @@ from fedlora_jax.client import client_update
 from fedlora_jax.config import load_config
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
 from fedlora_jax.privacy import mechanisms as mech
-from fedlora_jax.simulation import NoiseSpec, init_state, make_round
+from fedlora_jax import randomness
+from fedlora_jax.privacy import modes
+from fedlora_jax.simulation import init_state, make_round
 
 REGIMES = {
     "cross-device": dict(hidden=64, layers=2, heads=4, vocab=512, clients=256, steps=2, batch=2, seq=32, chunk=128),
@@ -63,7 +65,8 @@ def setup(p, seed=0):
 def cfg_for(p, chunk):
     return load_config("tiny", [f"fl.num_clients={p['clients']}", f"fl.clients_per_round={p['clients']}",
                                 f"fl.local_steps={p['steps']}", f"fl.batch_size={p['batch']}", "fl.lr=1e-3",
-                                "dp.mode=local", f"dp.clip_a={CLIP}", f"dp.clip_b={CLIP}"]
+                                "dp.mode=local", f"dp.clip_a={CLIP}", f"dp.clip_b={CLIP}", "dp.noise=multiplier",
+                                f"dp.noise_multiplier={SIGMA / CLIP}"]
                        + ([f"fl.clients_per_chunk={chunk}"] if chunk else []))
 
 
@@ -82,10 +85,10 @@ def analytic_flops(p, base):
 
 def ours(p, definition, base, lora, block, chunk, reps=3):
     cfg = cfg_for(p, chunk)
-    fn = make_round(definition, cfg, NoiseSpec("local", SIGMA, SIGMA, SIGMA / CLIP, 1.0, (1, 1)), p["clients"])
+    fn = make_round(definition, cfg, modes.build(cfg, lora), p["clients"])
     state = init_state(cfg, lora, p["clients"])
     args = (base, {k: jnp.asarray(v) for k, v in block.items()}, jnp.arange(p["clients"], dtype=jnp.int32),
-            jnp.full((p["clients"],), 8, jnp.int32), jnp.ones(p["clients"], bool), jax.random.key(0), jnp.float32(1e-3))
+            jnp.full((p["clients"],), 8, jnp.int32), jnp.ones(p["clients"], bool), randomness.round_keys(0, 0), jnp.float32(1e-3))
     t = time.perf_counter()
     lowered = fn.lower(state, *args)
     compiled = lowered.compile()
@@ -104,7 +107,7 @@ def sequential_jax(p, definition, base, lora, block, reps=1):
     @jax.jit
     def one(base, b, cid):  # base as an argument: closed over, XLA would constant-fold the weights
         local, _, _ = client_update(definition, base, lora, b, 1e-3)
-        return mech.privatize(local, lora, mech.client_key(jax.random.key(0), cid), clip_a=CLIP, clip_b=CLIP,
+        return mech.privatize(local, lora, jax.random.fold_in(randomness.key(0, "client_noise", 0), cid), clip_a=CLIP, clip_b=CLIP,
                               sigma_a=SIGMA, sigma_b=SIGMA)
     batches = [{k: jnp.asarray(block[k][i]) for k in ("tokens", "attention_mask", "loss_mask")} for i in range(p["clients"])]
     jax.block_until_ready(one(base, batches[0], 0))
