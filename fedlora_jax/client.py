@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from . import lora as lora_lib
-from .models import mean_nll
+from .models import Definition, mean_nll
+
+Tree = Any  # a pytree of arrays (an adapter: {module path: {lora_a, lora_b}})
+Array = jax.Array
+CLIP_FLOOR = 1e-30  # a zero-norm gradient is left as it is (no division by zero)
 
 
-def tree_sq_norm(tree):
+def tree_sq_norm(tree: Tree) -> Array:
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
-def dpsgd_grads(definition, base, lora, batch, clip, sigma, key, expected, *, mask=lambda t: t,
-                freeze_a=False):
+def dpsgd_grads(definition: Definition, base: Tree, lora: Tree, batch: dict[str, Array], clip: float,
+                sigma: float, key: Array, expected: float, *, mask: Callable[[Tree], Tree] = lambda t: t,
+                freeze_a: bool = False) -> tuple[Array, Tree]:
     """(mean loss of the taken examples, DP-SGD gradient) of one batch [capacity, seq]: each
     example's gradient of its own mean token NLL, clipped to L2 norm `clip` over the adapter,
     summed, plus N(0, sigma^2) per entry (leaf i uses fold_in(key, i)), divided by `expected`.
@@ -27,7 +35,7 @@ def dpsgd_grads(definition, base, lora, batch, clip, sigma, key, expected, *, ma
     if freeze_a:  # a frozen A is not trained: its gradient is neither clipped nor released
         g = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), g)
     norms = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(g)))
-    scale = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30))
+    scale = jnp.minimum(1.0, clip / jnp.maximum(norms, CLIP_FLOOR))
     leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1), g))
     noisy = [(x + sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)) / expected
              for i, x in enumerate(leaves)]
@@ -36,8 +44,10 @@ def dpsgd_grads(definition, base, lora, batch, clip, sigma, key, expected, *, ma
     return loss, jax.tree.unflatten(treedef, noisy)
 
 
-def client_update(definition, base, global_lora, batches, lr, *, rank=None, weight_decay=0.0,
-                  prox_mu=0.0, control=None, freeze_a=False, dpsgd=None):
+def client_update(definition: Definition, base: Tree, global_lora: Tree, batches: dict[str, Array], lr: Array | float,
+                  *, rank: Array | None = None, weight_decay: float = 0.0, prox_mu: float = 0.0,
+                  control: tuple[Tree, Tree] | None = None, freeze_a: bool = False,
+                  dpsgd: tuple[float, float, Array, float] | None = None) -> tuple[Tree, dict[str, Array], Tree | None]:
     """local_steps of AdamW (lr constant within the round) from the global adapter.
 
     batches: tokens/attention_mask/loss_mask of shape [steps, batch, seq] (lax.scan over steps).

@@ -18,12 +18,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import aggregation as agg
 from .client import client_update
+from .models import Definition
 from .privacy.modes import Mechanism
 from .server import server_optimizer
 from .errors import UserError
 
 
-def init_state(cfg, lora, num_clients: int):
+def init_state(cfg, lora: dict, num_clients: int) -> dict:
     fl = cfg.fl
     opt = server_optimizer(fl)
     state = {"lora": lora, "opt": opt.init(lora), "round": jnp.zeros((), jnp.int32),
@@ -35,11 +36,12 @@ def init_state(cfg, lora, num_clients: int):
     return state
 
 
-def effective_base(base, state):
+def effective_base(base: dict, state: dict) -> dict:
     return agg.effective_base(base, state)
 
 
-def make_round(definition, cfg, mechanism: Mechanism, num_clients: int, donate: bool = False, mesh=None):
+def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: int, donate: bool = False,
+               mesh: jax.sharding.Mesh | None = None):
     """The jitted round for a run config and its DP mechanism. Nothing in it depends on values that
     change per round, so the second call compiles nothing. donate=True lets XLA reuse the old state's
     buffers (the caller must not touch the state it passed in again).
@@ -163,7 +165,7 @@ def cosine_lr(round_index: int, rounds: int, lr: float, lr_min: float) -> float:
     return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * round_index / rounds))
 
 
-def client_mesh(devices: int):
+def client_mesh(devices: int) -> jax.sharding.Mesh | None:
     """A 1-D mesh with a 'clients' axis over the first `devices` devices (None for one device).
     Multi-host: call jax.distributed.initialize() first; jax.devices() then lists every host's."""
     if devices <= 1:
