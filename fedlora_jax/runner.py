@@ -161,10 +161,11 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                 stop_reason = f"privacy budget {cfg.dp.budget} would be exceeded in round {r + 1}"
                 break
             t0 = time.time()
-            block = batcher.block(ids, participations)
+            data_ids = np.where(valid, ids, 0)  # padded Poisson slots (id N) read client 0's data, masked out
+            block = batcher.block(data_ids, participations)
             lr = cosine_lr(r, fl.rounds, fl.lr, fl.lr_min)
             state, m = round_fn(state, base, {k: jnp.asarray(v) for k, v in block.items()},
-                                jnp.asarray(ids, jnp.int32), jnp.asarray(ranks_all[ids]), jnp.asarray(valid),
+                                jnp.asarray(ids, jnp.int32), jnp.asarray(ranks_all[data_ids]), jnp.asarray(valid),
                                 randomness.round_keys(cfg.seed, r), jnp.float32(lr))
             if ledger is not None:
                 ledger.record(ids[valid])  # also counts participations (the same array)

@@ -1,28 +1,65 @@
 """Which clients take part in each round: a pure function of (seed, round), independent of the data.
 
 `uniform`: a fixed-size cohort of K clients drawn without replacement (the paper). `poisson`: every
-client independently with probability K/N (central DP's amplification assumes it, and assumes the
-draw is secret: in a deployment the server's sampling randomness must not be known to an observer).
+client independently with probability q = K/N (central DP's amplification assumes it, and assumes
+the draw is secret: in a deployment the server's sampling randomness must not be known to an
+observer). A Poisson cohort has no fixed size; the round has static shapes, so the cohort is padded
+to a capacity C chosen so that it overflows with probability <= POISSON_TAIL per round: the round
+costs C client slots (about K + 7 sqrt(K)), not N. An overflowing draw keeps a random C of its
+clients; central DP accounts that event in its delta.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 from . import randomness
 
 SAMPLINGS = ("uniform", "poisson")
+POISSON_TAIL = 1e-12  # per-round probability that a Poisson cohort overflows its static capacity
+
+
+@functools.lru_cache(maxsize=64)
+def poisson_capacity(num_clients: int, clients_per_round: int, tail: float = POISSON_TAIL) -> tuple[int, float]:
+    """(capacity C, overflow probability P(Binomial(N, K/N) > C)): the smallest C with overflow <= tail."""
+    from scipy import stats
+
+    q = clients_per_round / num_clients
+    if q >= 1:
+        return num_clients, 0.0
+    c = clients_per_round
+    while c < num_clients and stats.binom.sf(c, num_clients, q) > tail:
+        c += max(1, int(0.5 * np.sqrt(clients_per_round)) if stats.binom.sf(c, num_clients, q) > 1e-3 else 1)
+    c = min(c, num_clients)
+    while c > clients_per_round and stats.binom.sf(c - 1, num_clients, q) <= tail:  # the smallest such C
+        c -= 1
+    return int(c), float(stats.binom.sf(c, num_clients, q)) if c < num_clients else 0.0
+
+
+def cohort_slots(num_clients: int, clients_per_round: int, sampling: str) -> int:
+    """Client slots of every round's static shape: K (uniform) or the Poisson capacity."""
+    if sampling == "poisson":
+        return poisson_capacity(num_clients, clients_per_round)[0]
+    return clients_per_round
 
 
 def sample_round(seed: int, num_clients: int, clients_per_round: int, sampling: str, round_index: int):
-    """(client slots, valid mask) of one round. uniform: K sorted ids, all valid; poisson: all N
-    ids, valid where sampled."""
+    """(client slots, valid mask) of one round. uniform: K sorted ids, all valid; poisson: the
+    sampled ids, sorted, padded to the capacity with the out-of-range id N (valid False there)."""
     rng = randomness.np_rng(seed, "client_sampling", round_index)
     if sampling == "uniform":
         ids = np.sort(rng.choice(num_clients, clients_per_round, replace=False))
         return ids, np.ones(len(ids), bool)
     if sampling == "poisson":
-        return np.arange(num_clients), rng.random(num_clients) < clients_per_round / num_clients
+        taken = np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)
+        cap = poisson_capacity(num_clients, clients_per_round)[0]
+        if len(taken) > cap:  # probability <= POISSON_TAIL: keep a random `cap` of them
+            taken = np.sort(rng.choice(taken, cap, replace=False))
+        ids = np.full(cap, num_clients, np.int64)
+        ids[:len(taken)] = taken
+        return ids, np.arange(cap) < len(taken)
     raise ValueError(f"unknown sampling {sampling!r}")  # the config validates it: a bug if reached
 
 

@@ -292,12 +292,15 @@ class CentralDP(_DP):
         self.sigma_a, self.sigma_b = z * dp.clip_a, z * self.clip_b
         self.blocks = (n_a, n_b)
         self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, "add-remove", sampling_rate=q)
+        self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round)
         self.info = {"noise_multiplier": z, "effective_noise_multiplier": self.z_eff, "sigma_a": self.sigma_a,
                      "sigma_b": self.sigma_b, "clipped_blocks": [n_a, n_b], "neighbouring": "add-remove",
                      "delta": dp.delta, "epsilon_of": "every client (its whole data)",
                      "mechanism": (f"central DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
                                    f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g} on the sum in every "
-                                   f"round, add-remove, Poisson client sampling q={q:g}, PLD")}
+                                   f"round, add-remove, Poisson client sampling q={q:g}, PLD; cohorts padded to "
+                                   f"{self.capacity} slots (overflow probability {self.overflow:.2g} per round, "
+                                   f"added to delta)")}
 
     def release(self, local, global_, key, rank=None):
         dp = self.cfg.dp
@@ -312,7 +315,11 @@ class CentralDP(_DP):
         return jax.tree.map(lambda x, t: x + t / expected_cohort, global_, noisy)
 
     def privacy_row(self, participations):
-        return {"epsilon": self.ledger.worst(), "epsilon_mean": self.ledger.mean(), "delta": self.cfg.dp.delta}
+        eps = self.ledger.worst()
+        # a capped cohort is within total-variation distance rounds x overflow of the analysed one
+        g = self.ledger.rounds * self.overflow
+        delta = self.cfg.dp.delta + (1.0 + math.exp(min(eps, acc.MAX_EXP_EPSILON))) * g if g else self.cfg.dp.delta
+        return {"epsilon": eps, "epsilon_mean": self.ledger.mean(), "delta": delta}
 
 
 @register

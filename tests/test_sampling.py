@@ -1,0 +1,60 @@
+"""The seeded client schedule: Poisson cohorts padded to a static capacity (the round costs the
+capacity's slots, not N), overflow below its tail bound, sampling rate as promised."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedlora_jax import sampling
+from fedlora_jax.config import load_config
+from fedlora_jax.runner import run
+
+
+@pytest.mark.parametrize("n, k", [(20, 2), (100, 10), (10_000, 100), (10_000, 1_000), (50, 50)])
+def test_poisson_capacity_is_the_smallest_within_the_tail(n, k):
+    cap, overflow = sampling.poisson_capacity(n, k)
+    q = k / n
+    assert overflow == pytest.approx(stats.binom.sf(cap, n, q) if cap < n else 0.0, rel=1e-9, abs=1e-300)
+    assert overflow <= sampling.POISSON_TAIL
+    if k < cap < n:  # one slot fewer would overflow too often
+        assert stats.binom.sf(cap - 1, n, q) > sampling.POISSON_TAIL
+    if n >= 10_000:  # the round's cost follows the expected cohort, not the population
+        assert cap < k + 8 * np.sqrt(k) and cap < n / 5
+
+
+def test_poisson_rounds_sample_at_rate_q_and_pad_with_an_invalid_id():
+    n, k, rounds = 400, 20, 300
+    cap = sampling.cohort_slots(n, k, "poisson")
+    sizes, seen = [], np.zeros(n)
+    for r in range(rounds):
+        ids, valid = sampling.sample_round(5, n, k, "poisson", r)
+        assert ids.shape == (cap,) and valid.shape == (cap,)
+        real = ids[valid]
+        assert np.all(np.diff(real) > 0) and np.all((0 <= real) & (real < n)) and np.all(ids[~valid] == n)
+        assert np.all(valid[: len(real)])  # the valid slots come first
+        sizes.append(len(real))
+        seen[real] += 1
+    # the cohort size is Binomial(n, q): mean k, variance k (1 - q); 5 standard errors
+    se = np.sqrt(k * (1 - k / n) / rounds)
+    assert abs(np.mean(sizes) - k) < 5 * se
+    # every client at rate q: the per-client rate over rounds, pooled, within 5 standard errors
+    assert abs(seen.mean() / rounds - k / n) < 5 * np.sqrt(k / n / (n * rounds))
+    # the same (seed, round) gives the same cohort: a pure function
+    a, b = sampling.sample_round(5, n, k, "poisson", 7), sampling.sample_round(5, n, k, "poisson", 7)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.slow
+def test_central_run_over_a_large_population_uses_capacity_slots(tmp_path):
+    cfg = load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier",
+                               "dp.noise_multiplier=1.0", "fl.num_clients=200", "fl.clients_per_round=4",
+                               "fl.rounds=3", "fl.local_steps=1", "fl.batch_size=2", "data.synthetic_examples=600",
+                               "eval_every=3", "checkpoint_every=0"])
+    s = run(cfg, tmp_path / "r", progress=False)
+    cap, overflow = sampling.poisson_capacity(200, 4)
+    assert cap < 200 // 5 and f"padded to {cap} slots" in s["privacy"]["mechanism"]
+    # the overflow event is in the reported delta: delta + (1 + e^eps) x rounds x overflow
+    expect = cfg.dp.delta + (1 + np.exp(s["privacy"]["epsilon"])) * 3 * overflow
+    assert s["privacy"]["delta"] == pytest.approx(expect, rel=1e-9)
