@@ -58,3 +58,41 @@ def test_central_run_over_a_large_population_uses_capacity_slots(tmp_path):
     # the overflow event is in the reported delta: delta + (1 + e^eps) x rounds x overflow
     expect = cfg.dp.delta + (1 + np.exp(s["privacy"]["epsilon"])) * 3 * overflow
     assert s["privacy"]["delta"] == pytest.approx(expect, rel=1e-9)
+
+
+def test_a_capacity_round_equals_the_masked_all_slots_round_on_the_same_draw():
+    import jax
+    import jax.numpy as jnp
+
+    from fedlora_jax import randomness
+    from fedlora_jax.models.factory import build_model
+    from fedlora_jax.privacy import modes
+    from fedlora_jax.simulation import init_state, make_round
+
+    n, k = 80, 3
+    cfg = load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier",
+                               "dp.noise_multiplier=0.5", f"fl.num_clients={n}", f"fl.clients_per_round={k}",
+                               "fl.local_steps=1", "fl.batch_size=2"])
+    definition, base, lora, _, _ = build_model(cfg)
+    mech = modes.build(cfg, lora)
+    ids, valid = sampling.sample_round(cfg.seed, n, k, "poisson", 1)
+    taken = ids[valid]
+    assert 0 < len(taken) < len(ids) < n
+    rng = np.random.default_rng(0)
+    shape = (cfg.fl.local_steps, cfg.fl.batch_size, 16)
+    data = {c: rng.integers(0, 200, shape) for c in range(n)}  # each client's batch
+
+    def block(slot_ids):
+        toks = np.stack([data[c] if c < n else data[0] for c in slot_ids])
+        return {"tokens": jnp.asarray(toks, jnp.int32), "attention_mask": jnp.ones(toks.shape, jnp.int32),
+                "loss_mask": jnp.ones(toks.shape, jnp.int32), "num_examples": jnp.full((len(slot_ids),), 5.0)}
+
+    fn = make_round(definition, cfg, mech, n)
+    keys = randomness.round_keys(cfg.seed, 1)
+    all_valid = np.isin(np.arange(n), taken)
+    a, _ = fn(init_state(cfg, lora, n), base, block(np.arange(n)), jnp.arange(n, dtype=jnp.int32),
+              jnp.full((n,), cfg.lora.r, jnp.int32), jnp.asarray(all_valid), keys, jnp.float32(1e-2))
+    b, _ = fn(init_state(cfg, lora, n), base, block(ids), jnp.asarray(ids, jnp.int32),
+              jnp.full((len(ids),), cfg.lora.r, jnp.int32), jnp.asarray(valid), keys, jnp.float32(1e-2))
+    for x, y in zip(jax.tree.leaves(a["lora"]), jax.tree.leaves(b["lora"])):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
