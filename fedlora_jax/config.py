@@ -279,6 +279,14 @@ class DPSection:
     publish_client_metrics: bool = False
     # the clients' example counts are public: aggregation may weight by them (else uniform weights)
     public_counts: bool = False
+    # central DP: adaptive clipping (Andrew et al. 2021): the clip (starting at dp.clip_a) moves
+    # geometrically toward the target quantile of the clients' update norms, estimated from a noisy
+    # count; the two noises are accounted as one Gaussian of multiplier dp.noise_multiplier (or the
+    # calibrated one). Needs dp.scope global.
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clip_count_noise: float | None = None  # std of the noise on the clipped-client count (default K/20)
 
     def __post_init__(self):
         _check_types(self, "dp.")
@@ -294,6 +302,11 @@ class DPSection:
         _positive("dp.noise_multiplier", self.noise_multiplier, strict=False)
         if self.budget is not None:
             _positive("dp.budget", self.budget)
+        if not 0 < self.target_quantile < 1:
+            raise UserError(f"dp.target_quantile must be in (0, 1), got {self.target_quantile!r}")
+        _positive("dp.clip_lr", self.clip_lr)
+        if self.clip_count_noise is not None:
+            _positive("dp.clip_count_noise", self.clip_count_noise)
         _at_least("dp.stats_every", self.stats_every, 0)
         if self.stats_samples < 2:
             raise UserError(f"dp.stats_samples must be >= 2, got {self.stats_samples}")

@@ -82,8 +82,9 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     fl = dataclasses.replace(cfg.fl, num_clients=k, clients_per_round=k, clients_per_chunk=chunk)
     # the noise's value does not change the program's memory: every mechanism accepts a multiplier
     c = dataclasses.replace(cfg, fl=fl, dp=dataclasses.replace(cfg.dp, noise="multiplier"))
-    fn = make_round(definition, c, modes.build(c, lora_shapes, None), k)
-    state = jax.eval_shape(lambda lo: init_state(c, lo, k), lora_shapes)
+    mechanism = modes.build(c, lora_shapes, None)
+    fn = make_round(definition, c, mechanism, k)
+    state = jax.eval_shape(lambda lo: init_state(c, lo, k, mechanism), lora_shapes)
     shp = (k, fl.local_steps, step_batch(cfg), cfg.data.seq_len)
     sds = jax.ShapeDtypeStruct
     block = {"tokens": sds(shp, jnp.int32), "attention_mask": sds(shp, jnp.int32), "loss_mask": sds(shp, jnp.int32),

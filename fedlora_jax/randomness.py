@@ -36,6 +36,7 @@ DOMAINS = (
     "eval_sample",      # which held-out examples an evaluation scores
     "client_noise",     # local DP release noise (round, client, leaf)
     "server_noise",     # central DP noise on the sum (round, leaf)
+    "clip_count_noise",  # adaptive clipping: noise on the count of unclipped clients (round)
     "dpsgd_noise",      # DP-SGD step noise (round, client, step, leaf)
     "noise_stats",      # Monte-Carlo noise statistics (dp.stats_every) (round, matrix)
     "audit",            # empirical privacy audits
@@ -74,4 +75,5 @@ def np_seed(seed: int, domain: str, *ids: int) -> int:
 
 def round_keys(seed: int, round_index: int) -> dict:
     """The keys the jitted round draws from in round `round_index` (a pytree of typed keys)."""
-    return {d: key(seed, d, round_index) for d in ("client_noise", "server_noise", "dpsgd_noise", "lora_reinit")}
+    return {d: key(seed, d, round_index)
+            for d in ("client_noise", "server_noise", "clip_count_noise", "dpsgd_noise", "lora_reinit")}

@@ -94,7 +94,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                             f"could run; raise dp.budget or the noise")
     prepare_out(cfg, out, resume, overwrite)
     batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed, poisson=mechanism.record_level)
-    state = init_state(cfg, lora, fl.num_clients)
+    state = init_state(cfg, lora, fl.num_clients, mechanism)
     ckpt = Checkpointer(out / "checkpoints")
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -180,6 +180,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                 tqdm.write(f"round {r + 1}: {dropped} client update(s) were not finite and were dropped "
                            f"(clients {bad or 'with non-finite factors'})"
                            + (" [outside the DP guarantee]" if mechanism.private else ""), file=sys.stderr)
+            row.update({k: float(v) for k, v in m["mechanism"].items()})  # accounted values (e.g. the clip)
             row.update(mechanism.privacy_row(participations))
             if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
                 row["eval_loss"] = run_eval(state)

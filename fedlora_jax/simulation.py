@@ -24,11 +24,16 @@ from .server import server_optimizer
 from .errors import UserError
 
 
-def init_state(cfg, lora: dict, num_clients: int) -> dict:
+def init_state(cfg, lora: dict, num_clients: int, mechanism: Mechanism | None = None) -> dict:
+    """The server state: adapter, server optimizer, round, and what the aggregator, the algorithm
+    (SCAFFOLD controls) and the DP mechanism (e.g. an adaptive clip, under 'mech') carry."""
     fl = cfg.fl
     opt = server_optimizer(fl)
     state = {"lora": lora, "opt": opt.init(lora), "round": jnp.zeros((), jnp.int32),
              **agg.get(fl.aggregation).init_state(lora)}
+    mstate = mechanism.init_state() if mechanism is not None else {}
+    if mstate:
+        state["mech"] = mstate
     if fl.algorithm == "scaffold":
         zeros = jax.tree.map(jnp.zeros_like, lora)
         state["controls"] = {"global": zeros,
@@ -68,10 +73,11 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
             definition, base, g, batches, lr, rank=rank if hetero else None, weight_decay=fl.weight_decay,
             prox_mu=prox_mu, control=control, freeze_a=cfg.lora.freeze_a,
             dpsgd=mechanism.dpsgd_args(jax.random.fold_in(keys["dpsgd_noise"], cid)))
+        mstate = state.get("mech", {})
         released = mechanism.release(local, g, jax.random.fold_in(keys["client_noise"], cid),
-                                     rank if hetero else None)
+                                     rank if hetero else None, mstate)
         kept = mechanism.kept(released, metrics["loss"])
-        return released, metrics, new_c, kept
+        return released, {**metrics, "stat": mechanism.client_stat(local, g, mstate)}, new_c, kept
 
     def accumulate(carry, g, released, kept, n_ex, ids, new_c):
         """Fold one chunk of released adapters into the running sums (never all clients at once)."""
@@ -115,7 +121,7 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
         xs = {"batches": {key: chunked(block[key]) for key in ("tokens", "attention_mask", "loss_mask")},
               "ids": chunked(client_ids, num_clients), "ranks": chunked(ranks, 1), "valid": chunked(valid, False),
               "n_ex": chunked(block["num_examples"])}
-        carry = {"wsum": jnp.zeros((), jnp.float32)}
+        carry = {"wsum": jnp.zeros((), jnp.float32), "stat": jnp.zeros((), jnp.float32)}
         carry["sum"] = jax.tree.map(jnp.zeros_like, g) if mechanism.sums_updates else aggregator.zeros(state, g)
         if scaffold:
             carry["controls"] = state["controls"]["clients"]
@@ -127,6 +133,7 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
             kept = kept & x["valid"]
             released = agg.zero_invalid(released, kept)
             carry = accumulate(carry, g, released, kept, x["n_ex"], x["ids"], new_c)
+            carry["stat"] = carry["stat"] + jnp.sum(jnp.where(kept, metrics["stat"], 0.0))
             return carry, {**metrics, "kept": kept}
 
         carry, per = jax.lax.scan(body, carry, xs)
@@ -135,7 +142,8 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
         new_state = dict(state)
         if mechanism.sums_updates:
             # the noise is added in every round, empty or all-dropped cohorts included
-            aggregate = mechanism.finalize_sum(carry["sum"], g, keys["server_noise"], fl.clients_per_round)
+            aggregate = mechanism.finalize_sum(carry["sum"], g, keys["server_noise"], fl.clients_per_round,
+                                               state.get("mech", {}))
         else:  # a function of the releases only (post-processing), empty rounds included
             aggregate, extra = aggregator.finalize(state, carry["sum"], carry["wsum"], jnp.any(kept), g)
             new_state.update(extra)
@@ -146,6 +154,9 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
             new_state["controls"] = {
                 "global": jax.tree.map(lambda c0, d: c0 + d / num_clients, state["controls"]["global"], carry["dc"]),
                 "clients": carry["controls"]}
+        if "mech" in state:
+            new_state["mech"] = mechanism.update_state(state["mech"], carry["stat"], keys["clip_count_noise"],
+                                                       fl.clients_per_round)
         new_state["round"] = state["round"] + 1
         n_kept = jnp.sum(kept)
         denom = jnp.maximum(n_kept, 1)
@@ -154,7 +165,7 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
         mean_kept = lambda v: jnp.where(n_kept > 0, jnp.sum(jnp.where(kept, v, 0.0)) / denom, jnp.nan)
         out = {"loss": mean_kept(per["loss"]), "first_loss": mean_kept(per["first_loss"]),
                "update_norm": mean_kept(per["update_norm"]), "dropped": jnp.sum(valid & ~kept),
-               "client_loss": per["loss"]}
+               "client_loss": per["loss"], "mechanism": mechanism.round_values(state.get("mech", {}))}
         return new_state, out
 
     return jax.jit(round_fn, donate_argnums=(0,) if donate else ())

@@ -3,6 +3,8 @@ capacity's slots, not N), overflow below its tail bound, sampling rate as promis
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -96,3 +98,69 @@ def test_a_capacity_round_equals_the_masked_all_slots_round_on_the_same_draw():
               jnp.full((len(ids),), cfg.lora.r, jnp.int32), jnp.asarray(valid), keys, jnp.float32(1e-2))
     for x, y in zip(jax.tree.leaves(a["lora"]), jax.tree.leaves(b["lora"])):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- adaptive clipping
+
+def _adaptive_cfg(*extra):
+    return load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.scope=global", "dp.adaptive_clip=true",
+                                "dp.noise=multiplier", "dp.noise_multiplier=1.0", "fl.num_clients=400",
+                                "fl.clients_per_round=40", "dp.clip_count_noise=4.0", *extra])
+
+
+def test_adaptive_clip_tracks_a_known_quantile_of_update_norms():
+    """The mechanism's own update rule, fed the counts a cohort of K clients with log-normal update
+    norms would give (with the mechanism's count noise), converges to the target quantile."""
+    import jax
+    import jax.numpy as jnp
+
+    from fedlora_jax import randomness
+    from fedlora_jax.models.factory import build_model
+    from fedlora_jax.privacy import modes
+
+    for gamma in (0.3, 0.7):
+        cfg = _adaptive_cfg(f"dp.target_quantile={gamma}", "dp.clip_lr=0.2", "dp.clip_a=5.0")
+        mech = modes.build(cfg, build_model(cfg)[2])
+        k = cfg.fl.clients_per_round
+        state = mech.init_state()
+        rng = np.random.default_rng(1)
+        clips = []
+        for r in range(400):
+            norms = rng.lognormal(mean=0.0, sigma=1.0, size=k)
+            within = jnp.float32(np.sum(norms <= float(state["clip"])))
+            state = mech.update_state(state, within, randomness.key(0, "clip_count_noise", r), k)
+            clips.append(float(state["clip"]))
+        reached = np.mean(clips[-100:])
+        # the gamma-quantile of LogNormal(0, 1) is exp(Phi^-1(gamma)); the estimate is within 10%
+        assert reached == pytest.approx(np.exp(stats.norm.ppf(gamma)), rel=0.1)
+
+
+def test_adaptive_clip_ledger_equals_dp_accounting_of_the_combined_mechanism(tmp_path):
+    import dp_accounting as dpa
+
+    cfg = _adaptive_cfg("fl.rounds=3", "fl.local_steps=1", "fl.batch_size=2", "data.synthetic_examples=800",
+                        "eval_every=3", "checkpoint_every=0")
+    s = run(cfg, tmp_path / "r", progress=False)
+    p = s["privacy"]
+    z_u, s_c = p["update_noise_multiplier"], p["clip_count_noise"]
+    combined = (z_u ** -2 + (2 * s_c) ** -2) ** -0.5  # Andrew et al. 2021, Theorem 1
+    assert combined == pytest.approx(1.0, rel=1e-9)
+    acc = dpa.pld.PLDAccountant(dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-3)
+    acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(40 / 400, dpa.GaussianDpEvent(combined)), 3))
+    assert p["epsilon"] == pytest.approx(acc.get_epsilon(cfg.dp.delta), rel=1e-9)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["clip"] == pytest.approx(cfg.dp.clip_a) and all(r["clip"] > 0 for r in rows)
+
+
+def test_adaptive_clip_refuses_what_it_cannot_account(tmp_path):
+    from fedlora_jax.errors import UserError
+    from fedlora_jax.models.factory import build_model
+    from fedlora_jax.privacy import modes
+
+    lora = build_model(_adaptive_cfg())[2]
+    with pytest.raises(UserError, match="scope global"):
+        modes.build(_adaptive_cfg("dp.scope=per_matrix"), lora)
+    with pytest.raises(UserError, match="clip_count_noise"):
+        modes.build(_adaptive_cfg("dp.clip_count_noise=0.4"), lora)  # z = 1 >= 2 x 0.4
+    with pytest.raises(UserError, match="central"):
+        modes.build(load_config("tiny", ["dp.mode=local", "dp.adaptive_clip=true"]), lora)

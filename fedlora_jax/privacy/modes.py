@@ -68,6 +68,7 @@ class Mechanism:
     participation_public: ClassVar[bool] = True  # who takes part may be published
     controls_private: ClassVar[bool] = True  # SCAFFOLD controls are covered by the guarantee
     record_level: ClassVar[bool] = False   # True: Poisson batches and per-example noise (DP-SGD)
+    adaptive_clipping: ClassVar[bool] = False  # dp.adaptive_clip is defined for this mode
 
     cfg: Any
     lora: Any
@@ -89,6 +90,8 @@ class Mechanism:
             raise UserError(f"fl.algorithm scaffold with dp.mode {self.name}: SCAFFOLD's control variates are "
                             f"computed from the clients' un-noised updates, which this mode's guarantee does not "
                             f"cover; use another algorithm, dp.mode dpsgd, or dp.mode none")
+        if self.cfg.dp.adaptive_clip and not self.adaptive_clipping:
+            raise UserError(f"dp.adaptive_clip is defined for dp.mode central, not {self.name}")
 
     def calibrate(self) -> None:
         self.info = {"mechanism": "no DP"}
@@ -127,9 +130,25 @@ class Mechanism:
         """(clip, sigma, key, expected batch) for record-level DP-SGD inside local training, or None."""
         return None
 
-    def release(self, local, global_, key, rank=None):
+    def init_state(self) -> dict:
+        """The mechanism's own server state (arrays), carried in the round's state (e.g. the clip)."""
+        return {}
+
+    def release(self, local, global_, key, rank=None, mstate=None):
         """What one client sends (its adapter, in weight space)."""
         return local
+
+    def client_stat(self, local, global_, mstate):
+        """A per-client scalar the server sums (adaptive clipping: was the update within the clip?)."""
+        return jnp.zeros((), jnp.float32)
+
+    def update_state(self, mstate: dict, stat_sum, key, expected_cohort) -> dict:
+        """The mechanism's state for the next round (from privatized quantities only)."""
+        return mstate
+
+    def round_values(self, mstate: dict) -> dict:
+        """Accounted values of the round that a run may publish (e.g. the clip used)."""
+        return {}
 
     def kept(self, released, loss):
         """Which clients the server aggregates: finite releases (and, without DP, finite losses)."""
@@ -140,7 +159,7 @@ class Mechanism:
         return num_examples
 
     # ------------------------------------------------------------------ jitted, server
-    def finalize_sum(self, total, global_, key, expected_cohort):
+    def finalize_sum(self, total, global_, key, expected_cohort, mstate=None):
         """Central-style aggregate from the sum of clipped updates (only when sums_updates)."""
         raise NotImplementedError
 
@@ -229,7 +248,7 @@ class LocalDP(_DP):
                                    f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g}, {neighbouring}, "
                                    f"composed over each client's participations, no amplification")}
 
-    def release(self, local, global_, key, rank=None):
+    def release(self, local, global_, key, rank=None, mstate=None):
         dp, freeze_a = self.cfg.dp, self.cfg.lora.freeze_a
         if freeze_a:  # clip and noise B alone; A is the public frozen A
             local = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), local)
@@ -262,10 +281,14 @@ class CentralDP(_DP):
     sums_updates: ClassVar[bool] = True
     participation_public: ClassVar[bool] = False
     controls_private: ClassVar[bool] = False
+    adaptive_clipping: ClassVar[bool] = True
 
     def check(self) -> None:
         super().check()
         fl = self.cfg.fl
+        if self.cfg.dp.adaptive_clip and self.cfg.dp.scope != "global":
+            raise UserError(f"dp.adaptive_clip clips each update as one vector: it needs dp.scope global, "
+                            f"not {self.cfg.dp.scope}")
         if fl.sampling != "poisson":
             raise UserError("dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client "
                             "sampling)")
@@ -289,7 +312,16 @@ class CentralDP(_DP):
         else:
             z = acc.sampled_multiplier_for(dp.epsilon, q, fl.rounds, dp.delta) * factor
         self.z, self.z_eff = z, z / factor
-        self.sigma_a, self.sigma_b = z * dp.clip_a, z * self.clip_b
+        self.adaptive = dp.adaptive_clip
+        self.z_update = z
+        if self.adaptive:  # Andrew et al. 2021: z^-2 = z_update^-2 + (2 sigma_count)^-2
+            self.count_noise = dp.clip_count_noise or fl.clients_per_round / 20.0
+            if z >= 2 * self.count_noise:
+                raise UserError(f"dp.adaptive_clip: the noise multiplier {z:.4g} leaves nothing for the update once "
+                                f"the count noise {self.count_noise:.4g} is paid (needs multiplier < 2 x "
+                                f"dp.clip_count_noise); raise dp.clip_count_noise (default K/20) or lower the noise")
+            self.z_update = (z ** -2 - (2 * self.count_noise) ** -2) ** -0.5
+        self.sigma_a, self.sigma_b = self.z_update * dp.clip_a, self.z_update * self.clip_b
         self.blocks = (n_a, n_b)
         self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, "add-remove", sampling_rate=q)
         self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round)
@@ -301,17 +333,52 @@ class CentralDP(_DP):
                                    f"round, add-remove, Poisson client sampling q={q:g}, PLD; cohorts padded to "
                                    f"{self.capacity} slots (overflow probability {self.overflow:.2g} per round, "
                                    f"added to delta)")}
+        if self.adaptive:
+            self.info.update(adaptive_clip=True, update_noise_multiplier=self.z_update,
+                             clip_count_noise=self.count_noise, target_quantile=dp.target_quantile,
+                             clip_lr=dp.clip_lr, initial_clip=dp.clip_a)
+            self.info["mechanism"] += (f"; adaptive clipping toward the {dp.target_quantile:g} quantile (initial "
+                                       f"{dp.clip_a:g}, lr {dp.clip_lr:g}): update noise multiplier "
+                                       f"{self.z_update:.4g} x clip and count noise {self.count_noise:.4g}, "
+                                       f"accounted together as one Gaussian of multiplier {z:.4g}")
 
-    def release(self, local, global_, key, rank=None):
-        dp = self.cfg.dp
-        upd, _ = prim.clip(jax.tree.map(jnp.subtract, local, global_), dp.clip_a, self.clip_b, dp.scope)
+    def init_state(self) -> dict:
+        return {"clip": jnp.asarray(self.cfg.dp.clip_a, jnp.float32)} if self.adaptive else {}
+
+    def _clips(self, mstate):
+        if self.adaptive:
+            return mstate["clip"], mstate["clip"]
+        return self.cfg.dp.clip_a, self.clip_b
+
+    def release(self, local, global_, key, rank=None, mstate=None):
+        clip_a, clip_b = self._clips(mstate)
+        upd, _ = prim.clip(jax.tree.map(jnp.subtract, local, global_), clip_a, clip_b, self.cfg.dp.scope)
         return jax.tree.map(jnp.add, global_, upd)
+
+    def client_stat(self, local, global_, mstate):
+        if not self.adaptive:
+            return jnp.zeros((), jnp.float32)
+        upd = jax.tree.map(jnp.subtract, local, global_)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(upd)))
+        return (norm <= mstate["clip"]).astype(jnp.float32)
+
+    def update_state(self, mstate, stat_sum, key, expected_cohort):
+        """C <- C exp(-lr (b - gamma)), b = (count within the clip + N(0, sigma_count^2)) / K."""
+        if not self.adaptive:
+            return mstate
+        dp = self.cfg.dp
+        noisy = (stat_sum + self.count_noise * jax.random.normal(key, (), jnp.float32)) / expected_cohort
+        return {"clip": mstate["clip"] * jnp.exp(-dp.clip_lr * (noisy - dp.target_quantile))}
+
+    def round_values(self, mstate):
+        return {"clip": mstate["clip"]} if self.adaptive else {}
 
     def weight(self, num_examples):
         return jnp.ones_like(num_examples)  # the sum's sensitivity is C only if every client counts once
 
-    def finalize_sum(self, total, global_, key, expected_cohort):
-        noisy = prim.add_noise(total, key, self.sigma_a, self.sigma_b)
+    def finalize_sum(self, total, global_, key, expected_cohort, mstate=None):
+        clip_a, clip_b = self._clips(mstate)  # the noise scales with the clip of this round
+        noisy = prim.add_noise(total, key, self.z_update * clip_a, self.z_update * clip_b)
         return jax.tree.map(lambda x, t: x + t / expected_cohort, global_, noisy)
 
     def privacy_row(self, participations):
