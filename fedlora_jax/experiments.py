@@ -230,6 +230,12 @@ def eps_clip(scale: str, out, overrides=(), epsilons=(5, 10, 15, 25), clips=(0.1
 
 # ----------------------------------------------------------------------------- algorithms
 
+def _dp_allows(algorithm: str) -> bool:
+    """Whether the paper's local DP accepts this algorithm (the mechanism object decides)."""
+    from .privacy.modes import MECHANISMS
+    return algorithm != "scaffold" or MECHANISMS["local"].controls_private
+
+
 def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
     """Seven FL algorithms with and without the paper's local DP (epsilon 25 per release by the
     paper's convention, clip 0.1): Table I (training loss) and Table II (benchmark scores)."""
@@ -238,18 +244,22 @@ def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
     for a in algos:
         extra = [f"fl.algorithm={a}"] + ([f"fl.server_lr={_ADAPTIVE_SERVER_LR[scale]}"] if a in ADAPTIVE else [])
         runs[f"{a}_nodp"] = extra + ["dp.mode=none"]
-        runs[f"{a}_dp"] = extra + _PAPER_DP
+        if _dp_allows(a):  # SCAFFOLD's controls are not covered by local DP: the run would be refused
+            runs[f"{a}_dp"] = extra + _PAPER_DP
     s = run_grid(runs, scale, out, overrides, **kw)
     metrics = {k: read_metrics(out / "runs" / k) for k in runs}
+    refused = {"final_eval_loss": None, "privacy": {"epsilon": None}, "final_scores": {}}
     loss_rows, score_rows = [], []
     for a in algos:
         n, d = f"{a}_nodp", f"{a}_dp"
-        loss_rows.append({"algorithm": a, "train_loss_no_dp": tail_mean(metrics[n]), "train_loss_dp": tail_mean(metrics[d]),
-                          "eval_loss_no_dp": s[n]["final_eval_loss"], "eval_loss_dp": s[d]["final_eval_loss"],
-                          "epsilon_honest_dp": s[d]["privacy"]["epsilon"]})
+        sd = s.get(d, refused)
+        loss_rows.append({"algorithm": a + ("" if d in s else " (DP refused: controls not private)"),
+                          "train_loss_no_dp": tail_mean(metrics[n]), "train_loss_dp": tail_mean(metrics.get(d, [])),
+                          "eval_loss_no_dp": s[n]["final_eval_loss"], "eval_loss_dp": sd["final_eval_loss"],
+                          "epsilon_honest_dp": sd["privacy"]["epsilon"]})
         row = {"algorithm": a}
-        for tag, k in (("no_dp", n), ("dp", d)):
-            for m, v in (s[k].get("final_scores") or {}).items():
+        for tag, summ in (("no_dp", s[n]), ("dp", sd)):
+            for m, v in (summ.get("final_scores") or {}).items():
                 row[f"{m.replace('eval_', '')}_{tag}"] = v
         score_rows.append(row)
     base_scores = next(iter(s.values())).get("initial_scores") or {}
