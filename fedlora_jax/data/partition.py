@@ -58,10 +58,12 @@ def partition(n: int, num_clients: int, method: str = "iid", labels=None, alpha:
 def partition_summary(parts: list[np.ndarray], attention_mask: np.ndarray, labels=None) -> list[dict]:
     """Examples, tokens and label counts per client."""
     out = []
+    lengths = attention_mask.sum(axis=1)
+    labels = None if labels is None else np.asarray(labels)  # once, not per client
     for c, idx in enumerate(parts):
-        row = {"client": c, "examples": int(len(idx)), "tokens": int(attention_mask[idx].sum())}
+        row = {"client": c, "examples": int(len(idx)), "tokens": int(lengths[idx].sum())}
         if labels is not None:
-            vals, counts = np.unique(np.asarray(labels)[idx], return_counts=True)
+            vals, counts = np.unique(labels[idx], return_counts=True)
             row["labels"] = {str(v): int(k) for v, k in zip(vals, counts)}
         out.append(row)
     return out

@@ -99,5 +99,9 @@ def tokenize_examples(ds, tokenizer, template: str = "alpaca", seq_len: int = 51
     if keep.sum() == 0:
         raise UserError(f"seq_len {seq_len} is too short for every prompt ({n} examples dropped); raise data.seq_len")
     idx = np.nonzero(keep)[0]
-    labels = [ds["label"][i] for i in idx] if "label" in ds.column_names else None
+    if "label" in ds.column_names:
+        column = ds["label"]  # read the column once (indexing the dataset per row copies its features)
+        labels = [column[i] for i in idx]
+    else:
+        labels = None
     return TokenizedData(tokens[idx], loss[idx], attn[idx], labels, truncated, dropped, idx)
