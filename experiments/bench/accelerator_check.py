@@ -320,7 +320,14 @@ def log(msg):
 
 
 def section_deadline(name):
-    return SECTION_END[name] * ARGS.budget
+    """The end of a section: the cumulative share of the SELECTED sections (a run of one section gets
+    the whole budget)."""
+    chosen = [n for n in SECTION_END if n in ARGS.sections.split(",")]
+    starts = {n: SECTION_END[n] - (SECTION_END[m] if i else 0.0)
+              for i, (m, n) in enumerate(zip([None] + chosen[:-1], chosen))} if chosen else {}
+    total = sum(starts.values()) or 1.0
+    end = sum(starts[n] for n in chosen[: chosen.index(name) + 1]) / total if name in chosen else SECTION_END[name]
+    return min(end, SECTION_END["sweep"]) * ARGS.budget
 
 
 def left(deadline):
@@ -995,8 +1002,8 @@ def section_checks():
     deadline = section_deadline("checks")
     for name, fn, need in (
         ("rounds: vmap vs loop, chunked vs unchunked", check_rounds, 10),
-        ("bf16 vs f32", check_bf16, 10),
         ("SmolLM2 logits", check_smollm2, 25),
+        ("bf16 vs f32", check_bf16, 10),
     ):
         if left(deadline) < need:
             skip(f"check {name}", f"{left(deadline):.0f} s left in the checks' share, needs ~{need} s")
