@@ -77,9 +77,9 @@ def analytic_flops(p, base):
     loop body once, so it cannot be used for scanned layers and steps."""
     kernels = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_flatten_with_path(base)[0]
                   if getattr(path[-1], "key", "") == "kernel")
-    head = p["vocab"] * p["hidden"]
+    # the output head's kernel is among `kernels` (it was once counted twice here)
     tokens = p["clients"] * p["steps"] * p["batch"] * p["seq"]
-    per_token = 4 * (kernels + head) + 12 * p["layers"] * p["seq"] * p["hidden"]
+    per_token = 4 * kernels + 12 * p["layers"] * p["seq"] * p["hidden"]
     return tokens * per_token
 
 
