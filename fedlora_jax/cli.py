@@ -373,6 +373,41 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    from .config import load_config
+    from .privacy import audit
+
+    _finite("--trials", args.trials, low=audit.MIN_TRIALS, what="the number of games played (half with the canary)")
+    _finite("--compositions", args.compositions, low=1)
+    _finite("--confidence", args.confidence, low=0.5, high=1, low_open=True, high_open=True)
+    cfg = load_config(args.config, args.set)
+    r = audit.audit(cfg, args.trials, confidence=args.confidence, compositions=args.compositions, seed=args.seed)
+    if args.json:
+        print(dumps(r))
+        return 0 if r["consistent"] else 1
+    fmt = lambda x: "n/a" if x is None else f"{x:.4g}"
+    print(f"game: {r['game']}")
+    print(
+        f"{r['trials']} trials ({r['trials_per_second']:.0f} trials/s after {r['seconds_compile']:.1f} s compile), "
+        f"delta {r['delta']:g}, confidence {r['confidence']:g}"
+    )
+    print(
+        f"empirical lower bound: epsilon >= {fmt(r['epsilon_lower'])}  (distribution-free "
+        f"{fmt(r['epsilon_lower_distribution_free'])}, Gaussian-DP {fmt(r['epsilon_lower_gdp'])}"
+        + ("" if r["gdp"]["applicable"] else f": {r['gdp'].get('reason', 'n/a')}")
+        + ")"
+    )
+    print(
+        f"attack: TPR {fmt(r['tpr_at_fpr']['0.001'])} at FPR 0.001, {fmt(r['tpr_at_fpr']['0.01'])} at FPR 0.01, "
+        f"AUROC {fmt(r['auroc'])}"
+    )
+    print(f"accountant (upper bound) for this game: epsilon {fmt(r['epsilon_accountant'])}")
+    if r["epsilon_paper"] is not None:
+        print(f"paper convention (NOT a bound): epsilon {fmt(r['epsilon_paper'])}")
+    print(r["verdict"])
+    return 0 if r["consistent"] else 1
+
+
 class _Parser(argparse.ArgumentParser):
     """Command-line mistakes as one line (`fedlora-jax CMD: error: ...`) and exit status 2."""
 
@@ -457,6 +492,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser(
+        "audit",
+        help="empirical privacy audit: a lower bound on epsilon from the run's own release "
+        "path, beside the accountant's upper bound (exit 1 if it exceeds it)",
+    )
+    s.add_argument("config", nargs="?", default=None, help="YAML file or preset name (default: default)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--trials", type=int, default=4000, help="games played, half with the canary (>= 100)")
+    s.add_argument(
+        "--compositions",
+        type=int,
+        help="participations (local, dpsgd) or rounds (central) the game composes (default: the run's)",
+    )
+    s.add_argument("--confidence", type=float, default=0.95)
+    s.add_argument("--seed", type=int, help="seed of the audit's randomness domain (default: the config's seed)")
+    s.add_argument("--json", action="store_true", help="print one JSON line")
+    s.set_defaults(fn=_cmd_audit)
     return p
 
 
