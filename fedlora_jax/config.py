@@ -287,6 +287,10 @@ class DPSection:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     clip_count_noise: float | None = None  # std of the noise on the clipped-client count (default K/20)
+    # the root of the DP noise (and of central DP's client draws and DP-SGD's batch draws). None: drawn
+    # from OS entropy at the start of a run and kept only in checkpoints/ (the server's private
+    # state). Set it only to reproduce a run's noise: anyone with config.yaml can then remove it.
+    noise_seed: int | None = None
 
     def __post_init__(self):
         _check_types(self, "dp.")

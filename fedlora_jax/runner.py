@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,25 @@ from .privacy import modes
 from .simulation import client_mesh, cosine_lr, effective_base, init_state, make_round
 
 log = logging.getLogger("fedlora_jax")
+
+
+def _noise_seed(cfg: RunConfig, mechanism, meta: dict) -> int:
+    """The secret root of the noise: restored on resume; else dp.noise_seed if the config fixes it;
+    else (in a DP mode) fresh OS entropy, kept only in the checkpoints (the server's private state)."""
+    if meta.get("noise_seed") is not None:
+        return int(meta["noise_seed"])
+    if cfg.dp.noise_seed is not None:
+        return cfg.dp.noise_seed
+    return secrets.randbits(63) if mechanism.private else cfg.seed
+
+
+def _private(folder: Path) -> None:
+    """checkpoints/ holds the server's private state (noise seed, participations): owner-only."""
+    if folder.exists():
+        try:
+            folder.chmod(0o700)
+        except OSError:  # a file system without modes: the README says not to publish the folder
+            pass
 
 
 def worst_participations(cfg: RunConfig) -> int:
@@ -87,13 +107,12 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     ledger = mechanism.ledger
     extra_eval = RunEvaluator(cfg, tokenizer, data.eval)  # bad evaluation data fails before the folder is made
     if not resume:
-        first_ids, first_valid = sampling.for_config(cfg, 0)
+        first_ids, first_valid = sampling.for_config(cfg, 0)  # a budget check: every draw costs the same
         if mechanism.budget_exceeded(first_ids[first_valid]):
             raise UserError(f"dp.budget = {cfg.dp.budget:g} is below the first round's cost "
                             f"(epsilon {mechanism.ledger.worst_after(first_ids[first_valid]):.4g}), so no round "
                             f"could run; raise dp.budget or the noise")
     prepare_out(cfg, out, resume, overwrite)
-    batcher = data.batcher(fl.local_steps, fl.batch_size, cfg.seed, poisson=mechanism.record_level)
     state = init_state(cfg, lora, fl.num_clients, mechanism)
     ckpt = Checkpointer(out / "checkpoints")
     start = 0
@@ -109,6 +128,11 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         participations = np.asarray(meta.get("participations") or
                                     (meta["ledger"] or {}).get("participations", participations), np.int64)
         rows = reporting.read_rows(metrics_path, start)  # rows logged after the checkpoint are dropped: they rerun
+    noise_seed = _noise_seed(cfg, mechanism, meta)
+    # central DP's client draw and DP-SGD's batch draws come from the secret root too (amplification)
+    sample_seed = noise_seed if mechanism.sampling_secret else cfg.seed
+    batcher = data.batcher(fl.local_steps, fl.batch_size, noise_seed if mechanism.record_level else cfg.seed,
+                           poisson=mechanism.record_level)
     if ledger is not None:
         ledger.participations = participations  # one array: the ledger's count is the batcher's
     round_fn = make_round(definition, cfg, mechanism, fl.num_clients, donate=True, mesh=client_mesh(fl.devices))
@@ -131,6 +155,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         return {"round": done, "ledger": ledger.state_dict() if ledger else None,
                 "participations": participations.tolist(), "initial_eval_loss": initial_eval,
                 "initial_scores": initial_scores, "wall_seconds": wall_before + time.time() - t_start,
+                "noise_seed": noise_seed,
                 "config": cfg.to_dict()}
 
     def publish(row, m, valid):
@@ -156,7 +181,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             if stop.requested:
                 stop_reason = "interrupted"
                 break
-            ids, valid = sampling.for_config(cfg, r)
+            ids, valid = sampling.for_config(cfg, r, sample_seed)
             if mechanism.budget_exceeded(ids[valid]):
                 stop_reason = f"privacy budget {cfg.dp.budget} would be exceeded in round {r + 1}"
                 break
@@ -166,7 +191,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             lr = cosine_lr(r, fl.rounds, fl.lr, fl.lr_min)
             state, m = round_fn(state, base, {k: jnp.asarray(v) for k, v in block.items()},
                                 jnp.asarray(ids, jnp.int32), jnp.asarray(ranks_all[data_ids]), jnp.asarray(valid),
-                                randomness.round_keys(cfg.seed, r), jnp.float32(lr))
+                                randomness.round_keys(noise_seed, r), jnp.float32(lr))
             if ledger is not None:
                 ledger.record(ids[valid])  # also counts participations (the same array)
             else:
@@ -205,6 +230,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         if done and (ckpt.latest() or 0) < done:  # also keep where an early stop left off
             ckpt.save(done, state, checkpoint_meta(done))
         ckpt.close()
+    _private(out / "checkpoints")
     saved = artifacts.save_final(cfg, out, definition, effective_base(base, state), state["lora"], tokenizer, source)
     summary = reporting.write_outputs(out, rows, mechanism, participations, source=source, artifacts=saved,
                                       initial_eval=initial_eval, initial_scores=initial_scores, done=done,

@@ -73,9 +73,11 @@ def participation_counts(seed: int, num_clients: int, clients_per_round: int, sa
     return counts
 
 
-def for_config(cfg, round_index: int):
+def for_config(cfg, round_index: int, seed: int | None = None):
+    """A round's cohort; seed: the sampling seed when it must stay secret (central DP), else cfg.seed."""
     fl = cfg.fl
-    return sample_round(cfg.seed, fl.num_clients, fl.clients_per_round, fl.sampling, round_index)
+    return sample_round(cfg.seed if seed is None else seed, fl.num_clients, fl.clients_per_round, fl.sampling,
+                        round_index)
 
 
 def config_counts(cfg) -> np.ndarray:

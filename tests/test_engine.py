@@ -158,7 +158,7 @@ def _tiny_cfg(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path):
-    cfg = _tiny_cfg(tmp_path, "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.5")
+    cfg = _tiny_cfg(tmp_path, "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.5", "dp.noise_seed=3")
     full = run(cfg, tmp_path / "full", progress=False)
     run(cfg, tmp_path / "part", progress=False, stop_after=2)
     resumed = run(cfg, tmp_path / "part", resume=True, progress=False)
@@ -169,7 +169,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="keys that differ: fl.lr"):
-        run(_tiny_cfg(tmp_path, "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.5", "fl.lr=0.5"),
+        run(_tiny_cfg(tmp_path, "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.5", "dp.noise_seed=3",
+                      "fl.lr=0.5"),
             tmp_path / "full", resume=True, progress=False)
     _close(L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")), a, atol=0)  # untouched
 
@@ -177,7 +178,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_dpsgd_resume_draws_the_same_poisson_batches(tmp_path):
     # the batches are a pure function of (seed, client, participation), restored from the ledger
-    cfg = _tiny_cfg(tmp_path, "dp.mode=dpsgd", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.clip_a=1.0")
+    cfg = _tiny_cfg(tmp_path, "dp.mode=dpsgd", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.clip_a=1.0",
+                    "dp.noise_seed=3")
     full = run(cfg, tmp_path / "full", progress=False)
     run(cfg, tmp_path / "part", progress=False, stop_after=2)
     resumed = run(cfg, tmp_path / "part", resume=True, progress=False)

@@ -78,7 +78,7 @@ def test_experiment_bad_scale_and_override(tmp_path):
 
 
 def test_notebooks_are_committed_without_outputs():
-    assert len(NOTEBOOKS) == 5
+    assert len(NOTEBOOKS) == 6
     for path in NOTEBOOKS:
         nb = nbformat.read(str(path), as_version=4)
         for cell in nb.cells:

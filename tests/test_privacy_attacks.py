@@ -282,3 +282,66 @@ def test_privacy_calculator_defaults_to_the_most_sampled_client_of_the_seeded_sc
         assert out["participations_spread"] == {"min": int(counts.min()), "median": float(np.median(counts)),
                                                 "max": int(counts.max())}
         assert out["participations"] > 6
+
+
+# ----------------------------------------------------------------------------- the auditor's findings
+
+@pytest.mark.slow
+def test_the_published_seed_does_not_reproduce_the_noise(tmp_path):
+    """An observer with config.yaml (seed) and the adapter tries to regenerate the noise of a pure-noise
+    release (lr 0, target update) with the run's own key tree: with the secret noise root it finds
+    nothing; only a config that fixes dp.noise_seed lets it, and the summary says so."""
+    from fedlora_jax.privacy import mechanisms as prim
+
+    sets = ["dp.mode=local", "dp.target=update", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "fl.lr=0",
+            "fl.lr_min=0", "fl.clients_per_round=1", "fl.num_clients=4", "fl.rounds=1", "eval_every=0",
+            "checkpoint_every=1"]
+    for fixed in (False, True):
+        cfg = _tiny(*sets, *(["dp.noise_seed=5"] if fixed else []))
+        out = tmp_path / f"r{fixed}"
+        s = run(cfg, out, progress=False)
+        definition, _, lora0, _, _ = build_model(cfg)
+        released = jax.tree.map(jnp.subtract, L.load_peft(out / "adapter", definition), lora0)
+        published = load_config(str(out / "config.yaml"))
+        guess_seed = published.dp.noise_seed if published.dp.noise_seed is not None else published.seed
+        from fedlora_jax import sampling
+        ids, valid = sampling.for_config(published, 0)
+        key = jax.random.fold_in(randomness.round_keys(guess_seed, 0)["client_noise"], int(ids[valid][0]))
+        guess = prim.add_noise(jax.tree.map(jnp.zeros_like, lora0), key, s["privacy"]["sigma_a"], s["privacy"]["sigma_b"])
+        a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(released)])
+        b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(guess)])
+        corr = np.corrcoef(a, b)[0, 1]
+        if fixed:  # the attack works exactly when the user published the noise root, and that is marked
+            assert corr > 0.999 and "NOT hold" in s["privacy"]["noise_seed"]
+            assert any("noise_seed" in x for x in s["privacy"]["outside_guarantee"])
+        else:
+            assert abs(corr) * np.sqrt(a.size) < 6.0, f"the published seed reproduces the noise: corr {corr:.3f}"
+            assert "secret" in s["privacy"]["noise_seed"]
+            # the root lives in the checkpoints (server-private) and in no published file
+            metas = [json.loads(f.read_text()) for f in (out / "checkpoints").rglob("*") if f.is_file()
+                     and f.read_bytes()[:1] == b"{" and b"noise_seed" in f.read_bytes()]
+            root = str(metas[0]["noise_seed"])
+            assert len(root) > 6
+            for f in ("config.yaml", "summary.json", "metrics.jsonl", "metrics.csv"):
+                assert root not in (out / f).read_text(), f
+
+
+def test_evaluation_on_clients_own_data_is_refused_under_dp(tmp_path, capsys):
+    rc = cli.main(["run", "tiny", "--out", str(tmp_path / "r"), "--no-progress", "--set", "data.eval_per_client=true",
+                   *sum((["--set", x] for x in MODES["local"]), [])])
+    assert rc == 2 and "eval_per_client" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_adaptive_clip_count_has_sensitivity_one_half():
+    """The combined multiplier z^-2 = z_u^-2 + (2 sigma_count)^-2 holds only if one client moves the
+    noised count by at most 1/2: each client's contribution is b - 1/2 with b in {0, 1}."""
+    cfg = load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.scope=global", "dp.adaptive_clip=true",
+                               "dp.noise=multiplier", "dp.noise_multiplier=1.0", "fl.num_clients=400",
+                               "fl.clients_per_round=40", "dp.clip_count_noise=4.0", "dp.clip_a=1.0"])
+    lora = build_model(cfg)[2]
+    mech = modes.build(cfg, lora)
+    state = mech.init_state()
+    small = jax.tree.map(lambda x: x + 1e-4, lora)   # an update well within the clip
+    large = jax.tree.map(lambda x: x + 10.0, lora)   # far outside it
+    vals = {float(mech.client_stat(u, lora, state)) for u in (small, large, lora)}
+    assert vals <= {-0.5, 0.5} and len(vals) == 2

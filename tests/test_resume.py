@@ -33,7 +33,8 @@ BASE = ["fl.rounds=5", "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_s
 
 
 def _sets(mode):
-    return BASE + MODES[mode] + ["dp.publish_client_metrics=true"] * (mode != "none")
+    # a fixed noise seed: two runs may only be compared when their noise is the same
+    return BASE + MODES[mode] + ["dp.publish_client_metrics=true", "dp.noise_seed=11"] * (mode != "none")
 
 
 def _adapter(folder: Path):

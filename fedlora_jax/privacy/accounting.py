@@ -314,10 +314,15 @@ def report(mode: str, *, delta: float, noise_multiplier: float | None = None, ro
                     f"({local_steps} x {participations} participations), record level")
         else:
             rate, count = q, rounds
-            what = f"Gaussian on the sum of clipped client updates, Poisson client sampling (rate {rate}), {rounds} rounds, user level"
+            what = (f"Gaussian on the sum of clipped client updates ({tensors} separately clipped tensor(s), "
+                    f"sensitivity C sqrt({tensors})), Poisson client sampling (rate {rate}), {rounds} rounds, "
+                    f"user level")
+        # central: L separately clipped tensors have a joint sensitivity C sqrt(L) (dpsgd clips one vector)
+        factor = math.sqrt(tensors) if mode == "central" else 1.0
         if target_epsilon is not None:
-            noise_multiplier = sampled_multiplier_for(target_epsilon, rate, count, delta, neighbouring)
-        eps, eps_rdp = sampled_epsilon(noise_multiplier, rate, count, delta, neighbouring)
+            noise_multiplier = sampled_multiplier_for(target_epsilon, rate, count, delta, neighbouring) * factor
+        eps, eps_rdp = sampled_epsilon(noise_multiplier / factor, rate, count, delta, neighbouring)
+        out["effective_noise_multiplier"] = noise_multiplier / factor
         out.update(participations=participations, sampling_rate=rate, compositions=count, mechanism=what,
                    epsilon_paper=None)
     out.update(noise_multiplier=noise_multiplier, epsilon_pld=eps, epsilon_rdp=eps_rdp)

@@ -69,6 +69,7 @@ class Mechanism:
     controls_private: ClassVar[bool] = True  # SCAFFOLD controls are covered by the guarantee
     record_level: ClassVar[bool] = False   # True: Poisson batches and per-example noise (DP-SGD)
     adaptive_clipping: ClassVar[bool] = False  # dp.adaptive_clip is defined for this mode
+    sampling_secret: ClassVar[bool] = False  # the client draw must stay secret (amplification by sampling)
 
     cfg: Any
     lora: Any
@@ -92,6 +93,10 @@ class Mechanism:
                             f"cover; use another algorithm, dp.mode dpsgd, or dp.mode none")
         if self.cfg.dp.adaptive_clip and not self.adaptive_clipping:
             raise UserError(f"dp.adaptive_clip is defined for dp.mode central, not {self.name}")
+        if self.private and self.cfg.data.eval_per_client:
+            raise UserError(f"data.eval_per_client evaluates on held-out shares of the clients' own data, which "
+                            f"dp.mode {self.name}'s guarantee does not cover (the published eval loss would "
+                            f"leak them); use the shared held-out split (data.eval_per_client false)")
 
     def calibrate(self) -> None:
         self.info = {"mechanism": "no DP"}
@@ -202,7 +207,18 @@ class _DP(Mechanism):
         out["outside_guarantee"] = ([UNPROTECTED_PREFIX + f for f in CLIENT_FIELDS]
                                     + ([] if self.participation_public else [UNPROTECTED_PREFIX + "clients"])
                                     if self.cfg.dp.publish_client_metrics else [])
-        out["published"] = ("held-out evaluation, privatized aggregates, epsilon/delta"
+        if self.cfg.dp.noise_seed is not None:
+            out["noise_seed"] = ("fixed by dp.noise_seed in config.yaml: anyone with the config can reproduce and "
+                                 "remove the noise, so the guarantee does NOT hold against them")
+            out["outside_guarantee"].append("noise (dp.noise_seed is published in config.yaml)")
+        else:
+            out["noise_seed"] = ("secret: drawn from OS entropy, kept only in checkpoints/ (the simulated server's "
+                                 "private state, with the participation counts): do not publish checkpoints/")
+        if self.record_level and not self.cfg.dp.public_counts:
+            out["outside_guarantee"].append("batch_sampling_rate, noise_multiplier and epsilon are functions of the "
+                                            "smallest client's example count (dp.public_counts: false)")
+        out["published"] = ("held-out evaluation on the shared held-out split (server data, not any client's), "
+                            "privatized aggregates, epsilon/delta"
                             + ("; client training metrics marked 'unprotected_' are OUTSIDE the guarantee"
                                if self.cfg.dp.publish_client_metrics else ""))
         return out
@@ -282,6 +298,7 @@ class CentralDP(_DP):
     participation_public: ClassVar[bool] = False
     controls_private: ClassVar[bool] = False
     adaptive_clipping: ClassVar[bool] = True
+    sampling_secret: ClassVar[bool] = True
 
     def check(self) -> None:
         super().check()
@@ -360,14 +377,17 @@ class CentralDP(_DP):
             return jnp.zeros((), jnp.float32)
         upd = jax.tree.map(jnp.subtract, local, global_)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(upd)))
-        return (norm <= mstate["clip"]).astype(jnp.float32)
+        # centred: b - 1/2, so adding or removing a client moves the sum by 1/2 (the sensitivity the
+        # combined multiplier z^-2 = z_u^-2 + (2 sigma_count)^-2 assumes)
+        return (norm <= mstate["clip"]).astype(jnp.float32) - 0.5
 
     def update_state(self, mstate, stat_sum, key, expected_cohort):
-        """C <- C exp(-lr (b - gamma)), b = (count within the clip + N(0, sigma_count^2)) / K."""
+        """C <- C exp(-lr (b - gamma)), b = (sum of (b_i - 1/2) + N(0, sigma_count^2)) / K + 1/2, an unbiased
+        estimate of the fraction of clients within the clip."""
         if not self.adaptive:
             return mstate
         dp = self.cfg.dp
-        noisy = (stat_sum + self.count_noise * jax.random.normal(key, (), jnp.float32)) / expected_cohort
+        noisy = (stat_sum + self.count_noise * jax.random.normal(key, (), jnp.float32)) / expected_cohort + 0.5
         return {"clip": mstate["clip"] * jnp.exp(-dp.clip_lr * (noisy - dp.target_quantile))}
 
     def round_values(self, mstate):
