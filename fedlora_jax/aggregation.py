@@ -40,17 +40,17 @@ def get(name: str) -> Aggregator:
 class Aggregator:
     name: ClassVar[str] = ""
     algorithms: ClassVar[tuple[str, ...] | None] = None  # the FL algorithms it runs with (None: all)
-    mixed_ranks: ClassVar[bool] = False                  # clients of different ranks can be combined
+    mixed_ranks: ClassVar[bool] = False  # clients of different ranks can be combined
 
     def check(self, cfg) -> None:
         fl = cfg.fl
         if self.algorithms is not None and fl.algorithm not in self.algorithms:
-            raise UserError(f"fl.aggregation {self.name} runs with {' or '.join(self.algorithms)}, "
-                            f"not {fl.algorithm}")
+            raise UserError(f"fl.aggregation {self.name} runs with {' or '.join(self.algorithms)}, not {fl.algorithm}")
         ranks = cfg.lora.client_ranks
         if ranks is not None and len(set(ranks)) > 1 and not self.mixed_ranks:
-            raise UserError(f"mixed client ranks need an aggregation that combines them (stack); fl.aggregation "
-                            f"{self.name} cannot")
+            raise UserError(
+                f"mixed client ranks need an aggregation that combines them (stack); fl.aggregation {self.name} cannot"
+            )
 
     def init_state(self, lora) -> dict:
         """Extra server-state entries (arrays) this aggregator keeps across rounds."""
@@ -104,9 +104,14 @@ class Stack(Aggregator):
     mixed_ranks: ClassVar[bool] = True
 
     def init_state(self, lora):
-        return {"delta_w": {"/".join(p): jnp.zeros((m["lora_a"].shape[0], m["lora_a"].shape[-1],
-                                                    m["lora_b"].shape[-2]), m["lora_a"].dtype)
-                            for p, m in lora_lib.modules(lora)}}
+        return {
+            "delta_w": {
+                "/".join(p): jnp.zeros(
+                    (m["lora_a"].shape[0], m["lora_a"].shape[-1], m["lora_b"].shape[-2]), m["lora_a"].dtype
+                )
+                for p, m in lora_lib.modules(lora)
+            }
+        }
 
     def zeros(self, state, global_lora):
         return jax.tree.map(jnp.zeros_like, state["delta_w"])
@@ -138,6 +143,7 @@ def effective_base(base: dict, state: dict) -> dict:
 
 # ----------------------------------------------------------------------------- reductions
 
+
 def normalized_weights(num_examples, valid):
     """p_k proportional to example counts over the valid (finite, participating) clients."""
     w = jnp.where(valid, num_examples, 0.0)
@@ -153,16 +159,20 @@ def stacked_product(definition, stacked, weights):
     """sum_k p_k scale B_k A_k per module: the paper's text (stacking [B_1..B_K][A_1;..;A_K],
     FLoRA). Returns {'a/b/module': kernel delta [layers, in, out]} (our kernel layout)."""
     scale = definition.lora.scale
-    return {"/".join(path): scale * jnp.einsum("k,klor,klri->lio", weights.astype(m["lora_a"].dtype),
-                                               m["lora_b"], m["lora_a"])
-            for path, m in lora_lib.modules(stacked)}
+    return {
+        "/".join(path): scale
+        * jnp.einsum("k,klor,klri->lio", weights.astype(m["lora_a"].dtype), m["lora_b"], m["lora_a"])
+        for path, m in lora_lib.modules(stacked)
+    }
 
 
 def zero_invalid(stacked, valid):
     """Replace non-finite or non-participating clients' trees by zeros (so 0 * NaN never enters)."""
+
     def fn(x):
         v = valid.reshape((-1,) + (1,) * (x.ndim - 1))
         return jnp.where(v, x, jnp.zeros_like(x))
+
     return jax.tree.map(fn, stacked)
 
 

@@ -17,6 +17,7 @@ def save_final(cfg, out: Path, definition, base_eff, state_lora, tokenizer, sour
     products merged in. Returns {name: path}."""
     if cfg.fl.aggregation == "stack":
         from .models.hub import LoadedModel, save_merged
+
         save_merged(out / "merged_model", LoadedModel(definition, base_eff, {}, tokenizer, {}, source), base_eff)
         return {"merged_model": str(out / "merged_model")}
     lora_lib.save_peft(out / "adapter", definition, state_lora, None if cfg.model.source == "tiny" else source)

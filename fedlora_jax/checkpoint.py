@@ -4,21 +4,24 @@ derived from (seed, round), so the round number restores them."""
 
 from __future__ import annotations
 
-from .errors import UserError
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from .errors import UserError
+
 
 class Checkpointer:
     def __init__(self, folder: str | Path, max_to_keep: int = 2):
-        self.manager = ocp.CheckpointManager(Path(folder).resolve(),
-                                             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+        self.manager = ocp.CheckpointManager(
+            Path(folder).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
+        )
 
     def save(self, round_done: int, state, meta: dict) -> None:
-        self.manager.save(round_done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                              meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            round_done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        )
         self.manager.wait_until_finished()
 
     def latest(self) -> int | None:
@@ -29,8 +32,9 @@ class Checkpointer:
         if step is None:
             raise UserError("no checkpoint to resume from in this run folder")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
-        r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               meta=ocp.args.JsonRestore()))
+        r = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
         return r.state, r.meta
 
     def close(self):

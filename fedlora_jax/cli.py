@@ -17,8 +17,16 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from .errors import UserError
 
 # OSErrors that are the user's environment, not a bug: reported as one sentence naming the path
-_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-               errno.ENAMETOOLONG}
+_ENV_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+}
 
 
 def _plain(x):
@@ -52,8 +60,9 @@ def _read_text_file(name: str, flag: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{flag} {name!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
-                        "save it as UTF-8") from None
+        raise UserError(
+            f"{flag} {name!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
 
 
 def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=False, what=None):
@@ -64,14 +73,19 @@ def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=Fal
         flag = f"{flag}: {what}"
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{flag} must be a finite number, got {value}")
-    bad = ((low is not None and (value <= low if low_open else value < low))
-           or (high is not None and (value >= high if high_open else value > high)))
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
+    )
     if bad:
         lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
         hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-        allowed = (f"in {lo}, {hi}" if low is not None and high is not None
-                   else f"{'>' if low_open else '>='} {low:g}" if low is not None
-                   else f"{'<' if high_open else '<='} {high:g}")
+        allowed = (
+            f"in {lo}, {hi}"
+            if low is not None and high is not None
+            else f"{'>' if low_open else '>='} {low:g}"
+            if low is not None
+            else f"{'<' if high_open else '<='} {high:g}"
+        )
         raise UserError(f"{flag} must be {allowed}, got {value:g}")
 
 
@@ -83,8 +97,9 @@ def _cmd_score(args) -> int:
 
     text = _read_text_file(args.file, "--file") if args.file is not None else args.text
     if not text.strip():
-        raise UserError(f"{'--file ' + repr(args.file) if args.file is not None else '--text'} is empty; "
-                        "give a text to score")
+        raise UserError(
+            f"{'--file ' + repr(args.file) if args.file is not None else '--text'} is empty; give a text to score"
+        )
     if args.adapter:  # a broken adapter fails before the model is loaded
         lc = lora_lib.read_peft_config(args.adapter)
         lora_lib.check_peft_weights(args.adapter)
@@ -102,8 +117,10 @@ def _cmd_score(args) -> int:
         print(dumps(result))
     else:
         print(f"model {lm.source}" + (f" + adapter {args.adapter}" if args.adapter else ""))
-        print(f"tokens scored {result['n_tokens']}  mean NLL {result['nll']:.4f} nats  "
-              f"perplexity {result['perplexity']:.3f}")
+        print(
+            f"tokens scored {result['n_tokens']}  mean NLL {result['nll']:.4f} nats  "
+            f"perplexity {result['perplexity']:.3f}"
+        )
     return 0
 
 
@@ -119,37 +136,55 @@ def _cmd_privacy(args) -> int:
     try:
         out = _privacy_report(accounting, args, z)
     except NoBracketIntervalFoundError:  # dp-accounting's calibration gives up on a target it cannot bracket
-        raise UserError(f"--target-epsilon {args.target_epsilon:g} cannot be reached at delta {args.delta:g} with "
-                        "this sampling and number of rounds (the noise search found no bracket); try a smaller "
-                        "target or fewer rounds") from None
+        raise UserError(
+            f"--target-epsilon {args.target_epsilon:g} cannot be reached at delta {args.delta:g} with "
+            "this sampling and number of rounds (the noise search found no bracket); try a smaller "
+            "target or fewer rounds"
+        ) from None
     if args.json:
         print(dumps(out))
         return 0
     print(f"mode {out['mode']}: {out['mechanism']}")
-    print(f"neighbouring {out['neighbouring']}, delta {out['delta']:g}, noise multiplier sigma/C "
-          f"{out['noise_multiplier']:.6g}")
+    print(
+        f"neighbouring {out['neighbouring']}, delta {out['delta']:g}, noise multiplier sigma/C "
+        f"{out['noise_multiplier']:.6g}"
+    )
     rdp = "n/a (RDP does not model sampled replace-one)" if out["epsilon_rdp"] is None else f"{out['epsilon_rdp']:.4f}"
     print(f"epsilon (PLD / exact): {out['epsilon_pld']:.4f}    epsilon (RDP): {rdp}")
     spread = out.get("participations_spread")
     if spread:
-        print(f"participations per client under the seeded {args.sampling} schedule (seed {args.seed}): min "
-              f"{spread['min']}, median {spread['median']:g}, max {spread['max']} (epsilon is for the max)")
+        print(
+            f"participations per client under the seeded {args.sampling} schedule (seed {args.seed}): min "
+            f"{spread['min']}, median {spread['median']:g}, max {spread['max']} (epsilon is for the max)"
+        )
     elif out["mode"] != "central" and args.participations is None:
-        print(f"participations: {out['participations']} (every round: give --clients and --clients-per-round "
-              f"to simulate the seeded schedule)")
+        print(
+            f"participations: {out['participations']} (every round: give --clients and --clients-per-round "
+            f"to simulate the seeded schedule)"
+        )
     if out.get("epsilon_paper") is not None:
-        print(f"paper convention, NOT a valid bound for epsilon >= 1: per release {out['epsilon_paper']:.4f}, "
-              f"paper code's tracker {out['epsilon_paper_tracker']:.4f}")
+        print(
+            f"paper convention, NOT a valid bound for epsilon >= 1: per release {out['epsilon_paper']:.4f}, "
+            f"paper code's tracker {out['epsilon_paper_tracker']:.4f}"
+        )
     return 0
 
 
 def _check_privacy_args(args) -> None:
     """Every calculator option in its domain, named by its flag (before any accounting)."""
-    given = [f for f, v in (("--noise-multiplier", args.noise_multiplier), ("--sigma", args.sigma),
-                            ("--target-epsilon", args.target_epsilon)) if v is not None]
+    given = [
+        f
+        for f, v in (
+            ("--noise-multiplier", args.noise_multiplier),
+            ("--sigma", args.sigma),
+            ("--target-epsilon", args.target_epsilon),
+        )
+        if v is not None
+    ]
     if len(given) > 1:
-        raise UserError(f"give one of --noise-multiplier, --sigma with --clip, or --target-epsilon; got "
-                        f"{' and '.join(given)}")
+        raise UserError(
+            f"give one of --noise-multiplier, --sigma with --clip, or --target-epsilon; got {' and '.join(given)}"
+        )
     if not given:
         raise UserError("give --noise-multiplier Z, --sigma S with --clip C, or --target-epsilon E")
     _finite("--noise-multiplier", args.noise_multiplier, low=0, what="noise multiplier")
@@ -180,11 +215,22 @@ def _check_privacy_args(args) -> None:
 
 def _privacy_report(accounting, args, z):
     return accounting.report(
-        args.mode, delta=args.delta, noise_multiplier=z, rounds=args.rounds, tensors=args.tensors,
-        neighbouring=args.neighbouring, participations=args.participations, clients=args.clients,
-        clients_per_round=args.clients_per_round, sampling_rate=args.sampling_rate,
-        local_steps=args.local_steps, batch_sampling_rate=args.batch_sampling_rate,
-        target_epsilon=args.target_epsilon, seed=args.seed, sampling=args.sampling)
+        args.mode,
+        delta=args.delta,
+        noise_multiplier=z,
+        rounds=args.rounds,
+        tensors=args.tensors,
+        neighbouring=args.neighbouring,
+        participations=args.participations,
+        clients=args.clients,
+        clients_per_round=args.clients_per_round,
+        sampling_rate=args.sampling_rate,
+        local_steps=args.local_steps,
+        batch_sampling_rate=args.batch_sampling_rate,
+        target_epsilon=args.target_epsilon,
+        seed=args.seed,
+        sampling=args.sampling,
+    )
 
 
 def _cmd_data(args) -> int:
@@ -199,11 +245,15 @@ def _cmd_data(args) -> int:
         print(dumps(s))
         return 0
     st = s["data"]
-    print(f"data {cfg.data.source}: {st['examples']} examples kept ({st['dropped']} dropped: prompt longer than "
-          f"seq_len {cfg.data.seq_len}; {st['truncated']} responses truncated), {st['tokens']} tokens, "
-          f"{st['response_tokens']} response tokens, mean length {st['mean_length']:.1f}")
-    print(f"train {s['train_examples']} / eval {s['eval_examples']}; partition {cfg.data.partition} "
-          f"over {cfg.fl.num_clients} clients" + (f" by {s['label_column']}" if s["label_column"] else ""))
+    print(
+        f"data {cfg.data.source}: {st['examples']} examples kept ({st['dropped']} dropped: prompt longer than "
+        f"seq_len {cfg.data.seq_len}; {st['truncated']} responses truncated), {st['tokens']} tokens, "
+        f"{st['response_tokens']} response tokens, mean length {st['mean_length']:.1f}"
+    )
+    print(
+        f"train {s['train_examples']} / eval {s['eval_examples']}; partition {cfg.data.partition} "
+        f"over {cfg.fl.num_clients} clients" + (f" by {s['label_column']}" if s["label_column"] else "")
+    )
     for c in s["clients"]:
         labels = ""
         if "labels" in c:
@@ -222,8 +272,8 @@ def _check_budget(cfg) -> None:
     import numpy as np
 
     from .models import abstract_model
-    from .privacy import modes
     from .models.factory import build_model_config
+    from .privacy import modes
 
     lc = cfg.lora.to_lora_config()
     mc = build_model_config(cfg)
@@ -235,8 +285,10 @@ def _check_budget(cfg) -> None:
             return
         cost = mechanism.ledger.worst_after(np.zeros(1, np.int64))
     if cost > cfg.dp.budget:
-        raise UserError(f"dp.budget = {cfg.dp.budget:g} is below one round's cost (epsilon {cost:.4g} for a client "
-                        f"that takes part once), so no round could run; raise dp.budget or the noise")
+        raise UserError(
+            f"dp.budget = {cfg.dp.budget:g} is below one round's cost (epsilon {cost:.4g} for a client "
+            f"that takes part once), so no round could run; raise dp.budget or the noise"
+        )
 
 
 def _cmd_run(args) -> int:
@@ -244,8 +296,9 @@ def _cmd_run(args) -> int:
     from .outdir import check_out
 
     if args.resume and args.overwrite:
-        raise UserError("--resume and --overwrite exclude each other: resume continues the run in the folder, "
-                        "overwrite replaces it")
+        raise UserError(
+            "--resume and --overwrite exclude each other: resume continues the run in the folder, overwrite replaces it"
+        )
     cfg = load_config(args.config, args.set)
     out = args.out or f"runs/{cfg.name}"
     check_out(out, args.resume, args.overwrite)  # before any model is loaded; the run checks again
@@ -260,16 +313,21 @@ def _cmd_run(args) -> int:
             raise
         where = str(e.filename or out)
         if Path(where).resolve().is_relative_to(Path(out).resolve()):
-            raise UserError(f"cannot write {where!r}: {e.strerror}; the run folder {out!r} keeps what was written "
-                            "before (--resume continues from its last checkpoint)") from e
+            raise UserError(
+                f"cannot write {where!r}: {e.strerror}; the run folder {out!r} keeps what was written "
+                "before (--resume continues from its last checkpoint)"
+            ) from e
         raise UserError(f"cannot access {where!r}: {e.strerror}") from e
     if s.get("already_finished"):
         print(dumps(s) if args.json else f"run {out} already finished ({s['rounds']} rounds); nothing to do")
         return 0
     code = 0
     if s.get("stop_reason") == "interrupted":
-        print(f"fedlora-jax run: interrupted after round {s['rounds']}; checkpoint saved in {out}/checkpoints "
-              f"(--resume continues)", file=sys.stderr)
+        print(
+            f"fedlora-jax run: interrupted after round {s['rounds']}; checkpoint saved in {out}/checkpoints "
+            f"(--resume continues)",
+            file=sys.stderr,
+        )
         code = 130
     if args.json:
         print(dumps(s))
@@ -292,12 +350,16 @@ def _cmd_run(args) -> int:
         if p.get("epsilon") is None or not s["rounds"]:
             print("  no round ran, so no privacy was spent")
         else:
-            print(f"  honest epsilon ({who}, delta {fmt(p.get('delta'), '.4g')}): {fmt(p['epsilon'], '.4g')}; "
-                  f"mean over clients {fmt(p.get('epsilon_mean'), '.4g')}; max participations "
-                  f"{p.get('max_participations', 'n/a')}")
+            print(
+                f"  honest epsilon ({who}, delta {fmt(p.get('delta'), '.4g')}): {fmt(p['epsilon'], '.4g')}; "
+                f"mean over clients {fmt(p.get('epsilon_mean'), '.4g')}; max participations "
+                f"{p.get('max_participations', 'n/a')}"
+            )
         if p.get("epsilon_paper") is not None:
-            print(f"  paper convention (classical formula, NOT a valid bound): per release "
-                  f"{fmt(p['epsilon_paper'], '.4g')}, paper code's tracker {fmt(p.get('epsilon_paper_tracker'), '.4g')}")
+            print(
+                f"  paper convention (classical formula, NOT a valid bound): per release "
+                f"{fmt(p['epsilon_paper'], '.4g')}, paper code's tracker {fmt(p.get('epsilon_paper_tracker'), '.4g')}"
+            )
     else:
         print("privacy: no DP")
     print(f"wall time {fmt(s.get('wall_seconds'), '.1f')} s")
@@ -316,20 +378,28 @@ def _cmd_plan(args) -> int:
     if args.json:
         print(dumps(out))
         return 0
-    e, gib = out["estimate"], 2 ** 30
-    print(f"model {out['model']} ({out['dtype']}), {cfg.fl.clients_per_round} clients per round, "
-          f"{cfg.fl.local_steps} steps x batch {cfg.fl.batch_size} x seq {cfg.data.seq_len}")
+    e, gib = out["estimate"], 2**30
+    print(
+        f"model {out['model']} ({out['dtype']}), {cfg.fl.clients_per_round} clients per round, "
+        f"{cfg.fl.local_steps} steps x batch {cfg.fl.batch_size} x seq {cfg.data.seq_len}"
+    )
     print(f"  base (shared):              {e['base_bytes'] / gib:8.3f} GiB")
-    print(f"  adapter (one copy):         {e['adapter_bytes'] / gib:8.4f} GiB  (x6 per client: local, start, "
-          f"gradient, 2 AdamW moments, release)")
+    print(
+        f"  adapter (one copy):         {e['adapter_bytes'] / gib:8.4f} GiB  (x6 per client: local, start, "
+        f"gradient, 2 AdamW moments, release)"
+    )
     print(f"  activations per client:     {e['activation_bytes_per_client'] / gib:8.3f} GiB")
     print(f"  per client in a chunk:      {e['per_client_bytes'] / gib:8.3f} GiB")
     if "largest_clients_per_chunk" in out:
-        print(f"largest clients_per_chunk on {args.device_memory:g} GiB (90% usable): {out['largest_clients_per_chunk']}")
+        print(
+            f"largest clients_per_chunk on {args.device_memory:g} GiB (90% usable): {out['largest_clients_per_chunk']}"
+        )
     if "measured" in out:
         m = out["measured"]
-        print(f"XLA ({m['backend']}): temp {m['chunk_1']['temp_bytes'] / gib:.3f} GiB at 1 client, "
-              f"+{m['per_client_temp_bytes'] / gib:.3f} GiB per extra client")
+        print(
+            f"XLA ({m['backend']}): temp {m['chunk_1']['temp_bytes'] / gib:.3f} GiB at 1 client, "
+            f"+{m['per_client_temp_bytes'] / gib:.3f} GiB per extra client"
+        )
     return 0
 
 
@@ -365,11 +435,15 @@ def _cmd_eval(args) -> int:
     from .artifacts import load_for_eval
 
     definition, base, lora, tok, cfg = load_for_eval(args.target, args.model)
-    results = [run_task(t, definition, base, lora, tok, cfg, args.data, args.limit, args.max_new_tokens)
-               for t in args.task]
+    results = [
+        run_task(t, definition, base, lora, tok, cfg, args.data, args.limit, args.max_new_tokens) for t in args.task
+    ]
     for r in results:
-        print(dumps(r) if args.json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in r.items()))
+        print(
+            dumps(r)
+            if args.json
+            else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
+        )
     return 0
 
 
@@ -417,6 +491,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _dp_modes() -> tuple[str, ...]:
     from .privacy import modes
+
     return modes.dp_names()
 
 
@@ -444,12 +519,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clients", type=int)
     s.add_argument("--clients-per-round", type=int)
     s.add_argument("--sampling-rate", type=float)
-    s.add_argument("--participations", type=int,
-                   help="local/dpsgd: rounds one client takes part in (default: the most-sampled client of the "
-                        "seeded schedule given --clients and --clients-per-round; else every round)")
+    s.add_argument(
+        "--participations",
+        type=int,
+        help="local/dpsgd: rounds one client takes part in (default: the most-sampled client of the "
+        "seeded schedule given --clients and --clients-per-round; else every round)",
+    )
     s.add_argument("--seed", type=int, default=0, help="the run's seed: its client sampling schedule")
-    s.add_argument("--sampling", choices=["uniform", "poisson"], default="uniform",
-                   help="client sampling of the schedule (as fl.sampling)")
+    s.add_argument(
+        "--sampling",
+        choices=["uniform", "poisson"],
+        default="uniform",
+        help="client sampling of the schedule (as fl.sampling)",
+    )
     s.add_argument("--local-steps", type=int, default=1)
     s.add_argument("--batch-sampling-rate", type=float)
     s.add_argument("--delta", type=float, default=1e-5)
@@ -484,8 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="evaluate a run folder or a PEFT adapter")
     s.add_argument("target", help="run folder (config.yaml + adapter/) or PEFT adapter folder")
-    s.add_argument("--task", action="append", choices=["loss", "exact_match", "multiple_choice"],
-                   help="repeatable; default: loss")
+    s.add_argument(
+        "--task", action="append", choices=["loss", "exact_match", "multiple_choice"], help="repeatable; default: loss"
+    )
     s.add_argument("--data", help="multiple_choice: question/choices/answer file or hub id, or 'synthetic'")
     s.add_argument("--model", help="base model of an adapter folder (default: its base_model_name_or_path)")
     s.add_argument("--limit", type=int)

@@ -21,13 +21,24 @@ def tree_sq_norm(tree: Tree) -> Array:
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
-def dpsgd_grads(definition: Definition, base: Tree, lora: Tree, batch: dict[str, Array], clip: float,
-                sigma: float, key: Array, expected: float, *, mask: Callable[[Tree], Tree] = lambda t: t,
-                freeze_a: bool = False) -> tuple[Array, Tree]:
+def dpsgd_grads(
+    definition: Definition,
+    base: Tree,
+    lora: Tree,
+    batch: dict[str, Array],
+    clip: float,
+    sigma: float,
+    key: Array,
+    expected: float,
+    *,
+    mask: Callable[[Tree], Tree] = lambda t: t,
+    freeze_a: bool = False,
+) -> tuple[Array, Tree]:
     """(mean loss of the taken examples, DP-SGD gradient) of one batch [capacity, seq]: each
     example's gradient of its own mean token NLL, clipped to L2 norm `clip` over the adapter,
     summed, plus N(0, sigma^2) per entry (leaf i uses fold_in(key, i)), divided by `expected`.
     Examples with an all-zero loss_mask (padding) have a zero gradient."""
+
     def one(t, a, m):
         return jax.value_and_grad(lambda x: mean_nll(definition, base, mask(x), t[None], a[None], m[None]))(lora)
 
@@ -37,17 +48,29 @@ def dpsgd_grads(definition: Definition, base: Tree, lora: Tree, batch: dict[str,
     norms = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(g)))
     scale = jnp.minimum(1.0, clip / jnp.maximum(norms, CLIP_FLOOR))
     leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1), g))
-    noisy = [(x + sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)) / expected
-             for i, x in enumerate(leaves)]
+    noisy = [
+        (x + sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)) / expected
+        for i, x in enumerate(leaves)
+    ]
     taken = jnp.any(batch["loss_mask"] > 0, axis=1)
     loss = jnp.sum(jnp.where(taken, losses, 0.0)) / jnp.maximum(jnp.sum(taken), 1)
     return loss, jax.tree.unflatten(treedef, noisy)
 
 
-def client_update(definition: Definition, base: Tree, global_lora: Tree, batches: dict[str, Array], lr: Array | float,
-                  *, rank: Array | None = None, weight_decay: float = 0.0, prox_mu: float = 0.0,
-                  control: tuple[Tree, Tree] | None = None, freeze_a: bool = False,
-                  dpsgd: tuple[float, float, Array, float] | None = None) -> tuple[Tree, dict[str, Array], Tree | None]:
+def client_update(
+    definition: Definition,
+    base: Tree,
+    global_lora: Tree,
+    batches: dict[str, Array],
+    lr: Array | float,
+    *,
+    rank: Array | None = None,
+    weight_decay: float = 0.0,
+    prox_mu: float = 0.0,
+    control: tuple[Tree, Tree] | None = None,
+    freeze_a: bool = False,
+    dpsgd: tuple[float, float, Array, float] | None = None,
+) -> tuple[Tree, dict[str, Array], Tree | None]:
     """local_steps of AdamW (lr constant within the round) from the global adapter.
 
     batches: tokens/attention_mask/loss_mask of shape [steps, batch, seq] (lax.scan over steps).
@@ -61,6 +84,7 @@ def client_update(definition: Definition, base: Tree, global_lora: Tree, batches
     Padding examples have loss_mask 0 and so a zero gradient.
     Returns (local adapter, metrics {loss (mean over steps), first_loss, update_norm}, new c_client).
     """
+
     def mask(t):
         return t if rank is None else lora_lib.rank_mask(t, rank)
 
@@ -82,8 +106,18 @@ def client_update(definition: Definition, base: Tree, global_lora: Tree, batches
         if dpsgd is None:
             loss, grads = jax.value_and_grad(loss_fn)(lo, batch)
         else:
-            loss, grads = dpsgd_grads(definition, base, lo, batch, clip, sigma, jax.random.fold_in(dp_key, i),
-                                      expected, mask=mask, freeze_a=freeze_a)
+            loss, grads = dpsgd_grads(
+                definition,
+                base,
+                lo,
+                batch,
+                clip,
+                sigma,
+                jax.random.fold_in(dp_key, i),
+                expected,
+                mask=mask,
+                freeze_a=freeze_a,
+            )
             if prox_mu:  # the proximal term depends on no example: added after the noise
                 grads = jax.tree.map(lambda gr, x, s: gr + prox_mu * (x - s), grads, lo, start)
         if control is not None:
@@ -100,8 +134,12 @@ def client_update(definition: Definition, base: Tree, global_lora: Tree, batches
     new_control = None
     if control is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr)
         k = losses.shape[0]
-        new_control = jax.tree.map(lambda ci, c, x, y: ci - c + (x - y) / (k * lr),
-                                   control[1], control[0], start, local)
-    metrics = {"loss": jnp.mean(losses), "first_loss": losses[0],
-               "update_norm": jnp.sqrt(tree_sq_norm(jax.tree.map(jnp.subtract, local, start)))}
+        new_control = jax.tree.map(
+            lambda ci, c, x, y: ci - c + (x - y) / (k * lr), control[1], control[0], start, local
+        )
+    metrics = {
+        "loss": jnp.mean(losses),
+        "first_loss": losses[0],
+        "update_norm": jnp.sqrt(tree_sq_norm(jax.tree.map(jnp.subtract, local, start))),
+    }
     return local, metrics, new_control

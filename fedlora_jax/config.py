@@ -12,12 +12,10 @@ import numbers
 import types
 import typing
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from .errors import UserError
-
 
 SYNTHETIC_TASKS = ("arithmetic", "reverse", "sort", "copy")  # data.synthetic generates these
 
@@ -95,7 +93,7 @@ def _check_types(obj, prefix: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    source: str = "default"          # HF folder, hub id, GGUF path, 'default', or 'tiny' (random)
+    source: str = "default"  # HF folder, hub id, GGUF path, 'default', or 'tiny' (random)
     dtype: str = "float32"
     # only for source: tiny (a random Llama for tests and benchmarks)
     vocab_size: int = 512
@@ -108,20 +106,25 @@ class ModelSection:
     def __post_init__(self):
         _check_types(self, "model.")
         if not self.source.strip():
-            raise UserError("model.source is empty; give a Hugging Face folder, a hub id, a GGUF file, "
-                            "'default' or 'tiny'")
+            raise UserError(
+                "model.source is empty; give a Hugging Face folder, a hub id, a GGUF file, 'default' or 'tiny'"
+            )
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _at_least(f"model.{k}", getattr(self, k), 1)
         if self.hidden_size % self.num_heads:
-            raise UserError(f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads "
-                            f"{self.num_heads}")
+            raise UserError(
+                f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}"
+            )
         if (self.hidden_size // self.num_heads) % 2:
-            raise UserError(f"model.hidden_size / model.num_heads = {self.hidden_size // self.num_heads} must be "
-                            "even (rotary position embeddings rotate pairs)")
+            raise UserError(
+                f"model.hidden_size / model.num_heads = {self.hidden_size // self.num_heads} must be "
+                "even (rotary position embeddings rotate pairs)"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise UserError(f"model.num_heads {self.num_heads} is not a multiple of model.num_kv_heads "
-                            f"{self.num_kv_heads}")
+            raise UserError(
+                f"model.num_heads {self.num_heads} is not a multiple of model.num_kv_heads {self.num_kv_heads}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +133,13 @@ class LoRASection:
     alpha: float = 16.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     use_rslora: bool = False
-    freeze_a: bool = False           # FFA-LoRA: train B only
+    freeze_a: bool = False  # FFA-LoRA: train B only
     client_ranks: tuple[int, ...] | None = None  # per-client ranks (<= r) for heterogeneous clients
 
     def to_lora_config(self):
         """The model's LoRAConfig (what the adapters look like): the one conversion from this section."""
         from .models import LoRAConfig
+
         return LoRAConfig(r=self.r, alpha=self.alpha, target_modules=self.target_modules, use_rslora=self.use_rslora)
 
     def __post_init__(self):
@@ -159,16 +163,16 @@ class LoRASection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    source: str = "chatterbot"       # chatterbot | synthetic | local json/jsonl/csv/parquet | hub id
+    source: str = "chatterbot"  # chatterbot | synthetic | local json/jsonl/csv/parquet | hub id
     split: str = "train"
     columns: dict[str, str] | None = None  # map of our names (instruction, input, output) -> dataset columns
     label_column: str | None = None  # for dirichlet / by_column partitions
-    template: str = "alpaca"         # alpaca | chat | plain
+    template: str = "alpaca"  # alpaca | chat | plain
     seq_len: int = 128
     max_examples: int | None = None
     eval_fraction: float = 0.1
     eval_per_client: bool = False
-    partition: str = "iid"           # iid | dirichlet | by_column
+    partition: str = "iid"  # iid | dirichlet | by_column
     dirichlet_alpha: float = 0.5
     synthetic_tasks: tuple[str, ...] = ("arithmetic", "reverse", "sort", "copy")
     synthetic_examples: int = 2000
@@ -180,8 +184,10 @@ class DataSection:
             if isinstance(cols, tuple):  # already normalised (a config built from another one)
                 cols = dict(cols)
             if not isinstance(cols, dict):
-                raise UserError(f"data.columns must be a mapping such as {{instruction: question, output: answer}}, "
-                                f"got {self.columns!r}")
+                raise UserError(
+                    f"data.columns must be a mapping such as {{instruction: question, output: answer}}, "
+                    f"got {self.columns!r}"
+                )
             for k, v in cols.items():
                 if k not in ("instruction", "input", "output"):
                     raise UserError(f"data.columns key {k!r} is not allowed; choose among: instruction, input, output")
@@ -215,9 +221,9 @@ class FLSection:
     rounds: int = 200
     local_steps: int = 10
     batch_size: int = 16
-    sampling: str = "uniform"        # uniform (fixed size, the paper) | poisson (central DP)
-    algorithm: str = "fedavg"        # fedavg fedprox scaffold fedavgm fedadagrad fedyogi fedadam
-    aggregation: str = "mean"        # mean | stack
+    sampling: str = "uniform"  # uniform (fixed size, the paper) | poisson (central DP)
+    algorithm: str = "fedavg"  # fedavg fedprox scaffold fedavgm fedadagrad fedyogi fedadam
+    aggregation: str = "mean"  # mean | stack
     lr: float = 5e-5
     lr_min: float = 1e-6
     weight_decay: float = 0.0
@@ -228,15 +234,20 @@ class FLSection:
     server_b2: float = 0.99
     server_tau: float = 1e-3
     clients_per_chunk: int | None = None  # run clients in chunks of this size (memory ~ chunk)
-    devices: int = 1                 # spread each chunk's clients over this many devices ('clients' mesh axis)
+    devices: int = 1  # spread each chunk's clients over this many devices ('clients' mesh axis)
 
     def __post_init__(self):
         _check_types(self, "fl.")
-        _choice("fl.algorithm", self.algorithm,
-                ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"))
+        _choice(
+            "fl.algorithm",
+            self.algorithm,
+            ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"),
+        )
         from .aggregation import names as aggregations  # the registry of aggregators
+
         _choice("fl.aggregation", self.aggregation, aggregations())
         from .sampling import SAMPLINGS
+
         _choice("fl.sampling", self.sampling, SAMPLINGS)
         for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size"):
             if getattr(self, k) < 1:
@@ -246,8 +257,9 @@ class FLSection:
         if self.devices < 1:
             raise UserError(f"fl.devices must be >= 1, got {self.devices}")
         if self.clients_per_round > self.num_clients:
-            raise UserError(f"fl.clients_per_round ({self.clients_per_round}) is larger than "
-                            f"fl.num_clients ({self.num_clients})")
+            raise UserError(
+                f"fl.clients_per_round ({self.clients_per_round}) is larger than fl.num_clients ({self.num_clients})"
+            )
         _positive("fl.lr", self.lr, strict=False)
         if not 0 <= self.lr_min <= self.lr:
             raise UserError(f"fl.lr_min must be in [0, fl.lr={self.lr:g}], got {self.lr_min!r}")
@@ -261,19 +273,19 @@ class FLSection:
 
 @dataclasses.dataclass(frozen=True)
 class DPSection:
-    mode: str = "none"               # none | local (the paper) | central (DP-FedAvg) | dpsgd (record level)
-    clip_a: float = 0.1              # dpsgd: the per-example gradient clip (whole adapter)
+    mode: str = "none"  # none | local (the paper) | central (DP-FedAvg) | dpsgd (record level)
+    clip_a: float = 0.1  # dpsgd: the per-example gradient clip (whole adapter)
     clip_b: float = 0.1
-    scope: str = "per_matrix"        # per_matrix | per_factor | global
-    target: str = "weights"          # weights | update
-    noise: str = "classical"         # classical | analytic | multiplier | calibrate
-    epsilon: float = 25.0            # classical/analytic: per release; calibrate: total
+    scope: str = "per_matrix"  # per_matrix | per_factor | global
+    target: str = "weights"  # weights | update
+    noise: str = "classical"  # classical | analytic | multiplier | calibrate
+    epsilon: float = 25.0  # classical/analytic: per release; calibrate: total
     delta: float = 1e-5
-    noise_multiplier: float = 1.0    # noise: multiplier (sigma / C)
+    noise_multiplier: float = 1.0  # noise: multiplier (sigma / C)
     neighbouring: str = "replace-one"
-    budget: float | None = None      # stop before the worst client's epsilon would exceed it
-    stats_every: int = 0             # write the paper's noise statistics CSV every k rounds (0: never)
-    stats_samples: int = 100         # Monte-Carlo draws per matrix for those statistics
+    budget: float | None = None  # stop before the worst client's epsilon would exceed it
+    stats_every: int = 0  # write the paper's noise statistics CSV every k rounds (0: never)
+    stats_samples: int = 100  # Monte-Carlo draws per matrix for those statistics
     # outside the guarantee, only on request: client training loss / update norm, realised cohort
     # sizes and drop counts (published marked as such in metrics, progress bar and summary)
     publish_client_metrics: bool = False
@@ -295,6 +307,7 @@ class DPSection:
     def __post_init__(self):
         _check_types(self, "dp.")
         from .privacy.modes import names as dp_modes  # the registry of mechanisms is the list of modes
+
         _choice("dp.mode", self.mode, dp_modes())
         _choice("dp.scope", self.scope, ("per_matrix", "per_factor", "global"))
         _choice("dp.target", self.target, ("weights", "update"))
@@ -330,21 +343,28 @@ class RunConfig:
     eval_every: int = 5
     eval_batches: int = 4
     eval_tasks: tuple[str, ...] = ("loss",)  # evaluated every eval_every rounds: loss | exact_match | multiple_choice
-    eval_limit: int = 64             # examples per exact_match / multiple_choice evaluation
+    eval_limit: int = 64  # examples per exact_match / multiple_choice evaluation
     eval_choices: str = "synthetic"  # multiple_choice data: question/choices/answer file or hub id, or synthetic
     checkpoint_every: int = 10
 
     def __post_init__(self):
         object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
         _check_types(self, "")
-        for k, cls in (("model", ModelSection), ("lora", LoRASection), ("data", DataSection), ("fl", FLSection),
-                       ("dp", DPSection)):
+        for k, cls in (
+            ("model", ModelSection),
+            ("lora", LoRASection),
+            ("data", DataSection),
+            ("fl", FLSection),
+            ("dp", DPSection),
+        ):
             if not isinstance(getattr(self, k), cls):
                 raise UserError(f"{k} must be a mapping of its keys, got {getattr(self, k)!r}")
         if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
-            raise UserError(f"name {self.name!r} names the run folder runs/NAME: it must be non-empty, not '.' "
-                            "or '..', and hold no '/' or '\\'")
-        if not 0 <= self.seed < 2 ** 32:
+            raise UserError(
+                f"name {self.name!r} names the run folder runs/NAME: it must be non-empty, not '.' "
+                "or '..', and hold no '/' or '\\'"
+            )
+        if not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed}")
         _strings("eval_tasks", self.eval_tasks, empty_ok=True)
         for t in self.eval_tasks:
@@ -366,6 +386,7 @@ class RunConfig:
                     return {k: conv(v) for k, v in x}
                 return [conv(v) for v in x]
             return x
+
         return conv(self)
 
 
@@ -495,8 +516,9 @@ def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) ->
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{label} must be a YAML mapping of config keys (name, model, fl, ...), "
-                        f"got a {type(data).__name__}")
+        raise UserError(
+            f"{label} must be a YAML mapping of config keys (name, model, fl, ...), got a {type(data).__name__}"
+        )
     file_data = data
     for item in overrides:
         if "=" not in item:
@@ -508,8 +530,9 @@ def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) ->
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise UserError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
-                            "quote a string, close brackets") from None
+            raise UserError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); quote a string, close brackets"
+            ) from None
         except RecursionError:
             raise UserError(f"override {item!r}: the value nests too deeply") from None
         node: dict = {}
@@ -535,11 +558,13 @@ def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) ->
 
 def config_diff(a: RunConfig, b: RunConfig, ignore=("fl.rounds",)) -> list[str]:
     """Dotted keys whose values differ between two configs (for resume checks)."""
+
     def flat(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict) and not (k == "columns"):
                 yield from flat(v, f"{prefix}{k}.")
             else:
                 yield f"{prefix}{k}", v
+
     fa, fb = dict(flat(a.to_dict())), dict(flat(b.to_dict()))
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ignore)

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import UserError
 from . import randomness
+from .errors import UserError
 from .models import Definition, token_nll
 
 
@@ -35,8 +35,14 @@ def heldout_loss(definition: Definition, base, lora, data, n: int, batch_size: i
         real = rows < n
         rows = np.where(real, rows, 0)
         loss_mask = data.loss_mask[rows] * real[:, None]
-        s, c = _masked_sum(definition, base, lora, jnp.asarray(data.tokens[rows]),
-                           jnp.asarray(data.attention_mask[rows]), jnp.asarray(loss_mask))
+        s, c = _masked_sum(
+            definition,
+            base,
+            lora,
+            jnp.asarray(data.tokens[rows]),
+            jnp.asarray(data.attention_mask[rows]),
+            jnp.asarray(loss_mask),
+        )
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
 
@@ -62,12 +68,13 @@ def score_ids(definition: Definition, base, lora, ids: list[int]) -> dict:
 
 # ----------------------------------------------------------------------------- generation
 
+
 def _pad_rows(rows: list[list[int]], width: int, pad: int):
     tokens = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-        mask[i, :len(r)] = 1
+        tokens[i, : len(r)] = r
+        mask[i, : len(r)] = 1
     return tokens, mask
 
 
@@ -89,8 +96,16 @@ def _greedy(definition, base, lora, tokens, lengths, max_new):
     return jax.lax.fori_loop(0, max_new, step, tokens)
 
 
-def greedy_generate(definition, base, lora, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                    pad_id: int = 0, batch_size: int = 32) -> list[list[int]]:
+def greedy_generate(
+    definition,
+    base,
+    lora,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    batch_size: int = 32,
+) -> list[list[int]]:
     """Greedy continuations of token-id prompts, cut at the first EOS (excluded)."""
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -101,14 +116,14 @@ def greedy_generate(definition, base, lora, prompts: list[list[int]], max_new_to
     width = 1 << (longest - 1).bit_length()
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one static batch shape
         tokens, _ = _pad_rows(chunk, width, pad_id)
         lengths = np.array([len(p) for p in chunk], np.int32)
         gen = np.asarray(_greedy(definition, base, lora, jnp.asarray(tokens), jnp.asarray(lengths), max_new_tokens))
-        for row, n in zip(gen[:len(prompts[start:start + batch_size])], lengths):
-            new = row[n:n + max_new_tokens].tolist()
-            out.append(new[:new.index(eos_id)] if eos_id in new else new)
+        for row, n in zip(gen[: len(prompts[start : start + batch_size])], lengths):
+            new = row[n : n + max_new_tokens].tolist()
+            out.append(new[: new.index(eos_id)] if eos_id in new else new)
     return out
 
 
@@ -119,8 +134,9 @@ def greedy_answers(definition, base, lora, tokenizer, prompt_ids: list[list[int]
     return [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gens]
 
 
-def exact_match(definition, base, lora, tokenizer, prompts: list[str], answers: list[str],
-                max_new_tokens: int = 16) -> dict:
+def exact_match(
+    definition, base, lora, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 16
+) -> dict:
     """Share of prompts whose greedy answer equals the reference (whitespace-stripped)."""
     ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     texts = greedy_answers(definition, base, lora, tokenizer, ids, max_new_tokens)
@@ -129,6 +145,7 @@ def exact_match(definition, base, lora, tokenizer, prompts: list[str], answers: 
 
 
 # ----------------------------------------------------------------------------- multiple choice
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _choice_nll(definition, base, lora, tokens, mask, loss_mask):
@@ -155,8 +172,9 @@ def choice_logprobs(definition, base, lora, tokenizer, prompt: str, choices: lis
     return -np.asarray(total), np.asarray(count)
 
 
-def multiple_choice(definition, base, lora, tokenizer, questions: list[str], choices: list[list[str]],
-                    answers: list[int]) -> dict:
+def multiple_choice(
+    definition, base, lora, tokenizer, questions: list[str], choices: list[list[str]], answers: list[int]
+) -> dict:
     """Accuracy of picking the choice with the highest log-likelihood (and with the
     log-likelihood per token, acc_norm), the way MMLU/BBH/CRASS-style benchmarks are scored."""
     hits, hits_norm, picks = [], [], []
@@ -166,8 +184,12 @@ def multiple_choice(definition, base, lora, tokenizer, questions: list[str], cho
         picks.append(pick)
         hits.append(pick == a)
         hits_norm.append(int(np.argmax(lp / n)) == a)
-    return {"accuracy": float(np.mean(hits)), "accuracy_norm": float(np.mean(hits_norm)), "n": len(hits),
-            "picks": picks}
+    return {
+        "accuracy": float(np.mean(hits)),
+        "accuracy_norm": float(np.mean(hits_norm)),
+        "n": len(hits),
+        "picks": picks,
+    }
 
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -186,8 +208,9 @@ def _choice_rows(rows: list[dict], where: str):
         if not isinstance(q, str):
             raise UserError(f"{where} record {i}: 'question' must be text, got {q!r:.60}")
         if not isinstance(c, (list, tuple)) or len(c) < 2 or not all(isinstance(x, str) and x for x in c):
-            raise UserError(f"{where} record {i}: 'choices' must be a list of at least 2 non-empty texts, "
-                            f"got {c!r:.60}")
+            raise UserError(
+                f"{where} record {i}: 'choices' must be a list of at least 2 non-empty texts, got {c!r:.60}"
+            )
         c = list(c)
         if isinstance(a, str) and a.strip().isdigit():
             a = int(a)
@@ -196,8 +219,10 @@ def _choice_rows(rows: list[dict], where: str):
                 raise UserError(f"{where} record {i}: 'answer' {a!r:.60} is not one of its choices")
             a = c.index(a)
         elif isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(c):
-            raise UserError(f"{where} record {i}: 'answer' must be a choice index in [0, {len(c) - 1}] or the "
-                            f"text of a choice, got {a!r:.60}")
+            raise UserError(
+                f"{where} record {i}: 'answer' must be a choice index in [0, {len(c) - 1}] or the "
+                f"text of a choice, got {a!r:.60}"
+            )
         qs.append(q)
         cs.append(c)
         ans.append(a)
@@ -212,6 +237,7 @@ def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
         raise UserError(f"the multiple-choice limit must be >= 1, got {limit}")
     if source == "synthetic":
         from .data import synthetic
+
         rng = randomness.np_rng(seed, "eval_sample")
         # a randomness domain of its own: the questions are not the training examples that
         # data.source synthetic generates from the run's seed
@@ -229,23 +255,29 @@ def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
 
     if Path(source).suffix in LOCAL_SUFFIXES:
         from .data.loading import read_rows
+
         rows, where = read_rows(source, "multiple-choice file"), f"multiple-choice file {source!r}"
     else:  # a hub id, optionally with its configuration: cais/mmlu:all
         import datasets
+
         name, _, config = source.partition(":")
         try:
             ds = datasets.load_dataset(name, config or None, split="test")
         except Exception as e:
-            raise UserError(f"could not load multiple-choice data {source!r} from the Hugging Face hub "
-                            f"({type(e).__name__}); if you are offline, pass a local file or 'synthetic'") from e
+            raise UserError(
+                f"could not load multiple-choice data {source!r} from the Hugging Face hub "
+                f"({type(e).__name__}); if you are offline, pass a local file or 'synthetic'"
+            ) from e
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
         rows, where = ds.to_list(), f"multiple-choice data {source!r}"
     found = list(dict.fromkeys(k for r in rows for k in r))
     missing = [c for c in ("question", "choices", "answer") if c not in found]
     if missing:
-        raise UserError(f"{where} needs columns question, choices, answer; missing {', '.join(missing)}; "
-                        f"columns found: {', '.join(map(str, found))}")
+        raise UserError(
+            f"{where} needs columns question, choices, answer; missing {', '.join(missing)}; "
+            f"columns found: {', '.join(map(str, found))}"
+        )
     if limit:
         rows = rows[:limit]
     return _choice_rows(rows, where)
@@ -257,8 +289,9 @@ TASKS = ("loss", "exact_match", "multiple_choice")
 def held_out_prompts(tokenizer, data, limit: int):
     """(prompt ids, reference answer texts) of the first `limit` tokenized held-out examples."""
     n = min(limit, len(data))
-    prompts, answers = split_prompt_answer(data.tokens[:n], data.attention_mask[:n], data.loss_mask[:n],
-                                           tokenizer.eos_token_id)
+    prompts, answers = split_prompt_answer(
+        data.tokens[:n], data.attention_mask[:n], data.loss_mask[:n], tokenizer.eos_token_id
+    )
     return prompts, [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 
@@ -274,8 +307,17 @@ def split_prompt_answer(tokens, attention_mask, loss_mask, eos_id):
     return prompts, answers
 
 
-def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str | None = None,
-             limit: int | None = None, max_new_tokens: int = 16) -> dict:
+def run_task(
+    task: str,
+    definition,
+    base,
+    lora,
+    tokenizer,
+    cfg=None,
+    data: str | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 16,
+) -> dict:
     """One evaluation task: `loss` and `exact_match` on a run's held-out split, `multiple_choice`
     on a question/choices/answer dataset (or 'synthetic')."""
     if task not in TASKS:
@@ -288,6 +330,7 @@ def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str |
     if cfg is None:
         raise UserError(f"task {task!r} evaluates a run's held-out split: pass a run folder")
     from .data.pipeline import prepare
+
     ev = prepare(cfg, tokenizer).eval
     if ev is None or len(ev) == 0:
         raise UserError("the run has no held-out split (data.eval_fraction is 0)")
@@ -301,7 +344,6 @@ def run_task(task: str, definition, base, lora, tokenizer, cfg=None, data: str |
     texts = greedy_answers(definition, base, lora, tokenizer, prompts, max_new_tokens)
     hits = [t == a for t, a in zip(texts, answers)]
     return {"task": task, "n": n, "exact_match": float(np.mean(hits))}
-
 
 
 def run_eval_examples(cfg, available: int) -> int:
@@ -319,7 +361,9 @@ class RunEvaluator:
         self.tokenizer, self.max_new = tokenizer, max_new_tokens
         if "exact_match" in self.tasks:
             if eval_data is None or len(eval_data) == 0:
-                raise UserError("eval_tasks has exact_match but the run has no held-out split (data.eval_fraction is 0)")
+                raise UserError(
+                    "eval_tasks has exact_match but the run has no held-out split (data.eval_fraction is 0)"
+                )
             self.prompts, self.answers = held_out_prompts(tokenizer, eval_data, cfg.eval_limit)
         if "multiple_choice" in self.tasks:
             self.mc = load_multiple_choice(cfg.eval_choices, cfg.eval_limit, seed=cfg.seed)

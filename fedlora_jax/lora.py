@@ -7,7 +7,6 @@ An adapter tree mirrors the model: ``lora['blocks']['attn']['q_proj'] = {'lora_a
 
 from __future__ import annotations
 
-from .errors import UserError
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import UserError
 from .models import Definition, LoRAConfig
 from .models.hub import hf_module_name
 
@@ -35,11 +35,13 @@ def modules(tree: dict, prefix: tuple = ()):
 
 def map_modules(fn, *trees):
     """Rebuild adapter trees applying fn(A_1, ..., A_n, B_1, ..., B_n) -> (A, B) per module."""
+
     def rec(*nodes):
         if "lora_a" in nodes[0]:
             a, b = fn(*[n["lora_a"] for n in nodes], *[n["lora_b"] for n in nodes])
             return {"lora_a": a, "lora_b": b}
         return {k: rec(*[n[k] for n in nodes]) for k in nodes[0]}
+
     return rec(*trees)
 
 
@@ -52,11 +54,13 @@ def rank_mask(tree: dict, rank) -> dict:
     """Zero rows >= rank of every A and columns >= rank of every B. `rank` may be a traced scalar,
     so clients of different ranks share one padded shape under vmap; multiplying by the mask
     also makes the gradient of the masked entries exactly zero."""
+
     def fn(a, b):
         keep = jnp.arange(a.shape[-2]) < rank
         keep_a = keep.reshape((1,) * (a.ndim - 2) + (-1, 1)).astype(a.dtype)
         keep_b = keep.reshape((1,) * (b.ndim - 1) + (-1,)).astype(b.dtype)
         return a * keep_a, b * keep_b
+
     return map_modules(fn, tree)
 
 
@@ -86,12 +90,14 @@ def merge(definition: Definition, base: dict, tree: dict) -> dict:
 
 # ----------------------------------------------------------------------------- PEFT format
 
+
 def _peft_key(definition, path, layer, factor):
     return f"base_model.model.{hf_module_name(definition.config, path, layer)}.lora_{factor}.weight"
 
 
-def save_peft(folder: str | os.PathLike, definition: Definition, tree: dict,
-              base_model_name_or_path: str | None = None) -> Path:
+def save_peft(
+    folder: str | os.PathLike, definition: Definition, tree: dict, base_model_name_or_path: str | None = None
+) -> Path:
     """Write `tree` as a PEFT LoRA adapter that peft.PeftModel.from_pretrained loads."""
     from safetensors.numpy import save_file
 
@@ -106,10 +112,18 @@ def save_peft(folder: str | os.PathLike, definition: Definition, tree: dict,
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lc.r, "lora_alpha": lc.alpha,
-        "target_modules": sorted(lc.target_modules), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": cfg.family == "gpt2", "use_rslora": lc.use_rslora, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lc.r,
+        "lora_alpha": lc.alpha,
+        "target_modules": sorted(lc.target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": cfg.family == "gpt2",
+        "use_rslora": lc.use_rslora,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path,
     }
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
@@ -179,8 +193,9 @@ def check_peft_weights(folder: str | os.PathLike) -> None:
             head = fh.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             if n < 2 or 8 + n > size:
-                raise UserError(f"{w!r} is truncated or not a safetensors file (its header does not fit in its "
-                                f"{size} bytes)")
+                raise UserError(
+                    f"{w!r} is truncated or not a safetensors file (its header does not fit in its {size} bytes)"
+                )
             raw = fh.read(n)
     except OSError as e:
         raise UserError(f"cannot read {w!r}: {e.strerror or e}") from None
@@ -225,8 +240,9 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
                     raise UserError(f"adapter is missing tensor {name!r}")
                 want = spec[key].shape[1:]
                 if tensors[name].shape != tuple(want):
-                    raise UserError(f"adapter tensor {name!r} has shape {tensors[name].shape} "
-                                     f"but the model needs {tuple(want)}")
+                    raise UserError(
+                        f"adapter tensor {name!r} has shape {tensors[name].shape} but the model needs {tuple(want)}"
+                    )
                 stack.append(tensors[name])
                 used.add(name)
             pair[key] = jnp.asarray(np.stack(stack), jnp.float32)
@@ -236,8 +252,10 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
         node[path[-1]] = pair
     extra = sorted(set(tensors) - used)
     if extra:
-        raise UserError(f"adapter has {len(extra)} tensor(s) this model has no place for, e.g. {extra[0]!r}; "
-                         "does the adapter belong to this model?")
+        raise UserError(
+            f"adapter has {len(extra)} tensor(s) this model has no place for, e.g. {extra[0]!r}; "
+            "does the adapter belong to this model?"
+        )
     return out
 
 
@@ -252,8 +270,10 @@ def reinit(tree: dict, key) -> dict:
             a = node["lora_a"]
             bound = 1.0 / jnp.sqrt(jnp.asarray(a.shape[-1], a.dtype))
             i += 1
-            return {"lora_a": jax.random.uniform(jax.random.fold_in(k, i), a.shape, a.dtype, -bound, bound),
-                    "lora_b": jnp.zeros_like(node["lora_b"])}
+            return {
+                "lora_a": jax.random.uniform(jax.random.fold_in(k, i), a.shape, a.dtype, -bound, bound),
+                "lora_b": jnp.zeros_like(node["lora_b"]),
+            }
         return {name: rec(child, k) for name, child in node.items()}
 
     return rec(tree, key)

@@ -20,8 +20,19 @@ from .config import RunConfig, config_diff, load_config
 from .errors import UserError
 
 # everything a run writes into its folder (runner.run)
-RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "metrics.csv", "metrics.png", "summary.json",
-                         "dp_stats.csv", "checkpoints", "adapter", "merged_model"})
+RUN_ENTRIES = frozenset(
+    {
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.csv",
+        "metrics.png",
+        "summary.json",
+        "dp_stats.csv",
+        "checkpoints",
+        "adapter",
+        "merged_model",
+    }
+)
 # top-level keys of a config.yaml this tool wrote (log_every: written by earlier versions)
 _CONFIG_KEYS = {f for f in RunConfig.__dataclass_fields__} | {"log_every"}
 
@@ -60,8 +71,9 @@ def check_out(out: str | os.PathLike, resume: bool = False, overwrite: bool = Fa
     CLI before it loads a model, and again by prepare_out."""
     out = Path(out)
     if resume and overwrite:
-        raise UserError("--resume and --overwrite exclude each other: resume continues the run in the folder, "
-                        "overwrite replaces it")
+        raise UserError(
+            "--resume and --overwrite exclude each other: resume continues the run in the folder, overwrite replaces it"
+        )
     try:
         _check(out, resume, overwrite)
     except OSError as e:  # e.g. a name too long for the file system
@@ -78,15 +90,18 @@ def _check(out: Path, resume: bool, overwrite: bool) -> None:
         if not anc.is_dir():
             raise UserError(f"output folder {_q(out)} cannot be made: {_q(anc)} is a file, not a folder")
         if not os.access(anc, os.W_OK | os.X_OK):
-            raise UserError(f"output folder {_q(out)} cannot be made: {_q(anc)} is not writable (read-only "
-                            "or not yours)")
+            raise UserError(
+                f"output folder {_q(out)} cannot be made: {_q(anc)} is not writable (read-only or not yours)"
+            )
         return
     if resume:
         if not (out / "config.yaml").is_file():
             raise UserError(f"--resume: {_q(out)} holds no run (no config.yaml)")
         if not _has_checkpoint(out):
-            raise UserError(f"--resume: the run in {_q(out)} has no checkpoint yet (checkpoint_every rounds); "
-                            "start it again with --overwrite")
+            raise UserError(
+                f"--resume: the run in {_q(out)} has no checkpoint yet (checkpoint_every rounds); "
+                "start it again with --overwrite"
+            )
         if not os.access(out, os.W_OK | os.X_OK):
             raise UserError(f"--resume: run folder {_q(out)} is not writable (read-only or not yours)")
         return
@@ -101,15 +116,20 @@ def _check(out: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"--overwrite: {_q(out)} is a symbolic link; pass the run folder itself")
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
-        raise UserError(f"--overwrite would delete {_q(out)}, which holds the current directory; "
-                        "pass a run folder to --out")
+        raise UserError(
+            f"--overwrite would delete {_q(out)}, which holds the current directory; pass a run folder to --out"
+        )
     if not is_run_folder(out):
-        raise UserError(f"--overwrite replaces only a run folder of this tool (with its config.yaml and "
-                        f"metrics.jsonl); {_q(out)} is not one, so nothing was deleted; choose another --out")
+        raise UserError(
+            f"--overwrite replaces only a run folder of this tool (with its config.yaml and "
+            f"metrics.jsonl); {_q(out)} is not one, so nothing was deleted; choose another --out"
+        )
     foreign = [e for e in entries if e not in RUN_ENTRIES]
     if foreign:
-        raise UserError(f"--overwrite: run folder {_q(out)} also holds {foreign[0]!r}, which this tool did not "
-                        "write; move it away or choose another --out")
+        raise UserError(
+            f"--overwrite: run folder {_q(out)} also holds {foreign[0]!r}, which this tool did not "
+            "write; move it away or choose another --out"
+        )
     if not os.access(out.resolve().parent, os.W_OK | os.X_OK):
         raise UserError(f"--overwrite: the folder holding {_q(out)} is not writable (read-only or not yours)")
 

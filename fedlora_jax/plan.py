@@ -7,12 +7,12 @@ memory analysis on the current backend, which is exact for that backend.
 
 from __future__ import annotations
 
-from .errors import UserError
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import randomness
+from .errors import UserError
 from .models import abstract_model
 
 ADAPTER_COPIES = 6  # local factors, start point, gradient, two AdamW moments, the release
@@ -27,12 +27,14 @@ def step_batch(cfg) -> int:
     upper bound that needs no data)."""
     if _record_level(cfg):
         from .data.batches import poisson_capacity_bound
+
         return poisson_capacity_bound(cfg.fl.batch_size)
     return cfg.fl.batch_size
 
 
 def _record_level(cfg) -> bool:
     from .privacy.modes import MECHANISMS
+
     return MECHANISMS[cfg.dp.mode].record_level
 
 
@@ -46,8 +48,12 @@ def estimate(cfg, model_config) -> dict:
     base_bytes = _nbytes(base, item)
     adapter = _nbytes(lora, 4)
     b, s = step_batch(cfg), cfg.data.seq_len
-    h, f, heads, v = model_config.hidden_size, model_config.intermediate_size or 4 * model_config.hidden_size, \
-        model_config.num_heads, model_config.vocab_size
+    h, f, heads, v = (
+        model_config.hidden_size,
+        model_config.intermediate_size or 4 * model_config.hidden_size,
+        model_config.num_heads,
+        model_config.vocab_size,
+    )
     # per layer and token: ~8 hidden-sized tensors (residual, norms, q/k/v/o), 3 MLP-sized ones,
     # and the attention probabilities (float32 softmax over s keys per head, kept for backward)
     per_layer = b * s * (8 * h * item + 3 * f * item + 2 * heads * s * 4)
@@ -56,8 +62,12 @@ def estimate(cfg, model_config) -> dict:
     per_client = ADAPTER_COPIES * adapter + activations
     if _record_level(cfg):  # one float32 gradient per example of the padded batch
         per_client += b * adapter
-    return {"base_bytes": base_bytes, "adapter_bytes": adapter, "activation_bytes_per_client": activations,
-            "per_client_bytes": per_client}
+    return {
+        "base_bytes": base_bytes,
+        "adapter_bytes": adapter,
+        "activation_bytes_per_client": activations,
+        "per_client_bytes": per_client,
+    }
 
 
 def largest_chunk(est: dict, device_bytes: float, cohort: int, headroom: float = 0.9) -> int:
@@ -66,7 +76,8 @@ def largest_chunk(est: dict, device_bytes: float, cohort: int, headroom: float =
         raise UserError(
             f"cannot fit one client: base {est['base_bytes'] / 2**30:.2f} GiB + one client "
             f"{est['per_client_bytes'] / 2**30:.2f} GiB > {headroom:.0%} of {device_bytes / 2**30:.2f} GiB; "
-            "lower data.seq_len or fl.batch_size, use model.dtype bfloat16, or a larger device")
+            "lower data.seq_len or fl.batch_size, use model.dtype bfloat16, or a larger device"
+        )
     return int(min(cohort, free // est["per_client_bytes"]))
 
 
@@ -87,13 +98,28 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     state = jax.eval_shape(lambda lo: init_state(c, lo, k, mechanism), lora_shapes)
     shp = (k, fl.local_steps, step_batch(cfg), cfg.data.seq_len)
     sds = jax.ShapeDtypeStruct
-    block = {"tokens": sds(shp, jnp.int32), "attention_mask": sds(shp, jnp.int32), "loss_mask": sds(shp, jnp.int32),
-             "num_examples": sds((k,), jnp.float32)}
-    compiled = fn.lower(state, base_shapes, block, sds((k,), jnp.int32), sds((k,), jnp.int32),
-                        sds((k,), jnp.bool_), randomness.round_keys(cfg.seed, 0), sds((), jnp.float32)).compile()
+    block = {
+        "tokens": sds(shp, jnp.int32),
+        "attention_mask": sds(shp, jnp.int32),
+        "loss_mask": sds(shp, jnp.int32),
+        "num_examples": sds((k,), jnp.float32),
+    }
+    compiled = fn.lower(
+        state,
+        base_shapes,
+        block,
+        sds((k,), jnp.int32),
+        sds((k,), jnp.int32),
+        sds((k,), jnp.bool_),
+        randomness.round_keys(cfg.seed, 0),
+        sds((), jnp.float32),
+    ).compile()
     ma = compiled.memory_analysis()
-    return {"temp_bytes": ma.temp_size_in_bytes, "argument_bytes": ma.argument_size_in_bytes,
-            "output_bytes": ma.output_size_in_bytes}
+    return {
+        "temp_bytes": ma.temp_size_in_bytes,
+        "argument_bytes": ma.argument_size_in_bytes,
+        "output_bytes": ma.output_size_in_bytes,
+    }
 
 
 def plan(cfg, device_gib: float | None = None, do_measure: bool = False) -> dict:
@@ -101,18 +127,26 @@ def plan(cfg, device_gib: float | None = None, do_measure: bool = False) -> dict
 
     mc = build_model_config(cfg)
     est = estimate(cfg, mc)
-    out = {"model": cfg.model.source, "dtype": mc.dtype, "estimate": est,
-           "clients_per_round": cfg.fl.clients_per_round, "clients_per_chunk": cfg.fl.clients_per_chunk}
+    out = {
+        "model": cfg.model.source,
+        "dtype": mc.dtype,
+        "estimate": est,
+        "clients_per_round": cfg.fl.clients_per_round,
+        "clients_per_chunk": cfg.fl.clients_per_chunk,
+    }
     if device_gib is not None:
         out["device_gib"] = device_gib
-        out["largest_clients_per_chunk"] = largest_chunk(est, device_gib * 2 ** 30, cfg.fl.clients_per_round)
+        out["largest_clients_per_chunk"] = largest_chunk(est, device_gib * 2**30, cfg.fl.clients_per_round)
     if do_measure:
         lc = cfg.lora.to_lora_config()
         definition, base, lora = abstract_model(mc, lc)
         base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(mc.dtype)), base)
         lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), lora)
         m1, m2 = measure(cfg, definition, base, lora, 1), measure(cfg, definition, base, lora, 2)
-        out["measured"] = {"chunk_1": m1, "chunk_2": m2,
-                           "per_client_temp_bytes": m2["temp_bytes"] - m1["temp_bytes"],
-                           "backend": jax.default_backend()}
+        out["measured"] = {
+            "chunk_1": m1,
+            "chunk_2": m2,
+            "per_client_temp_bytes": m2["temp_bytes"] - m1["temp_bytes"],
+            "backend": jax.default_backend(),
+        }
     return out

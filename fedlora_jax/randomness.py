@@ -22,24 +22,24 @@ import numpy as np
 
 # every domain a run draws from; add a name here to add a use of randomness
 DOMAINS = (
-    "model_init",       # the random base model (source: tiny) and its LoRA factors
-    "lora_init",        # LoRA factors of a loaded base model
-    "lora_reinit",      # adapters restarted each round under stacking (round)
+    "model_init",  # the random base model (source: tiny) and its LoRA factors
+    "lora_init",  # LoRA factors of a loaded base model
+    "lora_reinit",  # adapters restarted each round under stacking (round)
     "client_sampling",  # which clients take part (round)
-    "data_split",       # held-out split
-    "subsample",        # data.max_examples: which examples are kept
-    "partition",        # examples -> clients
-    "data_order",       # a client's epoch permutations (client, epoch)
-    "dpsgd_batches",    # a client's Poisson batches (client, participation)
-    "synthetic_data",   # the synthetic training tasks
-    "synthetic_eval",   # the synthetic multiple-choice questions
-    "eval_sample",      # which held-out examples an evaluation scores
-    "client_noise",     # local DP release noise (round, client, leaf)
-    "server_noise",     # central DP noise on the sum (round, leaf)
+    "data_split",  # held-out split
+    "subsample",  # data.max_examples: which examples are kept
+    "partition",  # examples -> clients
+    "data_order",  # a client's epoch permutations (client, epoch)
+    "dpsgd_batches",  # a client's Poisson batches (client, participation)
+    "synthetic_data",  # the synthetic training tasks
+    "synthetic_eval",  # the synthetic multiple-choice questions
+    "eval_sample",  # which held-out examples an evaluation scores
+    "client_noise",  # local DP release noise (round, client, leaf)
+    "server_noise",  # central DP noise on the sum (round, leaf)
     "clip_count_noise",  # adaptive clipping: noise on the count of unclipped clients (round)
-    "dpsgd_noise",      # DP-SGD step noise (round, client, step, leaf)
-    "noise_stats",      # Monte-Carlo noise statistics (dp.stats_every) (round, matrix)
-    "audit",            # empirical privacy audits
+    "dpsgd_noise",  # DP-SGD step noise (round, client, step, leaf)
+    "noise_stats",  # Monte-Carlo noise statistics (dp.stats_every) (round, matrix)
+    "audit",  # empirical privacy audits
 )
 
 
@@ -64,16 +64,19 @@ def key(seed: int, domain: str, *ids):
 
 def np_rng(seed: int, domain: str, *ids: int) -> np.random.Generator:
     """The numpy Generator of one host-side use (sampling, partitions, data order)."""
-    return np.random.default_rng([_IDS[domain] if domain in _IDS else domain_id(domain), len(ids), int(seed),
-                                  *(int(i) for i in ids)])
+    return np.random.default_rng(
+        [_IDS[domain] if domain in _IDS else domain_id(domain), len(ids), int(seed), *(int(i) for i in ids)]
+    )
 
 
 def np_seed(seed: int, domain: str, *ids: int) -> int:
     """A 32-bit integer seed for a library that takes one (datasets' shuffle)."""
-    return int(np_rng(seed, domain, *ids).integers(0, 2 ** 32 - 1))
+    return int(np_rng(seed, domain, *ids).integers(0, 2**32 - 1))
 
 
 def round_keys(seed: int, round_index: int) -> dict:
     """The keys the jitted round draws from in round `round_index` (a pytree of typed keys)."""
-    return {d: key(seed, d, round_index)
-            for d in ("client_noise", "server_noise", "clip_count_noise", "dpsgd_noise", "lora_reinit")}
+    return {
+        d: key(seed, d, round_index)
+        for d in ("client_noise", "server_noise", "clip_count_noise", "dpsgd_noise", "lora_reinit")
+    }

@@ -14,6 +14,7 @@ from .privacy import modes
 
 def plot_metrics(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -28,8 +29,10 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
         axes[2].set_ylabel("score")
         axes[2].set_ylim(0, 1)
         axes[2].legend()
-    for name, label in (("loss", "train loss (clients)"),
-                        ("unprotected_loss", "train loss (clients; outside the DP guarantee)")):
+    for name, label in (
+        ("loss", "train loss (clients)"),
+        ("unprotected_loss", "train loss (clients; outside the DP guarantee)"),
+    ):
         pts = [(x["round"], x[name]) for x in rows if x.get(name) is not None]
         if pts:
             axes[0].plot(*zip(*pts), label=label)
@@ -76,8 +79,10 @@ def read_rows(path: Path, upto: int) -> list[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break  # the round that was being written when the run stopped; it reruns
-            raise UserError(f"{path}: line {i + 1} is not JSON; the run folder is damaged (resume needs its "
-                            f"metrics up to the last checkpoint)") from None
+            raise UserError(
+                f"{path}: line {i + 1} is not JSON; the run folder is damaged (resume needs its "
+                f"metrics up to the last checkpoint)"
+            ) from None
     return [r for r in rows if r.get("round", 0) <= upto]
 
 
@@ -95,8 +100,20 @@ def postfix(row: dict, rows: list[dict]) -> dict:
     return out
 
 
-def write_outputs(out: Path, rows: list[dict], mechanism, participations, *, source: str, artifacts: dict,
-                  initial_eval, initial_scores: dict, done: int, stop_reason: str, wall_seconds: float) -> dict:
+def write_outputs(
+    out: Path,
+    rows: list[dict],
+    mechanism,
+    participations,
+    *,
+    source: str,
+    artifacts: dict,
+    initial_eval,
+    initial_scores: dict,
+    done: int,
+    stop_reason: str,
+    wall_seconds: float,
+) -> dict:
     """metrics.jsonl/.csv, metrics.png and summary.json (artifacts: the saved adapter / merged model)."""
     metrics_path, csv_path = out / "metrics.jsonl", out / "metrics.csv"
     # rewrite the metrics (a resume may have dropped rows logged after its checkpoint)
@@ -108,21 +125,34 @@ def write_outputs(out: Path, rows: list[dict], mechanism, participations, *, sou
         w.writerows(rows)
     if rows:
         plot_metrics(rows, out / "metrics.png")
-    outputs = {"metrics_jsonl": str(metrics_path), "metrics_csv": str(csv_path), "plot": str(out / "metrics.png"),
-               "checkpoints": str(out / "checkpoints"), "config": str(out / "config.yaml")}
+    outputs = {
+        "metrics_jsonl": str(metrics_path),
+        "metrics_csv": str(csv_path),
+        "plot": str(out / "metrics.png"),
+        "checkpoints": str(out / "checkpoints"),
+        "config": str(out / "config.yaml"),
+    }
     outputs.update(artifacts)
     last = lambda k: next((x[k] for x in reversed(rows) if x.get(k) is not None), None)
-    summary = {"rounds": done, "stop_reason": stop_reason, "initial_eval_loss": initial_eval,
-               "final_eval_loss": last("eval_loss"), "model": source, "initial_scores": initial_scores,
-               "final_scores": {k: last(k) for k in ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm")
-                                if any(x.get(k) is not None for x in rows)}}
+    summary = {
+        "rounds": done,
+        "stop_reason": stop_reason,
+        "initial_eval_loss": initial_eval,
+        "final_eval_loss": last("eval_loss"),
+        "model": source,
+        "initial_scores": initial_scores,
+        "final_scores": {
+            k: last(k)
+            for k in ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm")
+            if any(x.get(k) is not None for x in rows)
+        },
+    }
     train_name = mechanism.published_name("loss")
     if train_name is not None:
-        summary[("final_train_loss" if train_name == "loss" else modes.UNPROTECTED_PREFIX + "final_train_loss")] = \
-            last(train_name)
+        summary[("final_train_loss" if train_name == "loss" else modes.UNPROTECTED_PREFIX + "final_train_loss")] = last(
+            train_name
+        )
     summary["privacy"] = mechanism.summary(participations, rows[-1] if rows else None)
     summary.update(wall_seconds=wall_seconds, outputs=outputs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
-
-

@@ -66,19 +66,28 @@ class _StopOnSignal:
     def __enter__(self):
         import signal
         import threading
+
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc):
         import signal
+
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
 
 
-def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-        progress: bool = True, stop_after: int | None = None) -> dict:
+def run(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
     """Run (or resume) a federated simulation; returns the summary (also written to summary.json).
 
     In a DP mode, metrics, progress bar and summary carry only what the mechanism's guarantee covers
@@ -109,9 +118,11 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     if not resume:
         first_ids, first_valid = sampling.for_config(cfg, 0)  # a budget check: every draw costs the same
         if mechanism.budget_exceeded(first_ids[first_valid]):
-            raise UserError(f"dp.budget = {cfg.dp.budget:g} is below the first round's cost "
-                            f"(epsilon {mechanism.ledger.worst_after(first_ids[first_valid]):.4g}), so no round "
-                            f"could run; raise dp.budget or the noise")
+            raise UserError(
+                f"dp.budget = {cfg.dp.budget:g} is below the first round's cost "
+                f"(epsilon {mechanism.ledger.worst_after(first_ids[first_valid]):.4g}), so no round "
+                f"could run; raise dp.budget or the noise"
+            )
     prepare_out(cfg, out, resume, overwrite)
     state = init_state(cfg, lora, fl.num_clients, mechanism)
     ckpt = Checkpointer(out / "checkpoints")
@@ -125,14 +136,19 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         start = int(meta["round"])
         if ledger is not None:
             ledger.load_state_dict(meta["ledger"])
-        participations = np.asarray(meta.get("participations") or
-                                    (meta["ledger"] or {}).get("participations", participations), np.int64)
+        participations = np.asarray(
+            meta.get("participations") or (meta["ledger"] or {}).get("participations", participations), np.int64
+        )
         rows = reporting.read_rows(metrics_path, start)  # rows logged after the checkpoint are dropped: they rerun
     noise_seed = _noise_seed(cfg, mechanism, meta)
     # central DP's client draw and DP-SGD's batch draws come from the secret root too (amplification)
     sample_seed = noise_seed if mechanism.sampling_secret else cfg.seed
-    batcher = data.batcher(fl.local_steps, fl.batch_size, noise_seed if mechanism.record_level else cfg.seed,
-                           poisson=mechanism.record_level)
+    batcher = data.batcher(
+        fl.local_steps,
+        fl.batch_size,
+        noise_seed if mechanism.record_level else cfg.seed,
+        poisson=mechanism.record_level,
+    )
     if ledger is not None:
         ledger.participations = participations  # one array: the ledger's count is the batcher's
     round_fn = make_round(definition, cfg, mechanism, fl.num_clients, donate=True, mesh=client_mesh(fl.devices))
@@ -141,8 +157,14 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     def run_eval(st):
         if data.eval is None or len(data.eval) == 0 or "loss" not in cfg.eval_tasks:
             return None
-        return heldout_loss(definition, effective_base(base, st), st["lora"], data.eval,
-                            run_eval_examples(cfg, len(data.eval)), fl.batch_size)
+        return heldout_loss(
+            definition,
+            effective_base(base, st),
+            st["lora"],
+            data.eval,
+            run_eval_examples(cfg, len(data.eval)),
+            fl.batch_size,
+        )
 
     if start == 0:
         initial_eval = run_eval(state)
@@ -152,11 +174,16 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
     wall_before = float(meta.get("wall_seconds", 0.0))
 
     def checkpoint_meta(done):
-        return {"round": done, "ledger": ledger.state_dict() if ledger else None,
-                "participations": participations.tolist(), "initial_eval_loss": initial_eval,
-                "initial_scores": initial_scores, "wall_seconds": wall_before + time.time() - t_start,
-                "noise_seed": noise_seed,
-                "config": cfg.to_dict()}
+        return {
+            "round": done,
+            "ledger": ledger.state_dict() if ledger else None,
+            "participations": participations.tolist(),
+            "initial_eval_loss": initial_eval,
+            "initial_scores": initial_scores,
+            "wall_seconds": wall_before + time.time() - t_start,
+            "noise_seed": noise_seed,
+            "config": cfg.to_dict(),
+        }
 
     def publish(row, m, valid):
         """The client-derived values of a round, where (and under the name) the mechanism allows."""
@@ -189,9 +216,16 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             data_ids = np.where(valid, ids, 0)  # padded Poisson slots (id N) read client 0's data, masked out
             block = batcher.block(data_ids, participations)
             lr = cosine_lr(r, fl.rounds, fl.lr, fl.lr_min)
-            state, m = round_fn(state, base, {k: jnp.asarray(v) for k, v in block.items()},
-                                jnp.asarray(ids, jnp.int32), jnp.asarray(ranks_all[data_ids]), jnp.asarray(valid),
-                                randomness.round_keys(noise_seed, r), jnp.float32(lr))
+            state, m = round_fn(
+                state,
+                base,
+                {k: jnp.asarray(v) for k, v in block.items()},
+                jnp.asarray(ids, jnp.int32),
+                jnp.asarray(ranks_all[data_ids]),
+                jnp.asarray(valid),
+                randomness.round_keys(noise_seed, r),
+                jnp.float32(lr),
+            )
             if ledger is not None:
                 ledger.record(ids[valid])  # also counts participations (the same array)
             else:
@@ -201,10 +235,15 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
             row["eval_loss"] = None
             dropped = int(m["dropped"])
             if dropped and mechanism.publish_client_metrics:
-                bad = [int(c) for c, ok, v in zip(ids, np.isfinite(np.asarray(m["client_loss"])), valid) if v and not ok]
-                tqdm.write(f"round {r + 1}: {dropped} client update(s) were not finite and were dropped "
-                           f"(clients {bad or 'with non-finite factors'})"
-                           + (" [outside the DP guarantee]" if mechanism.private else ""), file=sys.stderr)
+                bad = [
+                    int(c) for c, ok, v in zip(ids, np.isfinite(np.asarray(m["client_loss"])), valid) if v and not ok
+                ]
+                tqdm.write(
+                    f"round {r + 1}: {dropped} client update(s) were not finite and were dropped "
+                    f"(clients {bad or 'with non-finite factors'})"
+                    + (" [outside the DP guarantee]" if mechanism.private else ""),
+                    file=sys.stderr,
+                )
             row.update({k: float(v) for k, v in m["mechanism"].items()})  # accounted values (e.g. the clip)
             row.update(mechanism.privacy_row(participations))
             if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
@@ -212,10 +251,19 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
                 row.update(extra_eval(definition, effective_base(base, state), state["lora"]))
             if cfg.dp.stats_every and mechanism.private and (r + 1) % cfg.dp.stats_every == 0:
                 from .privacy.analysis import round_stats, write_stats_csv
-                write_stats_csv(out / "dp_stats.csv",
-                                round_stats(state["lora"], mechanism.sigma_a, mechanism.sigma_b,
-                                            randomness.key(cfg.seed, "noise_stats", r), f"round_{r + 1}_global",
-                                            samples=cfg.dp.stats_samples), append=True)
+
+                write_stats_csv(
+                    out / "dp_stats.csv",
+                    round_stats(
+                        state["lora"],
+                        mechanism.sigma_a,
+                        mechanism.sigma_b,
+                        randomness.key(cfg.seed, "noise_stats", r),
+                        f"round_{r + 1}_global",
+                        samples=cfg.dp.stats_samples,
+                    ),
+                    append=True,
+                )
             row["seconds"] = time.time() - t0
             row = {k: reporting.finite_or_none(v) for k, v in row.items()}
             rows.append(row)
@@ -232,7 +280,17 @@ def run(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite:
         ckpt.close()
     _private(out / "checkpoints")
     saved = artifacts.save_final(cfg, out, definition, effective_base(base, state), state["lora"], tokenizer, source)
-    summary = reporting.write_outputs(out, rows, mechanism, participations, source=source, artifacts=saved,
-                                      initial_eval=initial_eval, initial_scores=initial_scores, done=done,
-                                      stop_reason=stop_reason, wall_seconds=wall_before + time.time() - t_start)
+    summary = reporting.write_outputs(
+        out,
+        rows,
+        mechanism,
+        participations,
+        source=source,
+        artifacts=saved,
+        initial_eval=initial_eval,
+        initial_scores=initial_scores,
+        done=done,
+        stop_reason=stop_reason,
+        wall_seconds=wall_before + time.time() - t_start,
+    )
     return summary

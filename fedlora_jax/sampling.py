@@ -58,13 +58,14 @@ def sample_round(seed: int, num_clients: int, clients_per_round: int, sampling: 
         if len(taken) > cap:  # probability <= POISSON_TAIL: keep a random `cap` of them
             taken = np.sort(rng.choice(taken, cap, replace=False))
         ids = np.full(cap, num_clients, np.int64)
-        ids[:len(taken)] = taken
+        ids[: len(taken)] = taken
         return ids, np.arange(cap) < len(taken)
     raise ValueError(f"unknown sampling {sampling!r}")  # the config validates it: a bug if reached
 
 
-def participation_counts(seed: int, num_clients: int, clients_per_round: int, sampling: str, rounds: int,
-                         start: int = 0) -> np.ndarray:
+def participation_counts(
+    seed: int, num_clients: int, clients_per_round: int, sampling: str, rounds: int, start: int = 0
+) -> np.ndarray:
     """Rounds each client takes part in, over rounds [start, rounds) of the seeded schedule."""
     counts = np.zeros(num_clients, np.int64)
     for r in range(start, rounds):
@@ -76,8 +77,9 @@ def participation_counts(seed: int, num_clients: int, clients_per_round: int, sa
 def for_config(cfg, round_index: int, seed: int | None = None):
     """A round's cohort; seed: the sampling seed when it must stay secret (central DP), else cfg.seed."""
     fl = cfg.fl
-    return sample_round(cfg.seed if seed is None else seed, fl.num_clients, fl.clients_per_round, fl.sampling,
-                        round_index)
+    return sample_round(
+        cfg.seed if seed is None else seed, fl.num_clients, fl.clients_per_round, fl.sampling, round_index
+    )
 
 
 def config_counts(cfg) -> np.ndarray:

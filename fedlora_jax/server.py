@@ -9,12 +9,13 @@ FedProx and SCAFFOLD use the FedAvg server step (their work is on the clients).
 
 from __future__ import annotations
 
-from .errors import UserError
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from .errors import UserError
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 
@@ -29,8 +30,9 @@ def fedopt(kind: str, lr: float, b1: float = 0.9, b2: float = 0.99, tau: float =
         raise UserError(f"unknown FedOpt rule {kind!r}; allowed: adagrad, yogi, adam")
 
     def init(params):
-        return FedOptState(jax.tree.map(jnp.zeros_like, params),
-                           jax.tree.map(lambda p: jnp.full_like(p, tau ** 2), params))
+        return FedOptState(
+            jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda p: jnp.full_like(p, tau**2), params)
+        )
 
     def update(grads, state, params=None):
         d = jax.tree.map(jnp.negative, grads)

@@ -18,10 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import aggregation as agg
 from .client import client_update
+from .errors import UserError
 from .models import Definition
 from .privacy.modes import Mechanism
 from .server import server_optimizer
-from .errors import UserError
 
 
 def init_state(cfg, lora: dict, num_clients: int, mechanism: Mechanism | None = None) -> dict:
@@ -29,15 +29,21 @@ def init_state(cfg, lora: dict, num_clients: int, mechanism: Mechanism | None = 
     (SCAFFOLD controls) and the DP mechanism (e.g. an adaptive clip, under 'mech') carry."""
     fl = cfg.fl
     opt = server_optimizer(fl)
-    state = {"lora": lora, "opt": opt.init(lora), "round": jnp.zeros((), jnp.int32),
-             **agg.get(fl.aggregation).init_state(lora)}
+    state = {
+        "lora": lora,
+        "opt": opt.init(lora),
+        "round": jnp.zeros((), jnp.int32),
+        **agg.get(fl.aggregation).init_state(lora),
+    }
     mstate = mechanism.init_state() if mechanism is not None else {}
     if mstate:
         state["mech"] = mstate
     if fl.algorithm == "scaffold":
         zeros = jax.tree.map(jnp.zeros_like, lora)
-        state["controls"] = {"global": zeros,
-                             "clients": jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora)}
+        state["controls"] = {
+            "global": zeros,
+            "clients": jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora),
+        }
     return state
 
 
@@ -45,8 +51,14 @@ def effective_base(base: dict, state: dict) -> dict:
     return agg.effective_base(base, state)
 
 
-def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: int, donate: bool = False,
-               mesh: jax.sharding.Mesh | None = None):
+def make_round(
+    definition: Definition,
+    cfg,
+    mechanism: Mechanism,
+    num_clients: int,
+    donate: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+):
     """The jitted round for a run config and its DP mechanism. Nothing in it depends on values that
     change per round, so the second call compiles nothing. donate=True lets XLA reuse the old state's
     buffers (the caller must not touch the state it passed in again).
@@ -67,15 +79,24 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
         g = state["lora"]
         control = None
         if scaffold:
-            control = (state["controls"]["global"],
-                       jax.tree.map(lambda c: c[cid], state["controls"]["clients"]))
+            control = (state["controls"]["global"], jax.tree.map(lambda c: c[cid], state["controls"]["clients"]))
         local, metrics, new_c = client_update(
-            definition, base, g, batches, lr, rank=rank if hetero else None, weight_decay=fl.weight_decay,
-            prox_mu=prox_mu, control=control, freeze_a=cfg.lora.freeze_a,
-            dpsgd=mechanism.dpsgd_args(jax.random.fold_in(keys["dpsgd_noise"], cid)))
+            definition,
+            base,
+            g,
+            batches,
+            lr,
+            rank=rank if hetero else None,
+            weight_decay=fl.weight_decay,
+            prox_mu=prox_mu,
+            control=control,
+            freeze_a=cfg.lora.freeze_a,
+            dpsgd=mechanism.dpsgd_args(jax.random.fold_in(keys["dpsgd_noise"], cid)),
+        )
         mstate = state.get("mech", {})
-        released = mechanism.release(local, g, jax.random.fold_in(keys["client_noise"], cid),
-                                     rank if hetero else None, mstate)
+        released = mechanism.release(
+            local, g, jax.random.fold_in(keys["client_noise"], cid), rank if hetero else None, mstate
+        )
         kept = mechanism.kept(released, metrics["loss"])
         return released, {**metrics, "stat": mechanism.client_stat(local, g, mstate)}, new_c, kept
 
@@ -84,8 +105,9 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
         carry = dict(carry)
         if mechanism.sums_updates:  # sum of clipped updates; the mechanism noises it in finalize
             f = kept.astype(jnp.float32)
-            carry["sum"] = jax.tree.map(lambda s, r, x: s + jnp.tensordot(f, r - x[None], axes=1),
-                                        carry["sum"], released, g)
+            carry["sum"] = jax.tree.map(
+                lambda s, r, x: s + jnp.tensordot(f, r - x[None], axes=1), carry["sum"], released, g
+            )
         else:
             w = jnp.where(kept, mechanism.weight(n_ex), 0.0)
             carry["wsum"] = carry["wsum"] + jnp.sum(w)
@@ -115,12 +137,17 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
             x = x.reshape((n_chunks, c) + x.shape[1:])
             if mesh is not None:  # the client axis of each chunk is spread over the devices
                 x = jax.lax.with_sharding_constraint(
-                    x, NamedSharding(mesh, PartitionSpec(None, "clients", *([None] * (x.ndim - 2)))))
+                    x, NamedSharding(mesh, PartitionSpec(None, "clients", *([None] * (x.ndim - 2))))
+                )
             return x
 
-        xs = {"batches": {key: chunked(block[key]) for key in ("tokens", "attention_mask", "loss_mask")},
-              "ids": chunked(client_ids, num_clients), "ranks": chunked(ranks, 1), "valid": chunked(valid, False),
-              "n_ex": chunked(block["num_examples"])}
+        xs = {
+            "batches": {key: chunked(block[key]) for key in ("tokens", "attention_mask", "loss_mask")},
+            "ids": chunked(client_ids, num_clients),
+            "ranks": chunked(ranks, 1),
+            "valid": chunked(valid, False),
+            "n_ex": chunked(block["num_examples"]),
+        }
         carry = {"wsum": jnp.zeros((), jnp.float32), "stat": jnp.zeros((), jnp.float32)}
         carry["sum"] = jax.tree.map(jnp.zeros_like, g) if mechanism.sums_updates else aggregator.zeros(state, g)
         if scaffold:
@@ -128,8 +155,9 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
             carry["dc"] = jax.tree.map(jnp.zeros_like, g)
 
         def body(carry, x):
-            released, metrics, new_c, kept = jax.vmap(
-                lambda b, i, r: one_client(state, base_eff, b, i, r, keys, lr))(x["batches"], x["ids"], x["ranks"])
+            released, metrics, new_c, kept = jax.vmap(lambda b, i, r: one_client(state, base_eff, b, i, r, keys, lr))(
+                x["batches"], x["ids"], x["ranks"]
+            )
             kept = kept & x["valid"]
             released = agg.zero_invalid(released, kept)
             carry = accumulate(carry, g, released, kept, x["n_ex"], x["ids"], new_c)
@@ -142,8 +170,9 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
         new_state = dict(state)
         if mechanism.sums_updates:
             # the noise is added in every round, empty or all-dropped cohorts included
-            aggregate = mechanism.finalize_sum(carry["sum"], g, keys["server_noise"], fl.clients_per_round,
-                                               state.get("mech", {}))
+            aggregate = mechanism.finalize_sum(
+                carry["sum"], g, keys["server_noise"], fl.clients_per_round, state.get("mech", {})
+            )
         else:  # a function of the releases only (post-processing), empty rounds included
             aggregate, extra = aggregator.finalize(state, carry["sum"], carry["wsum"], jnp.any(kept), g)
             new_state.update(extra)
@@ -153,19 +182,26 @@ def make_round(definition: Definition, cfg, mechanism: Mechanism, num_clients: i
         if scaffold:
             new_state["controls"] = {
                 "global": jax.tree.map(lambda c0, d: c0 + d / num_clients, state["controls"]["global"], carry["dc"]),
-                "clients": carry["controls"]}
+                "clients": carry["controls"],
+            }
         if "mech" in state:
-            new_state["mech"] = mechanism.update_state(state["mech"], carry["stat"], keys["clip_count_noise"],
-                                                       fl.clients_per_round)
+            new_state["mech"] = mechanism.update_state(
+                state["mech"], carry["stat"], keys["clip_count_noise"], fl.clients_per_round
+            )
         new_state["round"] = state["round"] + 1
         n_kept = jnp.sum(kept)
         denom = jnp.maximum(n_kept, 1)
         # client-derived values (the run loop publishes them only where the mechanism allows);
         # with no kept client the means are NaN, logged as null
         mean_kept = lambda v: jnp.where(n_kept > 0, jnp.sum(jnp.where(kept, v, 0.0)) / denom, jnp.nan)
-        out = {"loss": mean_kept(per["loss"]), "first_loss": mean_kept(per["first_loss"]),
-               "update_norm": mean_kept(per["update_norm"]), "dropped": jnp.sum(valid & ~kept),
-               "client_loss": per["loss"], "mechanism": mechanism.round_values(state.get("mech", {}))}
+        out = {
+            "loss": mean_kept(per["loss"]),
+            "first_loss": mean_kept(per["first_loss"]),
+            "update_norm": mean_kept(per["update_norm"]),
+            "dropped": jnp.sum(valid & ~kept),
+            "client_loss": per["loss"],
+            "mechanism": mechanism.round_values(state.get("mech", {})),
+        }
         return new_state, out
 
     return jax.jit(round_fn, donate_argnums=(0,) if donate else ())

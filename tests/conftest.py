@@ -14,13 +14,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 CORPUS = [
-    "The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris.",
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction:\n### Input:\n### Response:\n", "Hello, how are you? I am fine, thank you.",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 + - * = reverse sort copy", "user assistant system",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "Hello, how are you? I am fine, thank you.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 + - * = reverse sort copy",
+    "user assistant system",
 ]
 
 
@@ -32,11 +36,20 @@ def make_tokenizer(folder=None, vocab_size=400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     fast.chat_template = CHAT_TEMPLATE
     if folder is not None:
         fast.save_pretrained(str(folder))
@@ -55,14 +68,23 @@ def hf_configs():
     common = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     return {
         "llama_mha": tf.LlamaConfig(**common, num_key_value_heads=4),
-        "llama_gqa": tf.LlamaConfig(**{**common, "num_hidden_layers": 3}, num_key_value_heads=2,
-                                    tie_word_embeddings=True, rope_scaling={
-                                        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+        "llama_gqa": tf.LlamaConfig(
+            **{**common, "num_hidden_layers": 3},
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        ),
         "qwen2": tf.Qwen2Config(**common, num_key_value_heads=2),
         "mistral": tf.MistralConfig(**common, num_key_value_heads=2, head_dim=16, sliding_window=4),
-        "gpt2": tf.GPT2Config(vocab_size=400, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                              bos_token_id=0, eos_token_id=0),
+        "gpt2": tf.GPT2Config(
+            vocab_size=400, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+        ),
     }
 
 
@@ -93,4 +115,5 @@ def tiny_hf(tmp_path_factory, tiny_tokenizer):
             folder = tmp_path_factory.mktemp(name)
             cache[name] = (folder, save_tiny_hf(name, folder, tiny_tokenizer))
         return cache[name]
+
     return get

@@ -27,11 +27,27 @@ def _safetensors(n: int = 64) -> bytes:
 
 WEIGHTS = _safetensors()
 TRUNCATED = WEIGHTS[: len(WEIGHTS) - 100]
-ADAPTER = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
-           "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": None}
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 16,
-         "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-         "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
+ADAPTER = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "r": 4,
+    "lora_alpha": 8,
+    "target_modules": ["q_proj", "v_proj"],
+    "base_model_name_or_path": None,
+}
+LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 300,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+}
 TINY_YAML = yaml.safe_dump(load_config("tiny").to_dict(), sort_keys=False)
 
 
@@ -49,11 +65,11 @@ def _run_folder(prefix: str, **extra) -> dict:
 @dataclasses.dataclass
 class Case:
     id: str
-    argv: list                      # "{tmp}" is replaced by the test's tmp_path
-    says: str | tuple               # substring(s) of the one stderr line
-    files: dict = dataclasses.field(default_factory=dict)   # inputs: relative path -> str | bytes
-    dirs: tuple = ()                # input folders
-    setup: object = None            # fn(monkeypatch) run before main
+    argv: list  # "{tmp}" is replaced by the test's tmp_path
+    says: str | tuple  # substring(s) of the one stderr line
+    files: dict = dataclasses.field(default_factory=dict)  # inputs: relative path -> str | bytes
+    dirs: tuple = ()  # input folders
+    setup: object = None  # fn(monkeypatch) run before main
     xfail: str | None = None
 
 
@@ -117,17 +133,37 @@ CONFIG = [
     cfg("override-without-equals", ["fl.rounds"], "override 'fl.rounds' must look like key.sub=value"),
     cfg("override-empty-key", ["fl..rounds=3"], "'fl..rounds' is not a dotted config key"),
     cfg("yaml-tab-in-value", ["name=\tx"], "found character '\\t'"),
-    Case("yaml-file-malformed", ["run", "{tmp}/bad.yaml", "--out", "{tmp}/out"], ("bad.yaml", "line 3"),
-         files={"bad.yaml": "name: x\nfl:\n  rounds: [1\n"}),
-    Case("yaml-file-tab", ["run", "{tmp}/tab.yaml", "--out", "{tmp}/out"], ("tab.yaml", "line 2"),
-         files={"tab.yaml": "fl:\n\trounds: 3\n"}),
-    Case("yaml-file-list", ["run", "{tmp}/list.yaml", "--out", "{tmp}/out"], ("list.yaml", "got a list"),
-         files={"list.yaml": "- fl\n- dp\n"}),
-    Case("yaml-file-not-utf8", ["run", "{tmp}/latin.yaml", "--out", "{tmp}/out"], ("latin.yaml", "not UTF-8"),
-         files={"latin.yaml": "name: caf\xe9\n".encode("latin-1")}),
+    Case(
+        "yaml-file-malformed",
+        ["run", "{tmp}/bad.yaml", "--out", "{tmp}/out"],
+        ("bad.yaml", "line 3"),
+        files={"bad.yaml": "name: x\nfl:\n  rounds: [1\n"},
+    ),
+    Case(
+        "yaml-file-tab",
+        ["run", "{tmp}/tab.yaml", "--out", "{tmp}/out"],
+        ("tab.yaml", "line 2"),
+        files={"tab.yaml": "fl:\n\trounds: 3\n"},
+    ),
+    Case(
+        "yaml-file-list",
+        ["run", "{tmp}/list.yaml", "--out", "{tmp}/out"],
+        ("list.yaml", "got a list"),
+        files={"list.yaml": "- fl\n- dp\n"},
+    ),
+    Case(
+        "yaml-file-not-utf8",
+        ["run", "{tmp}/latin.yaml", "--out", "{tmp}/out"],
+        ("latin.yaml", "not UTF-8"),
+        files={"latin.yaml": "name: caf\xe9\n".encode("latin-1")},
+    ),
     Case("yaml-file-missing", ["run", "{tmp}/nope.yaml", "--out", "{tmp}/out"], "nope.yaml' is neither a file"),
-    Case("yaml-file-bad-value", ["data", "{tmp}/v.yaml"], "fl.lr must be a finite number",
-         files={"v.yaml": "model: {source: tiny}\nfl: {lr: .inf}\n"}),
+    Case(
+        "yaml-file-bad-value",
+        ["data", "{tmp}/v.yaml"],
+        "fl.lr must be a finite number",
+        files={"v.yaml": "model: {source: tiny}\nfl: {lr: .inf}\n"},
+    ),
 ]
 
 DATA = [
@@ -135,12 +171,20 @@ DATA = [
     data("blank-lines-jsonl", "blank.jsonl", "\n  \n", "blank.jsonl' is empty"),
     data("not-json", "bad.json", '[{"instruction": "a", "output": "b"},', ("bad.json", "not valid JSON")),
     data("jsonl-bad-line", "bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops}\n', ("bad.jsonl", "line 2")),
-    data("not-utf8", "latin.jsonl", '{"instruction": "caf\xe9", "output": "b"}\n'.encode("latin-1"),
-         ("latin.jsonl", "not UTF-8")),
+    data(
+        "not-utf8",
+        "latin.jsonl",
+        '{"instruction": "caf\xe9", "output": "b"}\n'.encode("latin-1"),
+        ("latin.jsonl", "not UTF-8"),
+    ),
     data("output-number", "int.jsonl", '{"instruction": "a", "output": 42}\n', ("int.jsonl", "'output'", "42")),
     data("output-list", "list.jsonl", '{"instruction": "a", "output": ["x"]}\n', ("list.jsonl", "['x']")),
-    data("output-mixed", "mixed.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n',
-         ("mixed.jsonl", "record 2")),
+    data(
+        "output-mixed",
+        "mixed.jsonl",
+        '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n',
+        ("mixed.jsonl", "record 2"),
+    ),
     data("output-null", "null.jsonl", '{"instruction": "a", "output": null}\n', ("null.jsonl", "holds nothing")),
     data("missing-file", "missing.jsonl", None, "missing.jsonl' does not exist"),
     data("csv-header-only", "h.csv", "instruction,output\n", "h.csv' holds no records"),
@@ -149,37 +193,74 @@ DATA = [
     data("json-object", "obj.json", '{"instruction": "a", "output": "b"}', ("obj.json", "JSON array")),
     data("json-scalars", "n.jsonl", "1\n2\n", ("n.jsonl", "record 1 is a JSON number")),
     data("no-output-column", "q.jsonl", '{"instruction": "a", "answer": "b"}\n', ("q.jsonl", "no column 'output'")),
-    data("unknown-label-column", "l.jsonl", '{"instruction": "a", "output": "b"}\n', "label column 'topic'",
-         extra=("--set", "data.label_column=topic")),
+    data(
+        "unknown-label-column",
+        "l.jsonl",
+        '{"instruction": "a", "output": "b"}\n',
+        "label column 'topic'",
+        extra=("--set", "data.label_column=topic"),
+    ),
     data("not-a-data-format", "notes.txt", "hello", "notes.txt' is a path but not a"),
-    Case("folder-named-json", ["data", "tiny", "--set", "data.source={tmp}/d.json"], "d.json' is not a file",
-         dirs=("d.json",)),
-    Case("run-with-bad-data", ["run", "tiny", "--out", "{tmp}/out", "--set", "data.source={tmp}/latin.jsonl"],
-         ("latin.jsonl", "not UTF-8"), files={"latin.jsonl": '{"instruction": "\xe9"}\n'.encode("latin-1")}),
+    Case(
+        "folder-named-json",
+        ["data", "tiny", "--set", "data.source={tmp}/d.json"],
+        "d.json' is not a file",
+        dirs=("d.json",),
+    ),
+    Case(
+        "run-with-bad-data",
+        ["run", "tiny", "--out", "{tmp}/out", "--set", "data.source={tmp}/latin.jsonl"],
+        ("latin.jsonl", "not UTF-8"),
+        files={"latin.jsonl": '{"instruction": "\xe9"}\n'.encode("latin-1")},
+    ),
 ]
 
 
 def model(id, files, says, xfail=None, dirs=()):
-    return Case(id, ["run", "tiny", "--out", "{tmp}/out", "--set", "model.source={tmp}/m"], says, files=files,
-                dirs=dirs, xfail=xfail)
+    return Case(
+        id,
+        ["run", "tiny", "--out", "{tmp}/out", "--set", "model.source={tmp}/m"],
+        says,
+        files=files,
+        dirs=dirs,
+        xfail=xfail,
+    )
 
 
 MODEL = [
     model("no-config-json", {"m/model.safetensors": WEIGHTS}, "has no config.json"),
-    model("config-without-vocab-size",
-          {"m/config.json": json.dumps({k: v for k, v in LLAMA.items() if k != "vocab_size"}),
-           "m/model.safetensors": WEIGHTS}, ("config.json", "vocab_size")),
-    model("config-not-json", {"m/config.json": "{not json", "m/model.safetensors": WEIGHTS},
-          ("config.json", "not valid JSON")),
-    model("truncated-weights", {"m/config.json": json.dumps(LLAMA), "m/model.safetensors": TRUNCATED},
-          "model.safetensors"),
+    model(
+        "config-without-vocab-size",
+        {
+            "m/config.json": json.dumps({k: v for k, v in LLAMA.items() if k != "vocab_size"}),
+            "m/model.safetensors": WEIGHTS,
+        },
+        ("config.json", "vocab_size"),
+    ),
+    model(
+        "config-not-json",
+        {"m/config.json": "{not json", "m/model.safetensors": WEIGHTS},
+        ("config.json", "not valid JSON"),
+    ),
+    model(
+        "truncated-weights", {"m/config.json": json.dumps(LLAMA), "m/model.safetensors": TRUNCATED}, "model.safetensors"
+    ),
     model("no-weights", {"m/config.json": json.dumps(LLAMA)}, "has no model.safetensors"),
-    model("unknown-architecture", {"m/config.json": json.dumps({**LLAMA, "model_type": "bert"}),
-                                   "m/model.safetensors": WEIGHTS}, ("config.json", "unknown architecture", "'bert'")),
-    Case("model-missing", ["run", "tiny", "--out", "{tmp}/out", "--set", "model.source={tmp}/nothere"],
-         "is not an existing folder"),
-    Case("model-pickle", ["run", "tiny", "--out", "{tmp}/out", "--set", "model.source={tmp}/w.bin"],
-         "refusing pickled checkpoint"),
+    model(
+        "unknown-architecture",
+        {"m/config.json": json.dumps({**LLAMA, "model_type": "bert"}), "m/model.safetensors": WEIGHTS},
+        ("config.json", "unknown architecture", "'bert'"),
+    ),
+    Case(
+        "model-missing",
+        ["run", "tiny", "--out", "{tmp}/out", "--set", "model.source={tmp}/nothere"],
+        "is not an existing folder",
+    ),
+    Case(
+        "model-pickle",
+        ["run", "tiny", "--out", "{tmp}/out", "--set", "model.source={tmp}/w.bin"],
+        "refusing pickled checkpoint",
+    ),
 ]
 
 
@@ -193,23 +274,37 @@ ADAPTERS = [
     adapter("r-text", _adapter("a", {**ADAPTER, "r": "eight"}), "'r' must be an integer >= 1, got 'eight'"),
     adapter("r-fraction", _adapter("a", {**ADAPTER, "r": 2.5}), "got 2.5"),
     adapter("alpha-negative", _adapter("a", {**ADAPTER, "lora_alpha": -1}), "'lora_alpha' must be a number > 0"),
-    adapter("no-targets", _adapter("a", {k: v for k, v in ADAPTER.items() if k != "target_modules"}),
-            "'target_modules' must be a non-empty list"),
+    adapter(
+        "no-targets",
+        _adapter("a", {k: v for k, v in ADAPTER.items() if k != "target_modules"}),
+        "'target_modules' must be a non-empty list",
+    ),
     adapter("targets-regex", _adapter("a", {**ADAPTER, "target_modules": ".*proj"}), "as a regex"),
     adapter("config-not-json", _adapter("a", raw_config="{r: 4"), ("adapter_config.json", "not valid JSON")),
     adapter("config-not-object", _adapter("a", raw_config="[4]"), ("adapter_config.json", "JSON object")),
     adapter("truncated-weights", _adapter("a", weights=TRUNCATED), ("adapter_model.safetensors", "truncated")),
     adapter("garbage-weights", _adapter("a", weights=b"\xff" * 64), ("adapter_model.safetensors", "truncated")),
     adapter("no-weights", _adapter("a", weights=None), "has no adapter_model.safetensors"),
-    Case("score-adapter-no-r", ["score", "{tmp}/no-model", "--adapter", "{tmp}/a", "--text", "hello"], "has no 'r'",
-         files=_adapter("a", {k: v for k, v in ADAPTER.items() if k != "r"})),
-    Case("run-folder-truncated-adapter", ["eval", "{tmp}/run"], ("run/adapter/adapter_model.safetensors", "truncated"),
-         files={**_run_folder("run"), **_adapter("run/adapter", weights=TRUNCATED)}),
+    Case(
+        "score-adapter-no-r",
+        ["score", "{tmp}/no-model", "--adapter", "{tmp}/a", "--text", "hello"],
+        "has no 'r'",
+        files=_adapter("a", {k: v for k, v in ADAPTER.items() if k != "r"}),
+    ),
+    Case(
+        "run-folder-truncated-adapter",
+        ["eval", "{tmp}/run"],
+        ("run/adapter/adapter_model.safetensors", "truncated"),
+        files={**_run_folder("run"), **_adapter("run/adapter", weights=TRUNCATED)},
+    ),
 ]
 
 PRIVACY = [
-    privacy("unreachable-target", ["--mode", "central", "--sampling-rate", "0.1", "--rounds", "10",
-                                   "--target-epsilon", "1e6"], "no noise multiplier reaches epsilon 1000000.0"),
+    privacy(
+        "unreachable-target",
+        ["--mode", "central", "--sampling-rate", "0.1", "--rounds", "10", "--target-epsilon", "1e6"],
+        "no noise multiplier reaches epsilon 1000000.0",
+    ),
     privacy("target-nan", ["--target-epsilon", "nan"], "--target-epsilon: target epsilon must be a finite number"),
     privacy("target-inf", ["--target-epsilon", "inf"], "--target-epsilon: target epsilon must be a finite number"),
     privacy("target-negative", ["--target-epsilon", "-1"], "--target-epsilon: target epsilon must be > 0"),
@@ -220,20 +315,35 @@ PRIVACY = [
     privacy("delta-zero", ["--noise-multiplier", "1", "--delta", "0"], "--delta must be in (0, 1)"),
     privacy("delta-nan", ["--noise-multiplier", "1", "--delta", "nan"], "--delta must be a finite number"),
     privacy("delta-one", ["--noise-multiplier", "1", "--delta", "1"], "--delta must be in (0, 1)"),
-    privacy("rate-above-one", ["--mode", "central", "--noise-multiplier", "1", "--sampling-rate", "1.5"],
-            "--sampling-rate must be in (0, 1]"),
-    privacy("rate-nan", ["--mode", "central", "--noise-multiplier", "1", "--sampling-rate", "nan"],
-            "--sampling-rate must be a finite number"),
-    privacy("batch-rate-zero", ["--mode", "dpsgd", "--noise-multiplier", "1", "--batch-sampling-rate", "0"],
-            "--batch-sampling-rate must be in (0, 1]"),
+    privacy(
+        "rate-above-one",
+        ["--mode", "central", "--noise-multiplier", "1", "--sampling-rate", "1.5"],
+        "--sampling-rate must be in (0, 1]",
+    ),
+    privacy(
+        "rate-nan",
+        ["--mode", "central", "--noise-multiplier", "1", "--sampling-rate", "nan"],
+        "--sampling-rate must be a finite number",
+    ),
+    privacy(
+        "batch-rate-zero",
+        ["--mode", "dpsgd", "--noise-multiplier", "1", "--batch-sampling-rate", "0"],
+        "--batch-sampling-rate must be in (0, 1]",
+    ),
     privacy("sigma-without-clip", ["--sigma", "1"], "--sigma needs --clip"),
     privacy("clip-zero", ["--sigma", "1", "--clip", "0"], "--sigma needs --clip C > 0 (got 0.0)"),
     privacy("rounds-zero", ["--noise-multiplier", "1", "--rounds", "0"], "--rounds must be >= 1"),
     privacy("tensors-zero", ["--noise-multiplier", "1", "--tensors", "0"], "--tensors must be >= 1"),
-    privacy("participations-above-rounds", ["--noise-multiplier", "1", "--rounds", "2", "--participations", "5"],
-            "--participations must be in [0, 2]"),
-    privacy("cohort-above-clients", ["--mode", "central", "--noise-multiplier", "1", "--clients", "2",
-                                     "--clients-per-round", "5"], "--clients-per-round: clients per round must be in [1, 2]"),
+    privacy(
+        "participations-above-rounds",
+        ["--noise-multiplier", "1", "--rounds", "2", "--participations", "5"],
+        "--participations must be in [0, 2]",
+    ),
+    privacy(
+        "cohort-above-clients",
+        ["--mode", "central", "--noise-multiplier", "1", "--clients", "2", "--clients-per-round", "5"],
+        "--clients-per-round: clients per round must be in [1, 2]",
+    ),
     privacy("no-noise", [], "give --noise-multiplier"),
     privacy("two-noises", ["--noise-multiplier", "1", "--target-epsilon", "3"], "give one of"),
 ]
@@ -246,19 +356,41 @@ EVAL = [
     Case("eval-target-missing", ["eval", "{tmp}/nothere"], "nothere' does not exist"),
     Case("eval-target-neither", ["eval", "{tmp}/plain"], "neither a run folder", dirs=("plain",)),
     Case("eval-data-without-mc", ["eval", "{tmp}/run", "--data", "{tmp}/mc.jsonl"], "--data is the multiple-choice"),
-    Case("eval-mc-bad-answer", ["eval", "{tmp}/a", "--model", "{tmp}/no-model", "--task", "multiple_choice",
-                                "--data", "{tmp}/mc.jsonl"], ("mc.jsonl", "record 1", "'answer'"),
-         files={**_adapter("a"), "mc.jsonl": '{"question": "q", "choices": ["a", "b"], "answer": 7}\n'}),
-    Case("eval-mc-missing-columns", ["eval", "{tmp}/a", "--model", "{tmp}/no-model", "--task", "multiple_choice",
-                                     "--data", "{tmp}/mc.csv"], ("mc.csv", "missing choices"),
-         files={**_adapter("a"), "mc.csv": "question,answer\nq,1\n"}),
-    Case("eval-run-config-broken", ["eval", "{tmp}/run"], ("run/config.yaml", "not valid YAML"),
-         files={"run/config.yaml": "fl: [\n", "run/metrics.jsonl": ""}),
-    Case("score-file-missing", ["score", "{tmp}/no-model", "--file", "{tmp}/t.txt"], "--file '{tmp}/t.txt' does not exist"),
-    Case("score-file-not-utf8", ["score", "{tmp}/no-model", "--file", "{tmp}/t.txt"], ("t.txt", "not UTF-8"),
-         files={"t.txt": b"caf\xe9 au lait"}),
-    Case("score-file-empty", ["score", "{tmp}/no-model", "--file", "{tmp}/t.txt"], ("t.txt", "is empty"),
-         files={"t.txt": ""}),
+    Case(
+        "eval-mc-bad-answer",
+        ["eval", "{tmp}/a", "--model", "{tmp}/no-model", "--task", "multiple_choice", "--data", "{tmp}/mc.jsonl"],
+        ("mc.jsonl", "record 1", "'answer'"),
+        files={**_adapter("a"), "mc.jsonl": '{"question": "q", "choices": ["a", "b"], "answer": 7}\n'},
+    ),
+    Case(
+        "eval-mc-missing-columns",
+        ["eval", "{tmp}/a", "--model", "{tmp}/no-model", "--task", "multiple_choice", "--data", "{tmp}/mc.csv"],
+        ("mc.csv", "missing choices"),
+        files={**_adapter("a"), "mc.csv": "question,answer\nq,1\n"},
+    ),
+    Case(
+        "eval-run-config-broken",
+        ["eval", "{tmp}/run"],
+        ("run/config.yaml", "not valid YAML"),
+        files={"run/config.yaml": "fl: [\n", "run/metrics.jsonl": ""},
+    ),
+    Case(
+        "score-file-missing",
+        ["score", "{tmp}/no-model", "--file", "{tmp}/t.txt"],
+        "--file '{tmp}/t.txt' does not exist",
+    ),
+    Case(
+        "score-file-not-utf8",
+        ["score", "{tmp}/no-model", "--file", "{tmp}/t.txt"],
+        ("t.txt", "not UTF-8"),
+        files={"t.txt": b"caf\xe9 au lait"},
+    ),
+    Case(
+        "score-file-empty",
+        ["score", "{tmp}/no-model", "--file", "{tmp}/t.txt"],
+        ("t.txt", "is empty"),
+        files={"t.txt": ""},
+    ),
     Case("score-file-folder", ["score", "{tmp}/no-model", "--file", "{tmp}/d"], "d' is not a file", dirs=("d",)),
     Case("score-text-empty", ["score", "{tmp}/no-model", "--text", ""], "--text is empty"),
 ]
@@ -272,29 +404,54 @@ OUTPUT = [
     out("out-is-file", ["--out", "{tmp}/f"], "'{tmp}/f' is a file", files={"f": "x"}),
     out("out-under-file", ["--out", "{tmp}/f/run"], "'{tmp}/f' is a file, not a folder", files={"f": "x"}),
     out("out-not-empty", ["--out", "{tmp}/mine"], "exists and is not empty", files={"mine/notes.txt": "keep"}),
-    out("overwrite-foreign-folder", ["--out", "{tmp}/mine", "--overwrite"], "is not one, so nothing was deleted",
-        files={"mine/notes.txt": "keep", "mine/config.yaml": "a: 1\n"}),
-    out("overwrite-config-only", ["--out", "{tmp}/r", "--overwrite"], "is not one",
-        files={"r/config.yaml": TINY_YAML}),
+    out(
+        "overwrite-foreign-folder",
+        ["--out", "{tmp}/mine", "--overwrite"],
+        "is not one, so nothing was deleted",
+        files={"mine/notes.txt": "keep", "mine/config.yaml": "a: 1\n"},
+    ),
+    out("overwrite-config-only", ["--out", "{tmp}/r", "--overwrite"], "is not one", files={"r/config.yaml": TINY_YAML}),
     out("overwrite-cwd", ["--out", ".", "--overwrite"], "holds the current directory", files={"x.txt": "keep"}),
     out("overwrite-parent-of-cwd", ["--out", "..", "--overwrite"], "holds the current directory"),
-    out("overwrite-run-with-foreign-file", ["--out", "{tmp}/run", "--overwrite"], "'notes.txt'",
-        files=_run_folder("run", **{"run/notes.txt": "mine"})),
+    out(
+        "overwrite-run-with-foreign-file",
+        ["--out", "{tmp}/run", "--overwrite"],
+        "'notes.txt'",
+        files=_run_folder("run", **{"run/notes.txt": "mine"}),
+    ),
     out("resume-and-overwrite", ["--out", "{tmp}/run", "--resume", "--overwrite"], "exclude each other"),
     out("resume-missing", ["--out", "{tmp}/run", "--resume"], "does not exist; there is no run to resume"),
-    out("resume-no-config", ["--out", "{tmp}/run", "--resume"], "holds no run (no config.yaml)",
-        files={"run/metrics.jsonl": ""}),
-    out("resume-no-checkpoint", ["--out", "{tmp}/run", "--resume"], "has no checkpoint yet",
-        files=_run_folder("run"), dirs=("run/checkpoints",)),
+    out(
+        "resume-no-config",
+        ["--out", "{tmp}/run", "--resume"],
+        "holds no run (no config.yaml)",
+        files={"run/metrics.jsonl": ""},
+    ),
+    out(
+        "resume-no-checkpoint",
+        ["--out", "{tmp}/run", "--resume"],
+        "has no checkpoint yet",
+        files=_run_folder("run"),
+        dirs=("run/checkpoints",),
+    ),
     out("read-only-parent", ["--out", "{tmp}/ro/run"], "is not writable", dirs=("ro",), setup=_read_only),
     out("default-out-read-only", [], "'runs/tiny' cannot be made", setup=_read_only),
 ]
 
-CASES = {"config": CONFIG, "data": DATA, "model": MODEL, "adapter": ADAPTERS, "privacy": PRIVACY, "eval": EVAL,
-         "output": OUTPUT}
-PARAMS = [pytest.param(c, id=f"{cat}-{c.id}",
-                       marks=[pytest.mark.xfail(reason=c.xfail, strict=False)] if c.xfail else [])
-          for cat, cases in CASES.items() for c in cases]
+CASES = {
+    "config": CONFIG,
+    "data": DATA,
+    "model": MODEL,
+    "adapter": ADAPTERS,
+    "privacy": PRIVACY,
+    "eval": EVAL,
+    "output": OUTPUT,
+}
+PARAMS = [
+    pytest.param(c, id=f"{cat}-{c.id}", marks=[pytest.mark.xfail(reason=c.xfail, strict=False)] if c.xfail else [])
+    for cat, cases in CASES.items()
+    for c in cases
+]
 
 
 def _tree(root: Path) -> dict:
@@ -350,6 +507,7 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- beyond the table
+
 
 def _fake_run(folder: Path) -> None:
     folder.mkdir(parents=True)
@@ -412,11 +570,25 @@ def test_a_budget_that_stops_before_round_one_prints_sanely(tmp_path, monkeypatc
     """The run loop may stop before round 1 (dpsgd's budget is left to it): the CLI prints n/a."""
     import fedlora_jax.runner as runner
 
-    summary = {"rounds": 0, "stop_reason": "privacy budget 0.1 would be exceeded in round 1", "model": "tiny",
-               "initial_eval_loss": 8.0, "final_eval_loss": None, "final_train_loss": None, "initial_scores": {},
-               "final_scores": {}, "privacy": {"mechanism": "dpsgd (record level)", "epsilon": None,
-                                               "epsilon_mean": None, "delta": None, "max_participations": 0},
-               "wall_seconds": 1.0, "outputs": {}}
+    summary = {
+        "rounds": 0,
+        "stop_reason": "privacy budget 0.1 would be exceeded in round 1",
+        "model": "tiny",
+        "initial_eval_loss": 8.0,
+        "final_eval_loss": None,
+        "final_train_loss": None,
+        "initial_scores": {},
+        "final_scores": {},
+        "privacy": {
+            "mechanism": "dpsgd (record level)",
+            "epsilon": None,
+            "epsilon_mean": None,
+            "delta": None,
+            "max_participations": 0,
+        },
+        "wall_seconds": 1.0,
+        "outputs": {},
+    }
     monkeypatch.setattr(runner, "run", lambda *a, **k: summary)
     assert cli.main(["run", "tiny", "--out", str(tmp_path / "o")]) == 0
     text = capsys.readouterr().out

@@ -18,14 +18,17 @@ def test_overrides_and_diff():
     assert config_diff(base, cfg) == ["dp.mode", "fl.lr", "lora.target_modules"]
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["fl.lr=fast"], "fl.lr must be a number, got 'fast'"),
-    (["fl.rounds=2.5"], "fl.rounds must be an integer"),
-    (["dp.delta=1"], "dp.delta must be in (0, 1)"),
-    (["dp.clip_a=0"], "dp.clip_a must be > 0"),
-    (["dp.epsilon=-1"], "dp.epsilon must be > 0"),
-    (["nonsense"], "must look like key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["fl.lr=fast"], "fl.lr must be a number, got 'fast'"),
+        (["fl.rounds=2.5"], "fl.rounds must be an integer"),
+        (["dp.delta=1"], "dp.delta must be in (0, 1)"),
+        (["dp.clip_a=0"], "dp.clip_a must be > 0"),
+        (["dp.epsilon=-1"], "dp.epsilon must be > 0"),
+        (["nonsense"], "must look like key.sub=value"),
+    ],
+)
 def test_bad_values(sets, message):
     with pytest.raises(ValueError) as e:
         load_config("tiny", sets)

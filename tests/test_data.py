@@ -6,22 +6,22 @@ import numpy as np
 import pytest
 
 from fedlora_jax import cli
-from fedlora_jax.config import load_config
-from fedlora_jax.data import RoundBatcher, load_examples, partition, tokenize_examples
-from fedlora_jax.data import synthetic
-from fedlora_jax.data.pipeline import prepare
+from fedlora_jax.data import RoundBatcher, load_examples, partition, synthetic, tokenize_examples
 from fedlora_jax.data.tokenize import render_prompt
 
 
 def _ds(rows):
     import datasets
+
     return datasets.Dataset.from_list(rows)
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chat", "plain"])
 def test_loss_mask_covers_exactly_the_response_and_eos(tiny_tokenizer, template):
-    rows = [{"instruction": "What is 2+2?", "input": "", "output": "4"},
-            {"instruction": "Reverse", "input": "abc", "output": "cba please"}]
+    rows = [
+        {"instruction": "What is 2+2?", "input": "", "output": "4"},
+        {"instruction": "Reverse", "input": "abc", "output": "cba please"},
+    ]
     data = tokenize_examples(_ds(rows), tiny_tokenizer, template, seq_len=128)
     for k, row in enumerate(rows):
         prompt = render_prompt(template, row["instruction"], row["input"], tiny_tokenizer)
@@ -35,9 +35,11 @@ def test_loss_mask_covers_exactly_the_response_and_eos(tiny_tokenizer, template)
 
 
 def test_truncation_and_drops_are_counted(tiny_tokenizer):
-    rows = [{"instruction": "x " * 200, "input": "", "output": "y"},   # prompt alone too long: dropped
-            {"instruction": "hi", "input": "", "output": "z " * 100},  # response truncated
-            {"instruction": "hi", "input": "", "output": "ok"}]
+    rows = [
+        {"instruction": "x " * 200, "input": "", "output": "y"},  # prompt alone too long: dropped
+        {"instruction": "hi", "input": "", "output": "z " * 100},  # response truncated
+        {"instruction": "hi", "input": "", "output": "ok"},
+    ]
     data = tokenize_examples(_ds(rows), tiny_tokenizer, "plain", seq_len=32)
     assert (data.dropped, data.truncated, len(data)) == (1, 1, 2)
     assert list(data.kept_index) == [1, 2] and data.attention_mask[0].sum() == 32
@@ -134,15 +136,18 @@ def test_data_cli_json(capsys):
     assert all(len(c["labels"]) == 1 for c in s["clients"])  # one task per client
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["data.source=nobody/nothing"], "could not load dataset 'nobody/nothing'"),
-    (["data.template=fancy"], "data.template = 'fancy' is not allowed; choose one of: alpaca, chat, plain"),
-    (["data.partition=random"], "choose one of: iid, dirichlet, by_column"),
-    (["data.seq_len=5"], "seq_len 5 is too short for every prompt"),
-    (["fl.num_clients=5000", "fl.clients_per_round=2"], "5000 clients but only"),
-    (["data.columns={instruction: question}"], "has no column 'question' (for instruction); columns found:"),
-    (["data.bogus=1"], "unknown config key 'data.bogus'"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["data.source=nobody/nothing"], "could not load dataset 'nobody/nothing'"),
+        (["data.template=fancy"], "data.template = 'fancy' is not allowed; choose one of: alpaca, chat, plain"),
+        (["data.partition=random"], "choose one of: iid, dirichlet, by_column"),
+        (["data.seq_len=5"], "seq_len 5 is too short for every prompt"),
+        (["fl.num_clients=5000", "fl.clients_per_round=2"], "5000 clients but only"),
+        (["data.columns={instruction: question}"], "has no column 'question' (for instruction); columns found:"),
+        (["data.bogus=1"], "unknown config key 'data.bogus'"),
+    ],
+)
 def test_data_cli_bad_input(sets, message, capsys):
     argv = ["data", "tiny"] + [x for s in sets for x in ("--set", s)]
     assert cli.main(argv) == 2

@@ -34,15 +34,21 @@ def test_capacity_is_the_smallest_meeting_the_tail():
 def test_capacity_bound_holds_for_every_client_size(b):
     bound = poisson_capacity_bound(b, tail=1e-12)
     assert stats.poisson.sf(bound, b) <= 1e-12 < stats.poisson.sf(bound - 1, b)
-    for n in (b + 1, 2 * b, 10 * b, 1000 * b, 10 ** 6):
+    for n in (b + 1, 2 * b, 10 * b, 1000 * b, 10**6):
         assert poisson_capacity([n], b, tail=1e-12)[0] <= bound
 
 
 def _data(n=200, seq=6):
     rng = np.random.default_rng(0)
-    return TokenizedData(tokens=rng.integers(0, 50, (n, seq)).astype(np.int32),
-                         attention_mask=np.ones((n, seq), np.int32), loss_mask=np.ones((n, seq), np.int32),
-                         labels=None, truncated=0, dropped=0, kept_index=np.arange(n))
+    return TokenizedData(
+        tokens=rng.integers(0, 50, (n, seq)).astype(np.int32),
+        attention_mask=np.ones((n, seq), np.int32),
+        loss_mask=np.ones((n, seq), np.int32),
+        labels=None,
+        truncated=0,
+        dropped=0,
+        kept_index=np.arange(n),
+    )
 
 
 def test_poisson_batches_take_each_example_at_rate_q():
@@ -68,21 +74,35 @@ def test_poisson_batches_take_each_example_at_rate_q():
 
 
 def _tiny():
-    mc = ModelConfig("llama", vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                     intermediate_size=64)
+    mc = ModelConfig(
+        "llama", vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64
+    )
     definition, base, lora = init_model(mc, LoRAConfig(r=4, target_modules=("q_proj", "v_proj")), seed=0)
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), lora)  # B != 0
     rng = np.random.default_rng(0)
-    batch = {"tokens": jnp.asarray(rng.integers(0, 50, (5, 8)), jnp.int32), "attention_mask": jnp.ones((5, 8), jnp.int32),
-             "loss_mask": jnp.asarray(np.r_[np.ones((4, 8)), np.zeros((1, 8))], jnp.int32)}  # the last is padding
+    batch = {
+        "tokens": jnp.asarray(rng.integers(0, 50, (5, 8)), jnp.int32),
+        "attention_mask": jnp.ones((5, 8), jnp.int32),
+        "loss_mask": jnp.asarray(np.r_[np.ones((4, 8)), np.zeros((1, 8))], jnp.int32),
+    }  # the last is padding
     return definition, base, lora, batch
 
 
 def _per_example_grads(definition, base, lora, batch):
     out = []
     for i in range(4):
-        out.append(jax.grad(lambda x: mean_nll(definition, base, x, batch["tokens"][i:i + 1],
-                                               batch["attention_mask"][i:i + 1], batch["loss_mask"][i:i + 1]))(lora))
+        out.append(
+            jax.grad(
+                lambda x: mean_nll(
+                    definition,
+                    base,
+                    x,
+                    batch["tokens"][i : i + 1],
+                    batch["attention_mask"][i : i + 1],
+                    batch["loss_mask"][i : i + 1],
+                )
+            )(lora)
+        )
     return out
 
 
@@ -117,9 +137,21 @@ def test_dpsgd_noise_has_the_stated_scale():
 @pytest.mark.slow
 def test_dpsgd_run_reports_the_accountants_epsilon(tmp_path):
     # every client takes part in every round, so the planned participations are the actual ones
-    cfg = load_config("tiny", ["dp.mode=dpsgd", "dp.noise=calibrate", "dp.epsilon=6", "dp.clip_a=1.0",
-                               "fl.rounds=3", "fl.num_clients=4", "fl.clients_per_round=4", "fl.local_steps=2",
-                               "eval_every=0", "checkpoint_every=0"])
+    cfg = load_config(
+        "tiny",
+        [
+            "dp.mode=dpsgd",
+            "dp.noise=calibrate",
+            "dp.epsilon=6",
+            "dp.clip_a=1.0",
+            "fl.rounds=3",
+            "fl.num_clients=4",
+            "fl.clients_per_round=4",
+            "fl.local_steps=2",
+            "eval_every=0",
+            "checkpoint_every=0",
+        ],
+    )
     s = run(cfg, tmp_path / "run", progress=False)
     p = s["privacy"]
     eps, _ = acc.sampled_epsilon(p["noise_multiplier"], p["batch_sampling_rate"], 3 * 2, 1e-5, "add-remove")

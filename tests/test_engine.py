@@ -9,32 +9,44 @@ import optax
 import pytest
 
 from fedlora_jax import aggregation as agg
-from fedlora_jax import cli
+from fedlora_jax import cli, randomness
 from fedlora_jax import lora as L
 from fedlora_jax.client import client_update
 from fedlora_jax.config import load_config
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
+from fedlora_jax.privacy import modes
 from fedlora_jax.runner import run
 from fedlora_jax.server import fedopt
-from fedlora_jax import randomness
-from fedlora_jax.privacy import modes
 from fedlora_jax.simulation import init_state, make_round
 
 K, STEPS, B, S = 3, 2, 2, 12
 
 
 def _setup(algorithm="fedavg", aggregation="mean", extra=()):
-    cfg = load_config("tiny", [f"fl.algorithm={algorithm}", f"fl.aggregation={aggregation}", "fl.num_clients=5",
-                               f"fl.clients_per_round={K}", f"fl.local_steps={STEPS}", f"fl.batch_size={B}",
-                               "fl.lr=1e-2", *extra])
-    mc = ModelConfig("llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                     intermediate_size=64)
+    cfg = load_config(
+        "tiny",
+        [
+            f"fl.algorithm={algorithm}",
+            f"fl.aggregation={aggregation}",
+            "fl.num_clients=5",
+            f"fl.clients_per_round={K}",
+            f"fl.local_steps={STEPS}",
+            f"fl.batch_size={B}",
+            "fl.lr=1e-2",
+            *extra,
+        ],
+    )
+    mc = ModelConfig(
+        "llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64
+    )
     definition, base, lora = init_model(mc, LoRAConfig(r=4, target_modules=("q_proj", "v_proj")), seed=0)
     rng = np.random.RandomState(0)
-    block = {"tokens": jnp.asarray(rng.randint(0, 64, (K, STEPS, B, S)), jnp.int32),
-             "attention_mask": jnp.ones((K, STEPS, B, S), jnp.int32),
-             "loss_mask": jnp.asarray(rng.rand(K, STEPS, B, S) < 0.7, jnp.int32),
-             "num_examples": jnp.asarray([10.0, 30.0, 20.0])}
+    block = {
+        "tokens": jnp.asarray(rng.randint(0, 64, (K, STEPS, B, S)), jnp.int32),
+        "attention_mask": jnp.ones((K, STEPS, B, S), jnp.int32),
+        "loss_mask": jnp.asarray(rng.rand(K, STEPS, B, S) < 0.7, jnp.int32),
+        "num_examples": jnp.asarray([10.0, 30.0, 20.0]),
+    }
     return cfg, definition, base, lora, block
 
 
@@ -42,8 +54,14 @@ LOCAL = ["dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.1"]
 
 
 def _args(block, ids=(0, 2, 4)):
-    return (block, jnp.asarray(ids, jnp.int32), jnp.full((K,), 4, jnp.int32), jnp.ones((K,), bool),
-            randomness.round_keys(0, 3), jnp.float32(1e-2))
+    return (
+        block,
+        jnp.asarray(ids, jnp.int32),
+        jnp.full((K,), 4, jnp.int32),
+        jnp.ones((K,), bool),
+        randomness.round_keys(0, 3),
+        jnp.float32(1e-2),
+    )
 
 
 def _close(a, b, atol=1e-5):
@@ -55,6 +73,7 @@ def _close(a, b, atol=1e-5):
 def test_vmapped_round_equals_python_loop_and_does_not_recompile(dp_mode):
     cfg, definition, base, lora, block = _setup(extra=LOCAL if dp_mode == "local" else ())
     from fedlora_jax.privacy import mechanisms as mech
+
     mechanism = modes.build(cfg, lora)
     round_fn = make_round(definition, cfg, mechanism, 5)
     state = init_state(cfg, lora, 5)
@@ -66,8 +85,15 @@ def test_vmapped_round_equals_python_loop_and_does_not_recompile(dp_mode):
         local, _, _ = client_update(definition, base, lora, batches, 1e-2)
         if dp_mode == "local":
             assert mechanism.sigma_a == pytest.approx(0.1 * cfg.dp.clip_a)
-            local = mech.privatize(local, lora, jax.random.fold_in(key, cid), clip_a=cfg.dp.clip_a,
-                                   clip_b=cfg.dp.clip_b, sigma_a=mechanism.sigma_a, sigma_b=mechanism.sigma_b)
+            local = mech.privatize(
+                local,
+                lora,
+                jax.random.fold_in(key, cid),
+                clip_a=cfg.dp.clip_a,
+                clip_b=cfg.dp.clip_b,
+                sigma_a=mechanism.sigma_a,
+                sigma_b=mechanism.sigma_b,
+            )
         released.append(local)
     # without DP the weights are example counts; under DP uniform (the counts are not declared public)
     p = np.array([10.0, 30.0, 20.0]) / 60.0 if dp_mode == "none" else np.full(3, 1 / 3)
@@ -83,10 +109,19 @@ def test_fedavg_one_client_without_dp_is_local_training():
     one = {k: v[:1] for k, v in block.items()}
     cfg1 = load_config("tiny", ["fl.num_clients=5", "fl.clients_per_round=1", f"fl.local_steps={STEPS}"])
     round_fn = make_round(definition, cfg1, modes.build(cfg1, lora), 5)
-    state, _ = round_fn(init_state(cfg1, lora, 5), base, one, jnp.asarray([2], jnp.int32),
-                        jnp.asarray([4], jnp.int32), jnp.ones((1,), bool), randomness.round_keys(0, 0),
-                        jnp.float32(1e-2))
-    local, _, _ = client_update(definition, base, lora, {k: one[k][0] for k in ("tokens", "attention_mask", "loss_mask")}, 1e-2)
+    state, _ = round_fn(
+        init_state(cfg1, lora, 5),
+        base,
+        one,
+        jnp.asarray([2], jnp.int32),
+        jnp.asarray([4], jnp.int32),
+        jnp.ones((1,), bool),
+        randomness.round_keys(0, 0),
+        jnp.float32(1e-2),
+    )
+    local, _, _ = client_update(
+        definition, base, lora, {k: one[k][0] for k in ("tokens", "attention_mask", "loss_mask")}, 1e-2
+    )
     _close(state["lora"], local)
 
 
@@ -120,8 +155,11 @@ def test_server_optimizers_match_hand_computation():
     g = {"w": jnp.array([0.5, -0.25])}  # pseudo-gradient: global - aggregate
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     d = -g["w"]
-    for kind, v in [("adagrad", tau ** 2 + d ** 2), ("adam", b2 * tau ** 2 + (1 - b2) * d ** 2),
-                    ("yogi", tau ** 2 - (1 - b2) * d ** 2 * np.sign(tau ** 2 - d ** 2))]:
+    for kind, v in [
+        ("adagrad", tau**2 + d**2),
+        ("adam", b2 * tau**2 + (1 - b2) * d**2),
+        ("yogi", tau**2 - (1 - b2) * d**2 * np.sign(tau**2 - d**2)),
+    ]:
         opt = fedopt(kind, lr, b1, b2, tau)
         upd, _ = opt.update(g, opt.init(x), x)
         m = (1 - b1) * d
@@ -144,16 +182,33 @@ def test_non_finite_client_is_dropped_not_averaged():
     _close(mean, jax.tree.map(lambda x: 0.25 * (x + 1.0) + 0.75 * (x - 1.0), lora), atol=1e-6)
     # a round whose every update is non-finite (NaN learning rate) drops all and keeps the global
     round_fn = make_round(definition, cfg, modes.build(cfg, lora), 5)
-    state, m = round_fn(init_state(cfg, lora, 5), base, block, jnp.asarray([0, 2, 4], jnp.int32),
-                        jnp.full((K,), 4, jnp.int32), jnp.ones((K,), bool), randomness.round_keys(0, 0),
-                        jnp.float32(jnp.nan))
+    state, m = round_fn(
+        init_state(cfg, lora, 5),
+        base,
+        block,
+        jnp.asarray([0, 2, 4], jnp.int32),
+        jnp.full((K,), 4, jnp.int32),
+        jnp.ones((K,), bool),
+        randomness.round_keys(0, 0),
+        jnp.float32(jnp.nan),
+    )
     assert int(m["dropped"]) == K
     _close(state["lora"], lora, atol=0)
 
 
 def _tiny_cfg(tmp_path, *extra):
-    return load_config("tiny", ["fl.rounds=4", "checkpoint_every=2", "eval_every=2", "fl.num_clients=4",
-                                "fl.clients_per_round=2", "data.synthetic_examples=200", *extra])
+    return load_config(
+        "tiny",
+        [
+            "fl.rounds=4",
+            "checkpoint_every=2",
+            "eval_every=2",
+            "fl.num_clients=4",
+            "fl.clients_per_round=2",
+            "data.synthetic_examples=200",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -169,28 +224,43 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="keys that differ: fl.lr"):
-        run(_tiny_cfg(tmp_path, "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.5", "dp.noise_seed=3",
-                      "fl.lr=0.5"),
-            tmp_path / "full", resume=True, progress=False)
+        run(
+            _tiny_cfg(
+                tmp_path,
+                "dp.mode=local",
+                "dp.noise=multiplier",
+                "dp.noise_multiplier=0.5",
+                "dp.noise_seed=3",
+                "fl.lr=0.5",
+            ),
+            tmp_path / "full",
+            resume=True,
+            progress=False,
+        )
     _close(L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")), a, atol=0)  # untouched
 
 
 @pytest.mark.slow
 def test_dpsgd_resume_draws_the_same_poisson_batches(tmp_path):
     # the batches are a pure function of (seed, client, participation), restored from the ledger
-    cfg = _tiny_cfg(tmp_path, "dp.mode=dpsgd", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.clip_a=1.0",
-                    "dp.noise_seed=3")
+    cfg = _tiny_cfg(
+        tmp_path, "dp.mode=dpsgd", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.clip_a=1.0", "dp.noise_seed=3"
+    )
     full = run(cfg, tmp_path / "full", progress=False)
     run(cfg, tmp_path / "part", progress=False, stop_after=2)
     resumed = run(cfg, tmp_path / "part", resume=True, progress=False)
-    _close(L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")),
-           L.load_peft(tmp_path / "part" / "adapter", _definition(tmp_path / "part")), atol=0)
+    _close(
+        L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")),
+        L.load_peft(tmp_path / "part" / "adapter", _definition(tmp_path / "part")),
+        atol=0,
+    )
     assert full["privacy"]["epsilon"] == resumed["privacy"]["epsilon"]
 
 
 def _definition(folder):
     from fedlora_jax.models import abstract_model
     from fedlora_jax.runner import build_model
+
     cfg = load_config(str(folder / "config.yaml"))
     definition = build_model(cfg)[0]
     return abstract_model(definition.config, L.read_peft_config(folder / "adapter"))[0]
@@ -207,13 +277,21 @@ def test_tiny_task_learns_without_dp(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [
-    ["fl.algorithm=fedadam", "fl.server_lr=1e-2"], ["fl.algorithm=fedyogi", "fl.server_lr=1e-2"],
-    ["fl.algorithm=fedadagrad", "fl.server_lr=1e-2"], ["fl.algorithm=fedavgm"], ["fl.algorithm=scaffold"],
-    ["fl.aggregation=stack", "lora.client_ranks=[2,4,8,8]"], ["lora.freeze_a=true", "dp.mode=local"],
-    ["lora.freeze_a=true", "dp.mode=local", "dp.scope=global"], ["lora.freeze_a=true", "dp.mode=local", "dp.scope=per_factor"],
-    ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.scope=global"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["fl.algorithm=fedadam", "fl.server_lr=1e-2"],
+        ["fl.algorithm=fedyogi", "fl.server_lr=1e-2"],
+        ["fl.algorithm=fedadagrad", "fl.server_lr=1e-2"],
+        ["fl.algorithm=fedavgm"],
+        ["fl.algorithm=scaffold"],
+        ["fl.aggregation=stack", "lora.client_ranks=[2,4,8,8]"],
+        ["lora.freeze_a=true", "dp.mode=local"],
+        ["lora.freeze_a=true", "dp.mode=local", "dp.scope=global"],
+        ["lora.freeze_a=true", "dp.mode=local", "dp.scope=per_factor"],
+        ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.scope=global"],
+    ],
+)
 def test_every_algorithm_and_mode_runs(tmp_path, extra):
     s = run(_tiny_cfg(tmp_path, "fl.rounds=2", *extra), tmp_path / "r", progress=False)
     assert s["rounds"] == 2 and np.isfinite(s["final_eval_loss"])
@@ -236,14 +314,17 @@ def test_budget_stops_before_exceeding(tmp_path):
     assert s["privacy"]["max_participations"] == 1 and s["privacy"]["epsilon"] == pytest.approx(one)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["fl.clients_per_round=50"], "is larger than fl.num_clients"),
-    (["fl.rounds=0"], "fl.rounds must be >= 1"),
-    (["fl.algorithm=fedsgd"], "choose one of: fedavg, fedprox, scaffold"),
-    (["fl.aggregation=median"], "choose one of: mean, stack"),
-    (["dp.mode=shuffle"], "choose one of: none, local, central"),
-    (["lora.client_ranks=[2,4,8,8,8,8,8,8]"], "mixed client ranks need fl.aggregation stack"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["fl.clients_per_round=50"], "is larger than fl.num_clients"),
+        (["fl.rounds=0"], "fl.rounds must be >= 1"),
+        (["fl.algorithm=fedsgd"], "choose one of: fedavg, fedprox, scaffold"),
+        (["fl.aggregation=median"], "choose one of: mean, stack"),
+        (["dp.mode=shuffle"], "choose one of: none, local, central"),
+        (["lora.client_ranks=[2,4,8,8,8,8,8,8]"], "mixed client ranks need fl.aggregation stack"),
+    ],
+)
 def test_run_bad_input(sets, message, capsys, tmp_path):
     argv = ["run", "tiny", "--out", str(tmp_path / "o"), "--no-progress"] + [x for s in sets for x in ("--set", s)]
     assert cli.main(argv) == 2
@@ -265,14 +346,22 @@ def test_run_epsilon_agrees_with_the_privacy_calculator(tmp_path):
     cfg = _tiny_cfg(tmp_path, "fl.rounds=3", "dp.mode=local", "dp.noise=classical", "dp.epsilon=25")
     s = run(cfg, tmp_path / "r", progress=False)
     p = s["privacy"]
-    calc = acc.report("local", delta=1e-5, noise_multiplier=p["noise_multiplier"], rounds=3, tensors=8,
-                      participations=p["max_participations"])
+    calc = acc.report(
+        "local",
+        delta=1e-5,
+        noise_multiplier=p["noise_multiplier"],
+        rounds=3,
+        tensors=8,
+        participations=p["max_participations"],
+    )
     assert p["epsilon"] == pytest.approx(calc["epsilon_pld"], rel=1e-12)
     assert p["epsilon_paper"] == pytest.approx(25.0) and p["epsilon"] > 25.0
 
 
-@pytest.mark.parametrize("algorithm, aggregation, dp_mode", [("fedavg", "mean", "local"), ("scaffold", "mean", "none"),
-                                                             ("fedavg", "stack", "none")])
+@pytest.mark.parametrize(
+    "algorithm, aggregation, dp_mode",
+    [("fedavg", "mean", "local"), ("scaffold", "mean", "none"), ("fedavg", "stack", "none")],
+)
 def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation, dp_mode):
     from fedlora_jax.runner import client_mesh
 
@@ -281,18 +370,41 @@ def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation
     noise = modes.build(cfg, lora)
     ref, ref_m = make_round(definition, cfg, noise, 5)(init_state(cfg, lora, 5), base, *_args(block))
     # chunks of 2 over a cohort of 3: one padded (invalid) slot
-    cfg2 = load_config("tiny", [f"fl.algorithm={algorithm}", f"fl.aggregation={aggregation}", "fl.num_clients=5",
-                                f"fl.clients_per_round={K}", f"fl.local_steps={STEPS}", f"fl.batch_size={B}",
-                                "fl.clients_per_chunk=2", *dp])
+    cfg2 = load_config(
+        "tiny",
+        [
+            f"fl.algorithm={algorithm}",
+            f"fl.aggregation={aggregation}",
+            "fl.num_clients=5",
+            f"fl.clients_per_round={K}",
+            f"fl.local_steps={STEPS}",
+            f"fl.batch_size={B}",
+            "fl.clients_per_chunk=2",
+            *dp,
+        ],
+    )
     out, m = make_round(definition, cfg2, noise, 5)(init_state(cfg2, lora, 5), base, *_args(block))
     _same_state(out, ref)
     assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-6) and int(m["dropped"]) == 0
     # the client axis over a 4-device mesh (chunk of 4 with one padded slot)
-    cfg4 = load_config("tiny", [f"fl.algorithm={algorithm}", f"fl.aggregation={aggregation}", "fl.num_clients=5",
-                                f"fl.clients_per_round={K}", f"fl.local_steps={STEPS}", f"fl.batch_size={B}",
-                                "fl.clients_per_chunk=4", "fl.devices=4", *dp])
+    cfg4 = load_config(
+        "tiny",
+        [
+            f"fl.algorithm={algorithm}",
+            f"fl.aggregation={aggregation}",
+            "fl.num_clients=5",
+            f"fl.clients_per_round={K}",
+            f"fl.local_steps={STEPS}",
+            f"fl.batch_size={B}",
+            "fl.clients_per_chunk=4",
+            "fl.devices=4",
+            *dp,
+        ],
+    )
     assert len(jax.devices()) >= 4  # tests force 4 CPU devices (conftest)
-    out4, _ = make_round(definition, cfg4, noise, 5, mesh=client_mesh(4))(init_state(cfg4, lora, 5), base, *_args(block))
+    out4, _ = make_round(definition, cfg4, noise, 5, mesh=client_mesh(4))(
+        init_state(cfg4, lora, 5), base, *_args(block)
+    )
     _same_state(out4, ref)
 
 
@@ -306,9 +418,20 @@ def _same_state(a, b):
 def test_calibrated_noise_meets_the_target_for_the_most_sampled_client(mode, tmp_path):
     # 8 clients, 2 per round, 6 rounds: some client takes part more often than the expected 1.5
     from fedlora_jax.runner import worst_participations
-    sets = [f"dp.mode={mode}", "dp.noise=calibrate", "dp.epsilon=4", "dp.clip_a=1.0", "fl.rounds=6",
-            "fl.num_clients=8", "fl.clients_per_round=2", "fl.local_steps=1", "eval_every=0", "checkpoint_every=0",
-            "data.synthetic_examples=200"]
+
+    sets = [
+        f"dp.mode={mode}",
+        "dp.noise=calibrate",
+        "dp.epsilon=4",
+        "dp.clip_a=1.0",
+        "fl.rounds=6",
+        "fl.num_clients=8",
+        "fl.clients_per_round=2",
+        "fl.local_steps=1",
+        "eval_every=0",
+        "checkpoint_every=0",
+        "data.synthetic_examples=200",
+    ]
     cfg = load_config("tiny", sets)
     assert worst_participations(cfg) > 2
     s = run(cfg, tmp_path / "r", progress=False)

@@ -51,11 +51,40 @@ def test_eval_cli_on_a_run_and_on_an_adapter(tmp_path, capsys, tiny_hf):
     from fedlora_jax.config import load_config
     from fedlora_jax.runner import run
 
-    s = run(load_config("tiny", ["fl.rounds=2", "data.synthetic_examples=200", "fl.num_clients=4",
-                                 "fl.clients_per_round=2", "eval_every=1", "eval_limit=8",
-                                 "eval_tasks=[loss,exact_match,multiple_choice]"]), tmp_path / "r", progress=False)
-    assert cli.main(["eval", str(tmp_path / "r"), "--task", "loss", "--task", "exact_match",
-                     "--task", "multiple_choice", "--limit", "8", "--json"]) == 0
+    s = run(
+        load_config(
+            "tiny",
+            [
+                "fl.rounds=2",
+                "data.synthetic_examples=200",
+                "fl.num_clients=4",
+                "fl.clients_per_round=2",
+                "eval_every=1",
+                "eval_limit=8",
+                "eval_tasks=[loss,exact_match,multiple_choice]",
+            ],
+        ),
+        tmp_path / "r",
+        progress=False,
+    )
+    assert (
+        cli.main(
+            [
+                "eval",
+                str(tmp_path / "r"),
+                "--task",
+                "loss",
+                "--task",
+                "exact_match",
+                "--task",
+                "multiple_choice",
+                "--limit",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [r["task"] for r in rows] == ["loss", "exact_match", "multiple_choice"]
     assert rows[0]["perplexity"] == pytest.approx(np.exp(rows[0]["loss"]))
@@ -72,13 +101,16 @@ def test_eval_cli_on_a_run_and_on_an_adapter(tmp_path, capsys, tiny_hf):
 
 def test_eval_cli_bad_input(tmp_path, capsys):
     from fedlora_jax.config import load_config
+
     with pytest.raises(ValueError, match="eval_tasks entry = 'bleu' is not allowed; choose one of: loss, exact_match"):
         load_config("tiny", ["eval_tasks=[loss,bleu]"])
     from fedlora_jax.runner import run
+
     with pytest.raises(ValueError, match="eval_tasks has exact_match but the run has no held-out split"):
         run(load_config("tiny", ["eval_tasks=[exact_match]", "data.eval_fraction=0"]), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
     from fedlora_jax.evaluation import run_task
+
     with pytest.raises(ValueError, match="unknown task 'bleu'; allowed: loss, exact_match, multiple_choice"):
         run_task("bleu", None, None, None, None)
     assert cli.main(["eval", str(tmp_path)]) == 2
@@ -86,5 +118,6 @@ def test_eval_cli_bad_input(tmp_path, capsys):
     f = tmp_path / "mc.jsonl"
     f.write_text(json.dumps({"question": "q", "options": ["a"], "answer": 0}) + "\n")
     from fedlora_jax.evaluation import load_multiple_choice
+
     with pytest.raises(ValueError, match="missing choices; columns found: question, options, answer"):
         load_multiple_choice(str(f))

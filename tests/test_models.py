@@ -57,8 +57,9 @@ def test_lora_with_zero_b_equals_base_and_merge_equals_unmerged(tiny_hf, arch):
     lora = _perturbed(lm.lora)
     merged = L.merge(lm.definition, lm.base, lora)
     zero = jax.tree.map(jnp.zeros_like, lora)
-    np.testing.assert_allclose(apply(lm.definition, merged, zero, toks, mask),
-                               apply(lm.definition, lm.base, lora, toks, mask), atol=1e-4)
+    np.testing.assert_allclose(
+        apply(lm.definition, merged, zero, toks, mask), apply(lm.definition, lm.base, lora, toks, mask), atol=1e-4
+    )
 
 
 def test_lora_a_init_matches_peft_bound():
@@ -68,7 +69,7 @@ def test_lora_a_init_matches_peft_bound():
     bound = 1 / np.sqrt(256)  # kaiming_uniform(a=sqrt(5)) bound = sqrt(6 / (6 * fan_in))
     assert np.abs(a).max() <= bound
     # a uniform on [-b, b] has variance b^2 / 3; 2*16*256 draws give a 5% tolerance easily
-    assert abs(a.var() / (bound ** 2 / 3) - 1) < 0.05
+    assert abs(a.var() / (bound**2 / 3) - 1) < 0.05
     assert not np.any(lora["blocks"]["attn"]["q_proj"]["lora_b"])
 
 
@@ -94,8 +95,9 @@ def test_exported_adapter_loads_in_peft_and_peft_adapter_imports(tiny_hf, tmp_pa
 
     # the other direction: an adapter made by PEFT, with non-zero B, read back by us
     _, fresh = tiny_hf(arch)
-    pc = PeftLoraConfig(r=4, lora_alpha=16, target_modules=list(targets), init_lora_weights=False,
-                        fan_in_fan_out=arch == "gpt2")
+    pc = PeftLoraConfig(
+        r=4, lora_alpha=16, target_modules=list(targets), init_lora_weights=False, fan_in_fan_out=arch == "gpt2"
+    )
     pm = get_peft_model(fresh, pc).eval()
     pm.save_pretrained(str(tmp_path / "peft"))
     with torch.no_grad():
@@ -117,6 +119,7 @@ def test_saved_merged_model_loads_in_transformers(tiny_hf, tmp_path):
     lm = load_model(str(folder), LoRAConfig(r=4, target_modules=("q_proj", "o_proj")))
     lora = _perturbed(lm.lora)
     from fedlora_jax.models.hub import save_merged
+
     save_merged(tmp_path / "merged", lm, L.merge(lm.definition, lm.base, lora))
     model = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     toks, mask = _tokens()
@@ -127,8 +130,9 @@ def test_saved_merged_model_loads_in_transformers(tiny_hf, tmp_path):
 
 
 def _tiny(lora_targets=("q_proj", "v_proj"), r=4, layers=2):
-    cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, num_layers=layers, num_heads=4, num_kv_heads=2,
-                      intermediate_size=64)
+    cfg = ModelConfig(
+        "llama", vocab_size=64, hidden_size=32, num_layers=layers, num_heads=4, num_kv_heads=2, intermediate_size=64
+    )
     return init_model(cfg, LoRAConfig(r=r, target_modules=lora_targets))
 
 
@@ -186,6 +190,7 @@ def test_compile_cost_flat_in_depth():
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_bad_architecture_target_and_rank(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture 'bert'.*supported: llama"):
         ModelConfig("bert", vocab_size=10, hidden_size=8, num_layers=1, num_heads=2)
@@ -202,6 +207,7 @@ def test_bad_checkpoints(tiny_hf, tmp_path):
     folder, _ = tiny_hf("llama_mha")
     hf, tensors = read_folder(folder)
     from fedlora_jax.models.hub import config_from_hf
+
     cfg = config_from_hf(hf)
     name = "model.layers.1.self_attn.k_proj.weight"
     bad = dict(tensors, **{name: tensors[name][:-1]})

@@ -4,11 +4,12 @@ import pytest
 
 from fedlora_jax import cli
 from fedlora_jax.config import load_config
-from fedlora_jax.plan import estimate, largest_chunk, plan
+from fedlora_jax.plan import largest_chunk, plan
 
 
-@pytest.mark.parametrize("sets", [[], ["model.hidden_size=128", "data.seq_len=64", "fl.batch_size=4"],
-                                  ["dp.mode=dpsgd", "fl.batch_size=4"]])
+@pytest.mark.parametrize(
+    "sets", [[], ["model.hidden_size=128", "data.seq_len=64", "fl.batch_size=4"], ["dp.mode=dpsgd", "fl.batch_size=4"]]
+)
 def test_estimate_tracks_xla_memory_analysis(sets):
     out = plan(load_config("tiny", sets), device_gib=1.0, do_measure=True)
     est, measured = out["estimate"]["per_client_bytes"], out["measured"]["per_client_temp_bytes"]
@@ -18,11 +19,13 @@ def test_estimate_tracks_xla_memory_analysis(sets):
 
 
 def test_largest_chunk_and_misfit():
-    est = {"base_bytes": 2 * 2 ** 30, "per_client_bytes": 2 ** 30}
-    assert largest_chunk(est, 10 * 2 ** 30, cohort=100) == 7  # (9 - 2) GiB / 1 GiB
-    assert largest_chunk(est, 10 * 2 ** 30, cohort=3) == 3
-    with pytest.raises(ValueError, match=r"cannot fit one client: base 2.00 GiB \+ one client 1.00 GiB > 90% of 2.00 GiB"):
-        largest_chunk(est, 2 * 2 ** 30, cohort=4)
+    est = {"base_bytes": 2 * 2**30, "per_client_bytes": 2**30}
+    assert largest_chunk(est, 10 * 2**30, cohort=100) == 7  # (9 - 2) GiB / 1 GiB
+    assert largest_chunk(est, 10 * 2**30, cohort=3) == 3
+    with pytest.raises(
+        ValueError, match=r"cannot fit one client: base 2.00 GiB \+ one client 1.00 GiB > 90% of 2.00 GiB"
+    ):
+        largest_chunk(est, 2 * 2**30, cohort=4)
 
 
 def test_plan_cli(capsys):

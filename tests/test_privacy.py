@@ -21,17 +21,30 @@ from fedlora_jax.privacy import mechanisms as mech
 
 def _tree(key, layers=3, r=4, d_in=6, d_out=5, scale=1.0):
     ks = jax.random.split(key, 4)
-    return {"q": {"lora_a": scale * jax.random.normal(ks[0], (layers, r, d_in)),
-                  "lora_b": scale * jax.random.normal(ks[1], (layers, d_out, r))},
-            "v": {"lora_a": scale * jax.random.normal(ks[2], (layers, r, d_in)),
-                  "lora_b": scale * jax.random.normal(ks[3], (layers, d_out + 2, r))}}
+    return {
+        "q": {
+            "lora_a": scale * jax.random.normal(ks[0], (layers, r, d_in)),
+            "lora_b": scale * jax.random.normal(ks[1], (layers, d_out, r)),
+        },
+        "v": {
+            "lora_a": scale * jax.random.normal(ks[2], (layers, r, d_in)),
+            "lora_b": scale * jax.random.normal(ks[3], (layers, d_out + 2, r)),
+        },
+    }
 
 
 @settings(max_examples=12, deadline=None)
-@given(layers=st.integers(1, 3), r=st.integers(1, 5), d=st.integers(1, 7), log_scale=st.floats(-4, 4),
-       clip_a=st.floats(1e-3, 10), clip_b=st.floats(1e-3, 10), scope=st.sampled_from(mech.SCOPES))
+@given(
+    layers=st.integers(1, 3),
+    r=st.integers(1, 5),
+    d=st.integers(1, 7),
+    log_scale=st.floats(-4, 4),
+    clip_a=st.floats(1e-3, 10),
+    clip_b=st.floats(1e-3, 10),
+    scope=st.sampled_from(mech.SCOPES),
+)
 def test_clipped_norms_never_exceed_bounds(layers, r, d, log_scale, clip_a, clip_b, scope):
-    tree = _tree(jax.random.key(layers * 31 + r), layers, r, d, d + 1, 10.0 ** log_scale)
+    tree = _tree(jax.random.key(layers * 31 + r), layers, r, d, d + 1, 10.0**log_scale)
     out, _ = mech.clip(tree, clip_a, clip_b, scope)
     tol = 1 + 1e-5
     a = [x for p, x in jax.tree_util.tree_flatten_with_path(out)[0] if p[-1].key == "lora_a"]
@@ -62,8 +75,9 @@ def test_infinite_clip_and_zero_noise_is_identity():
     tree = _tree(jax.random.key(1))
     glob = _tree(jax.random.key(2))
     for target in mech.TARGETS:
-        out = mech.privatize(tree, glob, jax.random.key(3), clip_a=math.inf, clip_b=math.inf,
-                             sigma_a=0.0, sigma_b=0.0, target=target)
+        out = mech.privatize(
+            tree, glob, jax.random.key(3), clip_a=math.inf, clip_b=math.inf, sigma_a=0.0, sigma_b=0.0, target=target
+        )
         for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
             np.testing.assert_allclose(x, y, atol=1e-6)
 
@@ -109,8 +123,7 @@ def test_noise_analysis_unbiased_and_exact_variance_monte_carlo():
     assert np.all(np.abs(np.asarray(mc["mean_d"])) < 4.5 * np.asarray(mc["se_d"]))
     exact = analysis.exact_variance_terms(b, a, s_a, s_b)["Total_Var"]
     assert abs(float(mc["total_var"]) - exact) < 4 * float(mc["total_var_se"])
-    swapped = (m * s_a ** 2 * float(jnp.sum(b * b)) + n * s_b ** 2 * float(jnp.sum(a * a))
-               + m * n * r * s_a ** 2 * s_b ** 2)
+    swapped = m * s_a**2 * float(jnp.sum(b * b)) + n * s_b**2 * float(jnp.sum(a * a)) + m * n * r * s_a**2 * s_b**2
     assert abs(float(mc["total_var"]) - swapped) > 4 * float(mc["total_var_se"])
 
 
@@ -124,6 +137,7 @@ def test_round_stats_csv_has_the_paper_columns(tmp_path):
 
 
 # ----------------------------------------------------------------------------- accounting
+
 
 def test_composition_of_gaussians_equals_one_gaussian_with_sigma_over_sqrt_t():
     z, t, delta = 3.0, 25, 1e-5
@@ -165,8 +179,7 @@ def test_central_epsilon_equals_direct_dp_accounting():
 
 @pytest.mark.parametrize("mode", ["local", "central", "dpsgd"])
 def test_calibration_meets_target(mode):
-    kw = dict(delta=1e-5, rounds=50, clients=10, clients_per_round=2, tensors=8, local_steps=4,
-              batch_sampling_rate=0.1)
+    kw = dict(delta=1e-5, rounds=50, clients=10, clients_per_round=2, tensors=8, local_steps=4, batch_sampling_rate=0.1)
     out = acc.report(mode, target_epsilon=4.0, **kw)
     check = acc.report(mode, noise_multiplier=out["noise_multiplier"], **kw)
     assert check["epsilon_pld"] == pytest.approx(4.0, rel=2e-3)
@@ -188,11 +201,29 @@ def test_ledger_tracks_worst_client_and_budget():
 
 
 def test_privacy_cli_json(capsys):
-    assert cli.main(["privacy", "--noise-multiplier", "0.5", "--rounds", "100", "--clients", "20",
-                     "--clients-per-round", "2", "--tensors", "4", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "privacy",
+                "--noise-multiplier",
+                "0.5",
+                "--rounds",
+                "100",
+                "--clients",
+                "20",
+                "--clients-per-round",
+                "2",
+                "--tensors",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     # the worst client of the seeded schedule (seed 0), not the average 100 x 2 / 20 = 10
     from fedlora_jax import sampling
+
     worst = int(sampling.participation_counts(0, 20, 2, "uniform", 100).max())
     assert out["participations"] == worst > 10 and out["neighbouring"] == "replace-one"
     # 4 tensors at sigma/C 0.5, replace-one: one Gaussian of multiplier 0.5 / (2 sqrt 4), `worst` times
@@ -201,17 +232,20 @@ def test_privacy_cli_json(capsys):
     assert {"epsilon_rdp", "noise_multiplier", "delta"} <= set(out)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--noise-multiplier", "1", "--delta", "1.5"], "delta must be in (0, 1)"),
-    (["--noise-multiplier", "1", "--delta", "0"], "delta must be in (0, 1)"),
-    (["--sigma", "1", "--clip", "0"], "--clip C > 0"),
-    (["--sigma", "-1", "--clip", "1"], "--sigma must be >= 0"),
-    (["--noise-multiplier", "-1"], "noise multiplier must be >= 0"),
-    (["--target-epsilon", "0"], "target epsilon must be > 0"),
-    (["--target-epsilon", "-2"], "target epsilon must be > 0"),
-    (["--mode", "central", "--noise-multiplier", "1"], "needs a client sampling rate"),
-    (["--noise-multiplier", "1", "--clients", "3", "--clients-per-round", "5"], "clients per round must be in"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--noise-multiplier", "1", "--delta", "1.5"], "delta must be in (0, 1)"),
+        (["--noise-multiplier", "1", "--delta", "0"], "delta must be in (0, 1)"),
+        (["--sigma", "1", "--clip", "0"], "--clip C > 0"),
+        (["--sigma", "-1", "--clip", "1"], "--sigma must be >= 0"),
+        (["--noise-multiplier", "-1"], "noise multiplier must be >= 0"),
+        (["--target-epsilon", "0"], "target epsilon must be > 0"),
+        (["--target-epsilon", "-2"], "target epsilon must be > 0"),
+        (["--mode", "central", "--noise-multiplier", "1"], "needs a client sampling rate"),
+        (["--noise-multiplier", "1", "--clients", "3", "--clients-per-round", "5"], "clients per round must be in"),
+    ],
+)
 def test_privacy_cli_bad_input(argv, message, capsys):
     assert cli.main(["privacy", *argv]) == 2
     err = capsys.readouterr().err

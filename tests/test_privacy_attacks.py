@@ -30,11 +30,23 @@ MODES = {
 
 
 def _tiny(*extra):
-    return load_config("tiny", ["fl.rounds=3", "fl.num_clients=6", "fl.clients_per_round=3", "fl.local_steps=2",
-                                "data.synthetic_examples=120", "eval_every=3", "checkpoint_every=0", *extra])
+    return load_config(
+        "tiny",
+        [
+            "fl.rounds=3",
+            "fl.num_clients=6",
+            "fl.clients_per_round=3",
+            "fl.local_steps=2",
+            "data.synthetic_examples=120",
+            "eval_every=3",
+            "checkpoint_every=0",
+            *extra,
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- key domains
+
 
 class _DrawRecorder:
     """Records the key data of every JAX random draw (through jax's one bits primitive, inside jit,
@@ -48,8 +60,11 @@ class _DrawRecorder:
         original_bits = rcore._random_bits
 
         def where():
-            frames = [f for f in traceback.extract_stack()[:-2]
-                      if "fedlora_jax" in f.filename and not f.filename.endswith("randomness.py")]
+            frames = [
+                f
+                for f in traceback.extract_stack()[:-2]
+                if "fedlora_jax" in f.filename and not f.filename.endswith("randomness.py")
+            ]
             return f"{frames[-1].filename.split('fedlora_jax')[-1]}:{frames[-1].name}" if frames else "outside"
 
         def bits(key, bit_width, shape):
@@ -115,19 +130,31 @@ def test_domains_have_distinct_ids_and_numpy_streams_do_not_alias():
     streams = set()
     for d in randomness.DOMAINS:
         for args in [(), (0,), (1,), (1, 0), (0, 0), (2, 3), (3, 2)]:
-            streams.add(tuple(randomness.np_rng(7, d, *args).integers(0, 2 ** 62, 2).tolist()))
+            streams.add(tuple(randomness.np_rng(7, d, *args).integers(0, 2**62, 2).tolist()))
     assert len(streams) == len(randomness.DOMAINS) * 7  # [s, 1] and [s, 1, 0] are different streams
 
 
 # ----------------------------------------------------------------------------- local DP noise
 
+
 @pytest.mark.slow
 def test_local_release_is_pure_noise_uncorrelated_with_every_public_array(tmp_path):
     """lr 0 and target `update`: the update is 0, so each release is the noise itself. An observer who
     knows the public initial model (base kernels, initial LoRA factors) must find no correlation."""
-    sets = ["dp.mode=local", "dp.target=update", "dp.noise=multiplier", "dp.noise_multiplier=1.0",
-            "fl.lr=0", "fl.lr_min=0", "fl.clients_per_round=1", "fl.num_clients=4", "fl.rounds=4",
-            "model.num_layers=3", "eval_every=0", "checkpoint_every=1"]
+    sets = [
+        "dp.mode=local",
+        "dp.target=update",
+        "dp.noise=multiplier",
+        "dp.noise_multiplier=1.0",
+        "fl.lr=0",
+        "fl.lr_min=0",
+        "fl.clients_per_round=1",
+        "fl.num_clients=4",
+        "fl.rounds=4",
+        "model.num_layers=3",
+        "eval_every=0",
+        "checkpoint_every=1",
+    ]
     cfg = _tiny(*sets)
     definition, base, lora0, _, _ = build_model(cfg)
     out = tmp_path / "r"
@@ -155,24 +182,45 @@ def test_local_release_is_pure_noise_uncorrelated_with_every_public_array(tmp_pa
 
 # ----------------------------------------------------------------------------- central DP
 
+
 @pytest.mark.parametrize("cohort", ["empty", "all_dropped"])
 def test_central_noise_is_added_when_no_client_is_aggregated(cohort):
     from fedlora_jax.simulation import init_state, make_round
 
-    cfg = load_config("tiny", MODES["central"] + ["fl.num_clients=6", "fl.clients_per_round=2", "fl.local_steps=1",
-                                                    "fl.batch_size=2", "dp.noise_multiplier=0.7"])
+    cfg = load_config(
+        "tiny",
+        MODES["central"]
+        + [
+            "fl.num_clients=6",
+            "fl.clients_per_round=2",
+            "fl.local_steps=1",
+            "fl.batch_size=2",
+            "dp.noise_multiplier=0.7",
+        ],
+    )
     definition, base, lora, _, _ = build_model(cfg)
     mech = modes.build(cfg, lora)
     n = cfg.fl.num_clients
     shape = (n, cfg.fl.local_steps, cfg.fl.batch_size, 8)
-    block = {"tokens": jnp.ones(shape, jnp.int32), "attention_mask": jnp.ones(shape, jnp.int32),
-             "loss_mask": jnp.ones(shape, jnp.int32), "num_examples": jnp.full((n,), 10.0)}
+    block = {
+        "tokens": jnp.ones(shape, jnp.int32),
+        "attention_mask": jnp.ones(shape, jnp.int32),
+        "loss_mask": jnp.ones(shape, jnp.int32),
+        "num_examples": jnp.full((n,), 10.0),
+    }
     valid = jnp.zeros(n, bool) if cohort == "empty" else jnp.ones(n, bool)
     lr = jnp.float32(jnp.nan if cohort == "all_dropped" else 1e-2)  # NaN: every update is non-finite
     state = init_state(cfg, lora, n)
-    new, m = make_round(definition, cfg, mech, n)(state, base, block, jnp.arange(n, dtype=jnp.int32),
-                                                   jnp.full((n,), cfg.lora.r, jnp.int32), valid,
-                                                   randomness.round_keys(cfg.seed, 0), lr)
+    new, m = make_round(definition, cfg, mech, n)(
+        state,
+        base,
+        block,
+        jnp.arange(n, dtype=jnp.int32),
+        jnp.full((n,), cfg.lora.r, jnp.int32),
+        valid,
+        randomness.round_keys(cfg.seed, 0),
+        lr,
+    )
     assert int(jnp.sum(valid & True)) - int(m["dropped"]) == 0  # nobody was aggregated
     # the accounted release: global + N(0, (z C)^2) / expected cohort, per entry
     std = mech.sigma_a / cfg.fl.clients_per_round
@@ -187,8 +235,21 @@ def test_central_noise_is_added_when_no_client_is_aggregated(cohort):
 
 # ----------------------------------------------------------------------------- what leaves the server
 
-PUBLIC_ROW = {"round", "lr", "eval_loss", "eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm",
-              "epsilon", "epsilon_mean", "delta", "epsilon_rdp", "epsilon_paper", "epsilon_paper_tracker", "seconds"}
+PUBLIC_ROW = {
+    "round",
+    "lr",
+    "eval_loss",
+    "eval_exact_match",
+    "eval_mc_accuracy",
+    "eval_mc_accuracy_norm",
+    "epsilon",
+    "epsilon_mean",
+    "delta",
+    "epsilon_rdp",
+    "epsilon_paper",
+    "epsilon_paper_tracker",
+    "seconds",
+}
 
 
 @pytest.mark.slow
@@ -197,8 +258,11 @@ def test_dp_run_publishes_only_accounted_values_unless_asked(mode, tmp_path):
     cohort_public = mode != "central"
     for flag in (False, True):
         out = tmp_path / f"r{flag}"
-        s = run(_tiny(*MODES[mode], f"dp.publish_client_metrics={str(flag).lower()}", "fl.rounds=2",
-                      "eval_every=1"), out, progress=False)
+        s = run(
+            _tiny(*MODES[mode], f"dp.publish_client_metrics={str(flag).lower()}", "fl.rounds=2", "eval_every=1"),
+            out,
+            progress=False,
+        )
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         with (out / "metrics.csv").open() as f:
             header = next(csv.reader(f))
@@ -224,16 +288,36 @@ def test_dp_run_publishes_only_accounted_values_unless_asked(mode, tmp_path):
 
 @pytest.mark.parametrize("mode", ["local", "central"])
 def test_scaffold_is_refused_where_its_controls_are_not_private(mode, tmp_path, capsys):
-    rc = cli.main(["run", "tiny", "--out", str(tmp_path / "r"), "--no-progress", "--set", "fl.algorithm=scaffold",
-                   *sum((["--set", x] for x in MODES[mode]), [])])
+    rc = cli.main(
+        [
+            "run",
+            "tiny",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+            "--set",
+            "fl.algorithm=scaffold",
+            *sum((["--set", x] for x in MODES[mode]), []),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "scaffold" in err[0] and mode in err[0]
     assert not (tmp_path / "r").exists()
 
 
 def test_central_with_stacking_is_refused(tmp_path, capsys):
-    rc = cli.main(["run", "tiny", "--out", str(tmp_path / "r"), "--no-progress", "--set", "fl.aggregation=stack",
-                   *sum((["--set", x] for x in MODES["central"]), [])])
+    rc = cli.main(
+        [
+            "run",
+            "tiny",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+            "--set",
+            "fl.aggregation=stack",
+            *sum((["--set", x] for x in MODES["central"]), []),
+        ]
+    )
     assert rc == 2 and "stack" in capsys.readouterr().err
 
 
@@ -248,6 +332,7 @@ def test_aggregation_weights_are_uniform_under_dp_unless_counts_are_public():
 
 
 # ----------------------------------------------------------------------------- the registry, the calculator
+
 
 def test_a_mechanism_registered_at_test_time_runs_end_to_end(tmp_path, monkeypatch):
     """A new mode is one class and one table entry: config, round, loop and summary ask the object."""
@@ -272,19 +357,37 @@ def test_privacy_calculator_defaults_to_the_most_sampled_client_of_the_seeded_sc
     from fedlora_jax import sampling
 
     for seed in (0, 1, 7):
-        rc = cli.main(["privacy", "--noise-multiplier", "0.5", "--rounds", "60", "--clients", "20",
-                       "--clients-per-round", "2", "--seed", str(seed), "--json"])
+        rc = cli.main(
+            [
+                "privacy",
+                "--noise-multiplier",
+                "0.5",
+                "--rounds",
+                "60",
+                "--clients",
+                "20",
+                "--clients-per-round",
+                "2",
+                "--seed",
+                str(seed),
+                "--json",
+            ]
+        )
         out = json.loads(capsys.readouterr().out)
         counts = sampling.participation_counts(seed, 20, 2, "uniform", 60)
         # the run's own sampler for the same seed, not the average ceil(R K / N) = 6
         cfg = load_config("tiny", [f"seed={seed}", "fl.rounds=60", "fl.num_clients=20", "fl.clients_per_round=2"])
         assert rc == 0 and out["participations"] == int(counts.max()) == int(sampling.config_counts(cfg).max())
-        assert out["participations_spread"] == {"min": int(counts.min()), "median": float(np.median(counts)),
-                                                "max": int(counts.max())}
+        assert out["participations_spread"] == {
+            "min": int(counts.min()),
+            "median": float(np.median(counts)),
+            "max": int(counts.max()),
+        }
         assert out["participations"] > 6
 
 
 # ----------------------------------------------------------------------------- the auditor's findings
+
 
 @pytest.mark.slow
 def test_the_published_seed_does_not_reproduce_the_noise(tmp_path):
@@ -293,9 +396,19 @@ def test_the_published_seed_does_not_reproduce_the_noise(tmp_path):
     nothing; only a config that fixes dp.noise_seed lets it, and the summary says so."""
     from fedlora_jax.privacy import mechanisms as prim
 
-    sets = ["dp.mode=local", "dp.target=update", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "fl.lr=0",
-            "fl.lr_min=0", "fl.clients_per_round=1", "fl.num_clients=4", "fl.rounds=1", "eval_every=0",
-            "checkpoint_every=1"]
+    sets = [
+        "dp.mode=local",
+        "dp.target=update",
+        "dp.noise=multiplier",
+        "dp.noise_multiplier=1.0",
+        "fl.lr=0",
+        "fl.lr_min=0",
+        "fl.clients_per_round=1",
+        "fl.num_clients=4",
+        "fl.rounds=1",
+        "eval_every=0",
+        "checkpoint_every=1",
+    ]
     for fixed in (False, True):
         cfg = _tiny(*sets, *(["dp.noise_seed=5"] if fixed else []))
         out = tmp_path / f"r{fixed}"
@@ -305,9 +418,12 @@ def test_the_published_seed_does_not_reproduce_the_noise(tmp_path):
         published = load_config(str(out / "config.yaml"))
         guess_seed = published.dp.noise_seed if published.dp.noise_seed is not None else published.seed
         from fedlora_jax import sampling
+
         ids, valid = sampling.for_config(published, 0)
         key = jax.random.fold_in(randomness.round_keys(guess_seed, 0)["client_noise"], int(ids[valid][0]))
-        guess = prim.add_noise(jax.tree.map(jnp.zeros_like, lora0), key, s["privacy"]["sigma_a"], s["privacy"]["sigma_b"])
+        guess = prim.add_noise(
+            jax.tree.map(jnp.zeros_like, lora0), key, s["privacy"]["sigma_a"], s["privacy"]["sigma_b"]
+        )
         a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(released)])
         b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(guess)])
         corr = np.corrcoef(a, b)[0, 1]
@@ -318,8 +434,11 @@ def test_the_published_seed_does_not_reproduce_the_noise(tmp_path):
             assert abs(corr) * np.sqrt(a.size) < 6.0, f"the published seed reproduces the noise: corr {corr:.3f}"
             assert "secret" in s["privacy"]["noise_seed"]
             # the root lives in the checkpoints (server-private) and in no published file
-            metas = [json.loads(f.read_text()) for f in (out / "checkpoints").rglob("*") if f.is_file()
-                     and f.read_bytes()[:1] == b"{" and b"noise_seed" in f.read_bytes()]
+            metas = [
+                json.loads(f.read_text())
+                for f in (out / "checkpoints").rglob("*")
+                if f.is_file() and f.read_bytes()[:1] == b"{" and b"noise_seed" in f.read_bytes()
+            ]
             root = str(metas[0]["noise_seed"])
             assert len(root) > 6
             for f in ("config.yaml", "summary.json", "metrics.jsonl", "metrics.csv"):
@@ -327,21 +446,43 @@ def test_the_published_seed_does_not_reproduce_the_noise(tmp_path):
 
 
 def test_evaluation_on_clients_own_data_is_refused_under_dp(tmp_path, capsys):
-    rc = cli.main(["run", "tiny", "--out", str(tmp_path / "r"), "--no-progress", "--set", "data.eval_per_client=true",
-                   *sum((["--set", x] for x in MODES["local"]), [])])
+    rc = cli.main(
+        [
+            "run",
+            "tiny",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+            "--set",
+            "data.eval_per_client=true",
+            *sum((["--set", x] for x in MODES["local"]), []),
+        ]
+    )
     assert rc == 2 and "eval_per_client" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_adaptive_clip_count_has_sensitivity_one_half():
     """The combined multiplier z^-2 = z_u^-2 + (2 sigma_count)^-2 holds only if one client moves the
     noised count by at most 1/2: each client's contribution is b - 1/2 with b in {0, 1}."""
-    cfg = load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.scope=global", "dp.adaptive_clip=true",
-                               "dp.noise=multiplier", "dp.noise_multiplier=1.0", "fl.num_clients=400",
-                               "fl.clients_per_round=40", "dp.clip_count_noise=4.0", "dp.clip_a=1.0"])
+    cfg = load_config(
+        "tiny",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.scope=global",
+            "dp.adaptive_clip=true",
+            "dp.noise=multiplier",
+            "dp.noise_multiplier=1.0",
+            "fl.num_clients=400",
+            "fl.clients_per_round=40",
+            "dp.clip_count_noise=4.0",
+            "dp.clip_a=1.0",
+        ],
+    )
     lora = build_model(cfg)[2]
     mech = modes.build(cfg, lora)
     state = mech.init_state()
-    small = jax.tree.map(lambda x: x + 1e-4, lora)   # an update well within the clip
-    large = jax.tree.map(lambda x: x + 10.0, lora)   # far outside it
+    small = jax.tree.map(lambda x: x + 1e-4, lora)  # an update well within the clip
+    large = jax.tree.map(lambda x: x + 10.0, lora)  # far outside it
     vals = {float(mech.client_stat(u, lora, state)) for u in (small, large, lora)}
     assert vals <= {-0.5, 0.5} and len(vals) == 2

@@ -28,8 +28,16 @@ MODES = {
     "central": ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier", "dp.noise_multiplier=1.0"],
     "dpsgd": ["dp.mode=dpsgd", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.clip_a=1.0"],
 }
-BASE = ["fl.rounds=5", "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=2", "fl.batch_size=4",
-        "data.synthetic_examples=120", "eval_every=2", "checkpoint_every=1"]
+BASE = [
+    "fl.rounds=5",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.local_steps=2",
+    "fl.batch_size=4",
+    "data.synthetic_examples=120",
+    "eval_every=2",
+    "checkpoint_every=1",
+]
 
 
 def _sets(mode):
@@ -50,8 +58,14 @@ def _rows(folder: Path):
 
 def _cli(args, **kw):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "fedlora_jax.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlora_jax.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _same_run(a: Path, b: Path):

@@ -50,10 +50,23 @@ def test_poisson_rounds_sample_at_rate_q_and_pad_with_an_invalid_id():
 
 @pytest.mark.slow
 def test_central_run_over_a_large_population_uses_capacity_slots(tmp_path):
-    cfg = load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier",
-                               "dp.noise_multiplier=1.0", "fl.num_clients=200", "fl.clients_per_round=4",
-                               "fl.rounds=3", "fl.local_steps=1", "fl.batch_size=2", "data.synthetic_examples=600",
-                               "eval_every=3", "checkpoint_every=0"])
+    cfg = load_config(
+        "tiny",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.noise=multiplier",
+            "dp.noise_multiplier=1.0",
+            "fl.num_clients=200",
+            "fl.clients_per_round=4",
+            "fl.rounds=3",
+            "fl.local_steps=1",
+            "fl.batch_size=2",
+            "data.synthetic_examples=600",
+            "eval_every=3",
+            "checkpoint_every=0",
+        ],
+    )
     s = run(cfg, tmp_path / "r", progress=False)
     cap, overflow = sampling.poisson_capacity(200, 4)
     assert cap < 200 // 5 and f"padded to {cap} slots" in s["privacy"]["mechanism"]
@@ -72,9 +85,19 @@ def test_a_capacity_round_equals_the_masked_all_slots_round_on_the_same_draw():
     from fedlora_jax.simulation import init_state, make_round
 
     n, k = 80, 3
-    cfg = load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier",
-                               "dp.noise_multiplier=0.5", f"fl.num_clients={n}", f"fl.clients_per_round={k}",
-                               "fl.local_steps=1", "fl.batch_size=2"])
+    cfg = load_config(
+        "tiny",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.noise=multiplier",
+            "dp.noise_multiplier=0.5",
+            f"fl.num_clients={n}",
+            f"fl.clients_per_round={k}",
+            "fl.local_steps=1",
+            "fl.batch_size=2",
+        ],
+    )
     definition, base, lora, _, _ = build_model(cfg)
     mech = modes.build(cfg, lora)
     ids, valid = sampling.sample_round(cfg.seed, n, k, "poisson", 1)
@@ -86,32 +109,64 @@ def test_a_capacity_round_equals_the_masked_all_slots_round_on_the_same_draw():
 
     def block(slot_ids):
         toks = np.stack([data[c] if c < n else data[0] for c in slot_ids])
-        return {"tokens": jnp.asarray(toks, jnp.int32), "attention_mask": jnp.ones(toks.shape, jnp.int32),
-                "loss_mask": jnp.ones(toks.shape, jnp.int32), "num_examples": jnp.full((len(slot_ids),), 5.0)}
+        return {
+            "tokens": jnp.asarray(toks, jnp.int32),
+            "attention_mask": jnp.ones(toks.shape, jnp.int32),
+            "loss_mask": jnp.ones(toks.shape, jnp.int32),
+            "num_examples": jnp.full((len(slot_ids),), 5.0),
+        }
 
     fn = make_round(definition, cfg, mech, n)
     keys = randomness.round_keys(cfg.seed, 1)
     all_valid = np.isin(np.arange(n), taken)
-    a, _ = fn(init_state(cfg, lora, n), base, block(np.arange(n)), jnp.arange(n, dtype=jnp.int32),
-              jnp.full((n,), cfg.lora.r, jnp.int32), jnp.asarray(all_valid), keys, jnp.float32(1e-2))
-    b, _ = fn(init_state(cfg, lora, n), base, block(ids), jnp.asarray(ids, jnp.int32),
-              jnp.full((len(ids),), cfg.lora.r, jnp.int32), jnp.asarray(valid), keys, jnp.float32(1e-2))
+    a, _ = fn(
+        init_state(cfg, lora, n),
+        base,
+        block(np.arange(n)),
+        jnp.arange(n, dtype=jnp.int32),
+        jnp.full((n,), cfg.lora.r, jnp.int32),
+        jnp.asarray(all_valid),
+        keys,
+        jnp.float32(1e-2),
+    )
+    b, _ = fn(
+        init_state(cfg, lora, n),
+        base,
+        block(ids),
+        jnp.asarray(ids, jnp.int32),
+        jnp.full((len(ids),), cfg.lora.r, jnp.int32),
+        jnp.asarray(valid),
+        keys,
+        jnp.float32(1e-2),
+    )
     for x, y in zip(jax.tree.leaves(a["lora"]), jax.tree.leaves(b["lora"])):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- adaptive clipping
 
+
 def _adaptive_cfg(*extra):
-    return load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.scope=global", "dp.adaptive_clip=true",
-                                "dp.noise=multiplier", "dp.noise_multiplier=1.0", "fl.num_clients=400",
-                                "fl.clients_per_round=40", "dp.clip_count_noise=4.0", *extra])
+    return load_config(
+        "tiny",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.scope=global",
+            "dp.adaptive_clip=true",
+            "dp.noise=multiplier",
+            "dp.noise_multiplier=1.0",
+            "fl.num_clients=400",
+            "fl.clients_per_round=40",
+            "dp.clip_count_noise=4.0",
+            *extra,
+        ],
+    )
 
 
 def test_adaptive_clip_tracks_a_known_quantile_of_update_norms():
     """The mechanism's own update rule, fed the counts a cohort of K clients with log-normal update
     norms would give (with the mechanism's count noise), converges to the target quantile."""
-    import jax
     import jax.numpy as jnp
 
     from fedlora_jax import randomness
@@ -138,12 +193,18 @@ def test_adaptive_clip_tracks_a_known_quantile_of_update_norms():
 def test_adaptive_clip_ledger_equals_dp_accounting_of_the_combined_mechanism(tmp_path):
     import dp_accounting as dpa
 
-    cfg = _adaptive_cfg("fl.rounds=3", "fl.local_steps=1", "fl.batch_size=2", "data.synthetic_examples=800",
-                        "eval_every=3", "checkpoint_every=0")
+    cfg = _adaptive_cfg(
+        "fl.rounds=3",
+        "fl.local_steps=1",
+        "fl.batch_size=2",
+        "data.synthetic_examples=800",
+        "eval_every=3",
+        "checkpoint_every=0",
+    )
     s = run(cfg, tmp_path / "r", progress=False)
     p = s["privacy"]
     z_u, s_c = p["update_noise_multiplier"], p["clip_count_noise"]
-    combined = (z_u ** -2 + (2 * s_c) ** -2) ** -0.5  # Andrew et al. 2021, Theorem 1
+    combined = (z_u**-2 + (2 * s_c) ** -2) ** -0.5  # Andrew et al. 2021, Theorem 1
     assert combined == pytest.approx(1.0, rel=1e-9)
     acc = dpa.pld.PLDAccountant(dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-3)
     acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(40 / 400, dpa.GaussianDpEvent(combined)), 3))

@@ -323,8 +323,14 @@ def section_deadline(name):
     """The end of a section: the cumulative share of the SELECTED sections (a run of one section gets
     the whole budget)."""
     chosen = [n for n in SECTION_END if n in ARGS.sections.split(",")]
-    starts = {n: SECTION_END[n] - (SECTION_END[m] if i else 0.0)
-              for i, (m, n) in enumerate(zip([None] + chosen[:-1], chosen))} if chosen else {}
+    starts = (
+        {
+            n: SECTION_END[n] - (SECTION_END[m] if i else 0.0)
+            for i, (m, n) in enumerate(zip([None] + chosen[:-1], chosen))
+        }
+        if chosen
+        else {}
+    )
     total = sum(starts.values()) or 1.0
     end = sum(starts[n] for n in chosen[: chosen.index(name) + 1]) / total if name in chosen else SECTION_END[name]
     return min(end, SECTION_END["sweep"]) * ARGS.budget

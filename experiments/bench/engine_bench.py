@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedlora_jax import randomness
 from fedlora_jax.config import load_config
 from fedlora_jax.data import tokenize_examples
 from fedlora_jax.data.pipeline import byte_tokenizer, prepare
 from fedlora_jax.privacy import accounting as acc
 from fedlora_jax.privacy import mechanisms as mech
-from fedlora_jax import randomness
 from fedlora_jax.privacy import modes
 from fedlora_jax.runner import build_model
 from fedlora_jax.simulation import init_state, make_round
@@ -47,8 +47,17 @@ def main():
     res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__}}
 
     # --- a round of the tiny preset with 64 clients, local DP
-    cfg = load_config("tiny", ["fl.num_clients=64", "fl.clients_per_round=64", "data.synthetic_examples=4096",
-                               "dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=1.0"])
+    cfg = load_config(
+        "tiny",
+        [
+            "fl.num_clients=64",
+            "fl.clients_per_round=64",
+            "data.synthetic_examples=4096",
+            "dp.mode=local",
+            "dp.noise=multiplier",
+            "dp.noise_multiplier=1.0",
+        ],
+    )
     definition, base, lora, tok, _ = build_model(cfg)
     data = prepare(cfg, tok)
     noise = modes.build(cfg, lora)
@@ -58,17 +67,40 @@ def main():
     block = {k: jnp.asarray(v) for k, v in batcher.block(ids, parts).items()}
     round_fn = make_round(definition, cfg, noise, 64)
     state = init_state(cfg, lora, 64)
-    call = lambda: jax.block_until_ready(round_fn(state, base, block, jnp.asarray(ids, jnp.int32),
-                                                  jnp.full((64,), cfg.lora.r, jnp.int32), jnp.ones(64, bool),
-                                                  randomness.round_keys(0, 0), jnp.float32(1e-3)))
+    call = lambda: jax.block_until_ready(
+        round_fn(
+            state,
+            base,
+            block,
+            jnp.asarray(ids, jnp.int32),
+            jnp.full((64,), cfg.lora.r, jnp.int32),
+            jnp.ones(64, bool),
+            randomness.round_keys(0, 0),
+            jnp.float32(1e-3),
+        )
+    )
     t = time.perf_counter()
     call()
-    res["tiny_round_64_clients"] = {"compile_and_first_s": time.perf_counter() - t, "round_s": timed(call),
-                                    "shape": list(block["tokens"].shape)}
+    res["tiny_round_64_clients"] = {
+        "compile_and_first_s": time.perf_counter() - t,
+        "round_s": timed(call),
+        "shape": list(block["tokens"].shape),
+    }
     # --- clip and noise of 64 clients' adapters alone
     stacked = jax.tree.map(lambda x: jnp.stack([x] * 64), lora)
-    priv = jax.jit(jax.vmap(lambda l, c: mech.privatize(l, lora, jax.random.fold_in(randomness.key(1, "client_noise", 0), c), clip_a=0.1,
-                                                        clip_b=0.1, sigma_a=0.1, sigma_b=0.1)))
+    priv = jax.jit(
+        jax.vmap(
+            lambda lo, c: mech.privatize(
+                lo,
+                lora,
+                jax.random.fold_in(randomness.key(1, "client_noise", 0), c),
+                clip_a=0.1,
+                clip_b=0.1,
+                sigma_a=0.1,
+                sigma_b=0.1,
+            )
+        )
+    )
     cn = timed(lambda: jax.block_until_ready(priv(stacked, jnp.arange(64))), n=20)
     res["clip_and_noise_64_clients_s"] = cn
     res["clip_and_noise_fraction_of_round"] = cn / res["tiny_round_64_clients"]["round_s"]
@@ -95,7 +127,9 @@ def main():
     res["ledger_10k_rounds_1000_clients_s"] = time.perf_counter() - t
     # --- tokenization throughput, 20,000 Alpaca-shaped examples
     import datasets
+
     from fedlora_jax.data import synthetic
+
     rows = synthetic.generate(20_000, seed=0)
     for r in rows:
         r["instruction"] = r["instruction"] + " Explain your answer briefly and show the steps you take."
@@ -103,7 +137,8 @@ def main():
     ds = datasets.Dataset.from_list(rows)
     toks = {"byte": byte_tokenizer()}
     try:
-        from fedlora_jax.models.hub import load_tokenizer, default_gguf_path
+        from fedlora_jax.models.hub import default_gguf_path, load_tokenizer
+
         toks["smollm2"] = load_tokenizer(default_gguf_path())
     except ValueError:
         pass

@@ -37,8 +37,14 @@ def main():
     cfg = lm.config
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq)), jnp.int32)
     mask = jnp.ones_like(tokens)
-    res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                       "devices": [str(d) for d in jax.devices()]}}
+    res = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()],
+        }
+    }
     # compile time against depth: the same model cut to 2 layers
     shallow_cfg = cfg.replace(num_layers=2)
     shallow_def = abstract_model(shallow_cfg, lora_cfg)[0]
@@ -47,7 +53,9 @@ def main():
         "layers_2": compile_seconds(shallow_def, shallow_base, init_lora(shallow_def), tokens, mask),
         "layers_30": compile_seconds(lm.definition, lm.base, lm.lora, tokens, mask),
     }
-    res["compile_fwd_bwd_s"]["ratio_30_vs_2"] = res["compile_fwd_bwd_s"]["layers_30"] / res["compile_fwd_bwd_s"]["layers_2"]
+    res["compile_fwd_bwd_s"]["ratio_30_vs_2"] = (
+        res["compile_fwd_bwd_s"]["layers_30"] / res["compile_fwd_bwd_s"]["layers_2"]
+    )
     # scoring throughput (forward + NLL) at batch x seq
     f = jax.jit(lambda b, lo, t, m: mean_nll(lm.definition, b, lo, t, m))
     f(lm.base, lm.lora, tokens, mask).block_until_ready()

@@ -30,9 +30,20 @@ def main():
     ap.add_argument("--out", default="experiments/bench/results/poisson_cohort.json")
     a = ap.parse_args()
     n, k = a.clients, a.per_round
-    cfg = load_config("tiny", ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier",
-                               "dp.noise_multiplier=1.0", f"fl.num_clients={n}", f"fl.clients_per_round={k}",
-                               "fl.local_steps=2", "fl.batch_size=4", "fl.clients_per_chunk=64"])
+    cfg = load_config(
+        "tiny",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.noise=multiplier",
+            "dp.noise_multiplier=1.0",
+            f"fl.num_clients={n}",
+            f"fl.clients_per_round={k}",
+            "fl.local_steps=2",
+            "fl.batch_size=4",
+            "fl.clients_per_chunk=64",
+        ],
+    )
     definition, base, lora, _, _ = build_model(cfg)
     mech = modes.build(cfg, lora)
     cap = sampling.cohort_slots(n, k, "poisson")
@@ -41,14 +52,24 @@ def main():
 
     def setup(slots):
         shape = (slots, cfg.fl.local_steps, cfg.fl.batch_size, seq)
-        block = {"tokens": jnp.asarray(rng.integers(0, 200, shape), jnp.int32),
-                 "attention_mask": jnp.ones(shape, jnp.int32), "loss_mask": jnp.ones(shape, jnp.int32),
-                 "num_examples": jnp.full((slots,), 10.0)}
+        block = {
+            "tokens": jnp.asarray(rng.integers(0, 200, shape), jnp.int32),
+            "attention_mask": jnp.ones(shape, jnp.int32),
+            "loss_mask": jnp.ones(shape, jnp.int32),
+            "num_examples": jnp.full((slots,), 10.0),
+        }
         valid = np.zeros(slots, bool)
         valid[:k] = True
         fn = make_round(definition, cfg, mech, n)
-        args = (base, block, jnp.arange(slots, dtype=jnp.int32), jnp.full((slots,), cfg.lora.r, jnp.int32),
-                jnp.asarray(valid), randomness.round_keys(0, 0), jnp.float32(1e-3))
+        args = (
+            base,
+            block,
+            jnp.arange(slots, dtype=jnp.int32),
+            jnp.full((slots,), cfg.lora.r, jnp.int32),
+            jnp.asarray(valid),
+            randomness.round_keys(0, 0),
+            jnp.float32(1e-3),
+        )
         state = init_state(cfg, lora, n)
         jax.block_until_ready(fn(state, *args))  # compile
         return lambda: jax.block_until_ready(fn(state, *args))
@@ -61,9 +82,16 @@ def main():
             call()
             times[name].append(time.perf_counter() - t)
     med = {name: float(np.median(v)) for name, v in times.items()}
-    res = {"clients": n, "expected_cohort": k, "capacity": cap,
-           "overflow_per_round": sampling.poisson_capacity(n, k)[1], "median_round_s": med,
-           "speedup": med["all_slots"] / med["capacity_slots"], "times": times, "jax": jax.__version__}
+    res = {
+        "clients": n,
+        "expected_cohort": k,
+        "capacity": cap,
+        "overflow_per_round": sampling.poisson_capacity(n, k)[1],
+        "median_round_s": med,
+        "speedup": med["all_slots"] / med["capacity_slots"],
+        "times": times,
+        "jax": jax.__version__,
+    }
     print(json.dumps(res, indent=1))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

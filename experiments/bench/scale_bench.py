@@ -22,19 +22,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedlora_jax import randomness
 from fedlora_jax.client import client_update
 from fedlora_jax.config import load_config
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
 from fedlora_jax.privacy import mechanisms as mech
-from fedlora_jax import randomness
 from fedlora_jax.privacy import modes
 from fedlora_jax.simulation import init_state, make_round
 
 REGIMES = {
     "cross-device": dict(hidden=64, layers=2, heads=4, vocab=512, clients=256, steps=2, batch=2, seq=32, chunk=128),
     "mid": dict(hidden=128, layers=2, heads=4, vocab=1024, clients=64, steps=4, batch=4, seq=64, chunk=None),
-    "smollm2": dict(hidden=576, layers=30, heads=9, kv=3, inter=1536, vocab=49152, clients=4, steps=2, batch=2,
-                    seq=128, chunk=2),
+    "smollm2": dict(
+        hidden=576, layers=30, heads=9, kv=3, inter=1536, vocab=49152, clients=4, steps=2, batch=2, seq=128, chunk=2
+    ),
 }
 CLIP, SIGMA = 0.1, 0.02
 
@@ -46,28 +47,49 @@ def matmul_peak():
     t = time.perf_counter()
     for _ in range(10):
         f(a).block_until_ready()
-    return 10 * 2 * 2048 ** 3 / (time.perf_counter() - t)
+    return 10 * 2 * 2048**3 / (time.perf_counter() - t)
 
 
 def setup(p, seed=0):
-    mc = ModelConfig("llama", vocab_size=p["vocab"], hidden_size=p["hidden"], num_layers=p["layers"],
-                     num_heads=p["heads"], num_kv_heads=p.get("kv", p["heads"]),
-                     intermediate_size=p.get("inter", 4 * p["hidden"]), max_position_embeddings=4096)
+    mc = ModelConfig(
+        "llama",
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        num_layers=p["layers"],
+        num_heads=p["heads"],
+        num_kv_heads=p.get("kv", p["heads"]),
+        intermediate_size=p.get("inter", 4 * p["hidden"]),
+        max_position_embeddings=4096,
+    )
     definition, base, lora = init_model(mc, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")), seed=seed)
     rng = np.random.default_rng(seed)
     k, s, b, t = p["clients"], p["steps"], p["batch"], p["seq"]
-    block = {"tokens": rng.integers(0, p["vocab"], (k, s, b, t)).astype(np.int32),
-             "attention_mask": np.ones((k, s, b, t), np.int32), "loss_mask": np.ones((k, s, b, t), np.int32),
-             "num_examples": np.ones(k, np.float32)}
+    block = {
+        "tokens": rng.integers(0, p["vocab"], (k, s, b, t)).astype(np.int32),
+        "attention_mask": np.ones((k, s, b, t), np.int32),
+        "loss_mask": np.ones((k, s, b, t), np.int32),
+        "num_examples": np.ones(k, np.float32),
+    }
     return mc, definition, base, lora, block
 
 
 def cfg_for(p, chunk):
-    return load_config("tiny", [f"fl.num_clients={p['clients']}", f"fl.clients_per_round={p['clients']}",
-                                f"fl.local_steps={p['steps']}", f"fl.batch_size={p['batch']}", "fl.lr=1e-3",
-                                "dp.mode=local", f"dp.clip_a={CLIP}", f"dp.clip_b={CLIP}", "dp.noise=multiplier",
-                                f"dp.noise_multiplier={SIGMA / CLIP}"]
-                       + ([f"fl.clients_per_chunk={chunk}"] if chunk else []))
+    return load_config(
+        "tiny",
+        [
+            f"fl.num_clients={p['clients']}",
+            f"fl.clients_per_round={p['clients']}",
+            f"fl.local_steps={p['steps']}",
+            f"fl.batch_size={p['batch']}",
+            "fl.lr=1e-3",
+            "dp.mode=local",
+            f"dp.clip_a={CLIP}",
+            f"dp.clip_b={CLIP}",
+            "dp.noise=multiplier",
+            f"dp.noise_multiplier={SIGMA / CLIP}",
+        ]
+        + ([f"fl.clients_per_chunk={chunk}"] if chunk else []),
+    )
 
 
 def analytic_flops(p, base):
@@ -75,8 +97,11 @@ def analytic_flops(p, base):
     frozen) over the P matmul weights (blocks' kernels and the output head), plus attention
     (QK^T and PV: 4 S d per layer forward, twice that backward). XLA's cost analysis counts a
     loop body once, so it cannot be used for scanned layers and steps."""
-    kernels = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_flatten_with_path(base)[0]
-                  if getattr(path[-1], "key", "") == "kernel")
+    kernels = sum(
+        int(np.prod(x.shape))
+        for path, x in jax.tree_util.tree_flatten_with_path(base)[0]
+        if getattr(path[-1], "key", "") == "kernel"
+    )
     # the output head's kernel is among `kernels` (it was once counted twice here)
     tokens = p["clients"] * p["steps"] * p["batch"] * p["seq"]
     per_token = 4 * kernels + 12 * p["layers"] * p["seq"] * p["hidden"]
@@ -87,8 +112,15 @@ def ours(p, definition, base, lora, block, chunk, reps=3):
     cfg = cfg_for(p, chunk)
     fn = make_round(definition, cfg, modes.build(cfg, lora), p["clients"])
     state = init_state(cfg, lora, p["clients"])
-    args = (base, {k: jnp.asarray(v) for k, v in block.items()}, jnp.arange(p["clients"], dtype=jnp.int32),
-            jnp.full((p["clients"],), 8, jnp.int32), jnp.ones(p["clients"], bool), randomness.round_keys(0, 0), jnp.float32(1e-3))
+    args = (
+        base,
+        {k: jnp.asarray(v) for k, v in block.items()},
+        jnp.arange(p["clients"], dtype=jnp.int32),
+        jnp.full((p["clients"],), 8, jnp.int32),
+        jnp.ones(p["clients"], bool),
+        randomness.round_keys(0, 0),
+        jnp.float32(1e-3),
+    )
     t = time.perf_counter()
     lowered = fn.lower(state, *args)
     compiled = lowered.compile()
@@ -99,17 +131,32 @@ def ours(p, definition, base, lora, block, chunk, reps=3):
         jax.block_until_ready(fn(state, *args))
     dt = (time.perf_counter() - t) / reps
     mem = compiled.memory_analysis()
-    return {"round_s": dt, "client_updates_per_s": p["clients"] / dt, "compile_s": compile_s,
-            "flops": analytic_flops(p, base), "temp_bytes": getattr(mem, "temp_size_in_bytes", None)}
+    return {
+        "round_s": dt,
+        "client_updates_per_s": p["clients"] / dt,
+        "compile_s": compile_s,
+        "flops": analytic_flops(p, base),
+        "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+    }
 
 
 def sequential_jax(p, definition, base, lora, block, reps=1):
     @jax.jit
     def one(base, b, cid):  # base as an argument: closed over, XLA would constant-fold the weights
         local, _, _ = client_update(definition, base, lora, b, 1e-3)
-        return mech.privatize(local, lora, jax.random.fold_in(randomness.key(0, "client_noise", 0), cid), clip_a=CLIP, clip_b=CLIP,
-                              sigma_a=SIGMA, sigma_b=SIGMA)
-    batches = [{k: jnp.asarray(block[k][i]) for k in ("tokens", "attention_mask", "loss_mask")} for i in range(p["clients"])]
+        return mech.privatize(
+            local,
+            lora,
+            jax.random.fold_in(randomness.key(0, "client_noise", 0), cid),
+            clip_a=CLIP,
+            clip_b=CLIP,
+            sigma_a=SIGMA,
+            sigma_b=SIGMA,
+        )
+
+    batches = [
+        {k: jnp.asarray(block[k][i]) for k in ("tokens", "attention_mask", "loss_mask")} for i in range(p["clients"])
+    ]
     jax.block_until_ready(one(base, batches[0], 0))
     t = time.perf_counter()
     for _ in range(reps):
@@ -129,10 +176,18 @@ def torch_peft(p, block, max_clients=None):
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p.get("inter", 4 * p["hidden"]),
-                         num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                         num_key_value_heads=p.get("kv", p["heads"]), max_position_embeddings=4096)
-    model = get_peft_model(tf.LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    cfg = tf.LlamaConfig(
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p.get("inter", 4 * p["hidden"]),
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p.get("kv", p["heads"]),
+        max_position_embeddings=4096,
+    )
+    model = get_peft_model(
+        tf.LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     model.train()
     glob = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     n = min(p["clients"], max_clients or p["clients"])
@@ -162,8 +217,16 @@ def main():
     ap.add_argument("--out", default="experiments/bench/results/scale.json")
     ap.add_argument("--memory", action="store_true", help="also sweep chunk size and cohort size (cross-device)")
     args = ap.parse_args()
-    res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                       "devices": [str(d) for d in jax.devices()]}, "matmul_peak_flops": matmul_peak(), "regimes": {}}
+    res = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()],
+        },
+        "matmul_peak_flops": matmul_peak(),
+        "regimes": {},
+    }
     for name in args.regimes.split(","):
         p = REGIMES[name]
         _, definition, base, lora, block = setup(p)
@@ -185,21 +248,36 @@ def main():
         p = REGIMES["cross-device"]
         _, d, b, lo, _ = setup(p)
         shapes = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-        cfg = load_config("tiny", [f"fl.local_steps={p['steps']}", f"fl.batch_size={p['batch']}",
-                                   f"data.seq_len={p['seq']}", "dp.mode=local"])
-        mem = {"chunk_sweep_cohort_1024": {c: measure(cfg, d, shapes(b), shapes(lo), c, 1024)["temp_bytes"]
-                                           for c in (32, 64, 128, 256)},
-               "cohort_sweep_chunk_128": {}}
+        cfg = load_config(
+            "tiny",
+            [
+                f"fl.local_steps={p['steps']}",
+                f"fl.batch_size={p['batch']}",
+                f"data.seq_len={p['seq']}",
+                "dp.mode=local",
+            ],
+        )
+        mem = {
+            "chunk_sweep_cohort_1024": {
+                c: measure(cfg, d, shapes(b), shapes(lo), c, 1024)["temp_bytes"] for c in (32, 64, 128, 256)
+            },
+            "cohort_sweep_chunk_128": {},
+        }
         for cohort in (256, 1024, 4096, 10000):
             m = measure(cfg, d, shapes(b), shapes(lo), 128, cohort)
-            mem["cohort_sweep_chunk_128"][cohort] = {"temp_bytes": m["temp_bytes"], "argument_bytes": m["argument_bytes"]}
+            mem["cohort_sweep_chunk_128"][cohort] = {
+                "temp_bytes": m["temp_bytes"],
+                "argument_bytes": m["argument_bytes"],
+            }
         res["memory"] = mem
         print(json.dumps(mem, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2, default=str))
     import sys
+
     sys.path.insert(0, str(Path(__file__).parent))
     from table import write
+
     print(write(args.out))  # the markdown table beside the JSON
 
 

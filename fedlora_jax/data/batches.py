@@ -8,18 +8,17 @@ participations, blocks are reproducible after a resume and independent of chunki
 
 from __future__ import annotations
 
-from ..errors import UserError
-from .. import randomness
 import math
 
 import numpy as np
 
+from .. import randomness
+from ..errors import UserError
 from .tokenize import TokenizedData
 
 
 class RoundBatcher:
-    def __init__(self, data: TokenizedData, parts: list[np.ndarray], local_steps: int, batch_size: int,
-                 seed: int = 0):
+    def __init__(self, data: TokenizedData, parts: list[np.ndarray], local_steps: int, batch_size: int, seed: int = 0):
         if any(len(p) == 0 for p in parts):
             raise UserError("a client has no examples; every client needs at least one")
         self.data, self.parts = data, parts
@@ -49,13 +48,16 @@ class RoundBatcher:
         ids = np.asarray(client_ids, np.int64)
         idx = np.stack([self.indices(int(c), int(participations[c]) * self.steps * self.batch) for c in ids])
         shape = (len(ids), self.steps, self.batch, -1)
-        return {"tokens": self.data.tokens[idx].reshape(shape),
-                "attention_mask": self.data.attention_mask[idx].reshape(shape),
-                "loss_mask": self.data.loss_mask[idx].reshape(shape),
-                "num_examples": np.array([len(self.parts[c]) for c in ids], np.float32)}
+        return {
+            "tokens": self.data.tokens[idx].reshape(shape),
+            "attention_mask": self.data.attention_mask[idx].reshape(shape),
+            "loss_mask": self.data.loss_mask[idx].reshape(shape),
+            "num_examples": np.array([len(self.parts[c]) for c in ids], np.float32),
+        }
 
 
 # ----------------------------------------------------------------------------- DP-SGD batches
+
 
 def binomial_tail(n: int, q: float, c: int) -> float:
     """P(Binomial(n, q) > c), summed exactly in log space."""
@@ -64,8 +66,10 @@ def binomial_tail(n: int, q: float, c: int) -> float:
     if q >= 1:
         return 1.0
     lq, l1q = math.log(q), math.log1p(-q)
-    terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lq + (n - k) * l1q
-             for k in range(c + 1, n + 1)]
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lq + (n - k) * l1q
+        for k in range(c + 1, n + 1)
+    ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
@@ -102,8 +106,15 @@ class PoissonBatcher(RoundBatcher):
     `overflow` per step and is accounted for in the run's delta (see runner.resolve_noise).
     The draw is a pure function of (seed, client, participation)."""
 
-    def __init__(self, data: TokenizedData, parts: list[np.ndarray], local_steps: int, batch_size: int,
-                 seed: int = 0, tail: float = 1e-15):
+    def __init__(
+        self,
+        data: TokenizedData,
+        parts: list[np.ndarray],
+        local_steps: int,
+        batch_size: int,
+        seed: int = 0,
+        tail: float = 1e-15,
+    ):
         super().__init__(data, parts, local_steps, batch_size, seed)
         self.capacity, self.overflow = poisson_capacity([len(p) for p in parts], batch_size, tail)
         self.rates = np.minimum(1.0, batch_size / np.array([len(p) for p in parts], np.float64))
@@ -119,9 +130,9 @@ class PoissonBatcher(RoundBatcher):
             sel = np.flatnonzero(take[s])
             if len(sel) > self.capacity:
                 sel = np.sort(rng.choice(sel, self.capacity, replace=False))
-            idx[s, :len(sel)] = part[sel]
-            idx[s, len(sel):] = part[0]
-            ok[s, :len(sel)] = True
+            idx[s, : len(sel)] = part[sel]
+            idx[s, len(sel) :] = part[0]
+            ok[s, : len(sel)] = True
         return idx, ok
 
     def block(self, client_ids, participations) -> dict:
@@ -131,7 +142,9 @@ class PoissonBatcher(RoundBatcher):
         ok = np.stack([p[1] for p in pairs])
         shape = (len(ids), self.steps, self.capacity, -1)
         loss_mask = self.data.loss_mask[idx].reshape(shape) * ok[..., None]
-        return {"tokens": self.data.tokens[idx].reshape(shape),
-                "attention_mask": self.data.attention_mask[idx].reshape(shape),
-                "loss_mask": loss_mask.astype(self.data.loss_mask.dtype),
-                "num_examples": np.array([len(self.parts[c]) for c in ids], np.float32)}
+        return {
+            "tokens": self.data.tokens[idx].reshape(shape),
+            "attention_mask": self.data.attention_mask[idx].reshape(shape),
+            "loss_mask": loss_mask.astype(self.data.loss_mask.dtype),
+            "num_examples": np.array([len(self.parts[c]) for c in ids], np.float32),
+        }

@@ -15,17 +15,26 @@ from pathlib import Path
 
 import datasets
 
-from ..errors import UserError
 from .. import randomness
+from ..errors import UserError
 from . import synthetic
 
 STANDARD = ("instruction", "input", "output")
-_JSON_TYPES = {"dict": "object", "list": "array", "str": "string", "int": "number", "float": "number",
-               "bool": "boolean", "NoneType": "null"}
+_JSON_TYPES = {
+    "dict": "object",
+    "list": "array",
+    "str": "string",
+    "int": "number",
+    "float": "number",
+    "bool": "boolean",
+    "NoneType": "null",
+}
 
 
 def json_type(v) -> str:
     return _JSON_TYPES.get(type(v).__name__, type(v).__name__)
+
+
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -50,6 +59,7 @@ def chatterbot_examples() -> list[dict]:
 
 # ----------------------------------------------------------------------------- local files
 
+
 def read_text(path: str | Path, what: str = "data file") -> str:
     """A file's UTF-8 text (a BOM is dropped); a UserError naming the file if it cannot be read,
     is not UTF-8 or is empty."""
@@ -65,8 +75,9 @@ def read_text(path: str | Path, what: str = "data file") -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{what} {str(path)!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
-                        "save it as UTF-8") from None
+        raise UserError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
     if not text.strip():
         raise UserError(f"{what} {str(path)!r} is empty")
     return text
@@ -78,12 +89,15 @@ def _json_rows(text: str, path: str, what: str, lines: bool) -> list:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # several values: JSON lines in a .json file
-                raise UserError(f"{what} {path!r} is not valid JSON (line {e.lineno}, column {e.colno}: "
-                                f"{e.msg})") from None
+                raise UserError(
+                    f"{what} {path!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+                ) from None
         else:
             if not isinstance(doc, list):
-                raise UserError(f"{what} {path!r} must hold a JSON array of objects (or one object per line), "
-                                f"got a JSON {json_type(doc)}")
+                raise UserError(
+                    f"{what} {path!r} must hold a JSON array of objects (or one object per line), "
+                    f"got a JSON {json_type(doc)}"
+                )
             return doc
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
@@ -92,8 +106,10 @@ def _json_rows(text: str, path: str, what: str, lines: bool) -> list:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise UserError(f"{what} {path!r} line {i} is not valid JSON ({e.msg}, column {e.colno}); "
-                            "a .jsonl file holds one JSON object per line") from None
+            raise UserError(
+                f"{what} {path!r} line {i} is not valid JSON ({e.msg}, column {e.colno}); "
+                "a .jsonl file holds one JSON object per line"
+            ) from None
     return rows
 
 
@@ -127,17 +143,19 @@ def read_rows(path: str | Path, what: str = "data file") -> list[dict]:
             read_text(path, what)  # raises: missing or a folder
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         try:
             rows = pq.read_table(path).to_pylist()
         except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{what} {name!r} is not a readable Parquet file ({' '.join(str(e).split()).split('. ')[0]})") from None
+            raise UserError(
+                f"{what} {name!r} is not a readable Parquet file ({' '.join(str(e).split()).split('. ')[0]})"
+            ) from None
     else:
         text = read_text(path, what)
         rows = _csv_rows(text, name, what) if suffix == ".csv" else _json_rows(text, name, what, suffix == ".jsonl")
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict):
-            raise UserError(f"{what} {name!r} record {i} is a JSON {json_type(r)}, not an object with named "
-                            "fields")
+            raise UserError(f"{what} {name!r} record {i} is a JSON {json_type(r)}, not an object with named fields")
     if not rows:
         raise UserError(f"{what} {name!r} holds no records")
     return rows
@@ -145,9 +163,18 @@ def read_rows(path: str | Path, what: str = "data file") -> list[dict]:
 
 # ----------------------------------------------------------------------------- examples
 
-def load_examples(source: str, *, split: str = "train", columns: dict | None = None,
-                  label_column: str | None = None, synthetic_tasks=synthetic.TASKS,
-                  synthetic_examples: int = 2000, max_examples: int | None = None, seed: int = 0):
+
+def load_examples(
+    source: str,
+    *,
+    split: str = "train",
+    columns: dict | None = None,
+    label_column: str | None = None,
+    synthetic_tasks=synthetic.TASKS,
+    synthetic_examples: int = 2000,
+    max_examples: int | None = None,
+    seed: int = 0,
+):
     """A Dataset with instruction/input/output (input may be empty) and, when given, the label
     column. `columns` maps our names to the dataset's (e.g. Dolly: instruction->instruction,
     input->context, output->response; Q/A: instruction->question, output->answer)."""
@@ -167,9 +194,11 @@ def load_examples(source: str, *, split: str = "train", columns: dict | None = N
         try:
             ds = datasets.load_dataset(source, split=split)
         except Exception as e:
-            raise UserError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub "
-                            f"({type(e).__name__}); if you are offline, pass a local json/jsonl/csv/parquet "
-                            "file, 'chatterbot' or 'synthetic'") from e
+            raise UserError(
+                f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub "
+                f"({type(e).__name__}); if you are offline, pass a local json/jsonl/csv/parquet "
+                "file, 'chatterbot' or 'synthetic'"
+            ) from e
         rows, where = ds.to_list(), f"dataset {source!r} (split {split!r})"
     if not rows:
         raise UserError(f"{where} is empty")
@@ -177,8 +206,10 @@ def load_examples(source: str, *, split: str = "train", columns: dict | None = N
     need = {ours: mapping.get(ours, ours) for ours in STANDARD}
     for ours in ("instruction", "output"):
         if need[ours] not in found:
-            raise UserError(f"{where} has no column {need[ours]!r} (for {ours}); columns found: "
-                            f"{', '.join(map(str, found))}; map them with data.columns")
+            raise UserError(
+                f"{where} has no column {need[ours]!r} (for {ours}); columns found: "
+                f"{', '.join(map(str, found))}; map them with data.columns"
+            )
     if label_column is not None and label_column not in found:
         raise UserError(f"label column {label_column!r} not in {where}; columns found: {', '.join(map(str, found))}")
     has_input = need["input"] in found
@@ -191,14 +222,17 @@ def load_examples(source: str, *, split: str = "train", columns: dict | None = N
                 v = ""
             if not isinstance(v, str):
                 got = "nothing" if v is None else f"{v!r} (a {json_type(v)})"
-                raise UserError(f"{where} record {i}: column {need[ours]!r} ({ours}) holds {got}; "
-                                "instruction, input and output must be text")
+                raise UserError(
+                    f"{where} record {i}: column {need[ours]!r} ({ours}) holds {got}; "
+                    "instruction, input and output must be text"
+                )
             ex[ours] = v
         if label_column is not None:
             v = r.get(label_column)
             if isinstance(v, (list, dict)):
-                raise UserError(f"{where} record {i}: label column {label_column!r} holds {v!r}; a label must be "
-                                "a single value")
+                raise UserError(
+                    f"{where} record {i}: label column {label_column!r} holds {v!r}; a label must be a single value"
+                )
             ex["label"] = str(v)
         out.append(ex)
     ds = datasets.Dataset.from_list(out)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
-from .. import randomness
 import numpy as np
+
+from .. import randomness
+from ..errors import UserError
 
 PARTITIONS = ("iid", "dirichlet", "by_column")
 
 
-def partition(n: int, num_clients: int, method: str = "iid", labels=None, alpha: float = 0.5,
-              seed: int = 0) -> list[np.ndarray]:
+def partition(
+    n: int, num_clients: int, method: str = "iid", labels=None, alpha: float = 0.5, seed: int = 0
+) -> list[np.ndarray]:
     """Index arrays, one per client; every example lands in exactly one client."""
     if method not in PARTITIONS:
         raise UserError(f"unknown partition {method!r}; allowed: {', '.join(PARTITIONS)}")
@@ -38,8 +40,10 @@ def partition(n: int, num_clients: int, method: str = "iid", labels=None, alpha:
                     parts[c].extend(chunk.tolist())
             if min(len(p) for p in parts) > 0:
                 return [np.sort(np.asarray(p, np.int64)) for p in parts]
-        raise UserError(f"dirichlet alpha {alpha} leaves some of {num_clients} clients empty in 100 draws; "
-                         "raise alpha or lower num_clients")
+        raise UserError(
+            f"dirichlet alpha {alpha} leaves some of {num_clients} clients empty in 100 draws; "
+            "raise alpha or lower num_clients"
+        )
     # by_column: one group per value, then merge the smallest or split the largest
     groups = [np.nonzero(inverse == v)[0] for v in range(len(values))]
     while len(groups) > num_clients:
@@ -50,7 +54,7 @@ def partition(n: int, num_clients: int, method: str = "iid", labels=None, alpha:
         big = groups.pop()
         if len(big) < 2:
             raise UserError(f"cannot split {n} examples into {num_clients} non-empty clients")
-        groups += [big[: len(big) // 2], big[len(big) // 2:]]
+        groups += [big[: len(big) // 2], big[len(big) // 2 :]]
     order = np.argsort([g.min() for g in groups])  # stable, seed-free order of clients
     return [np.sort(groups[i]) for i in order]
 

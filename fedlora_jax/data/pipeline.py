@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
-from .. import randomness
 import dataclasses
 
 import numpy as np
 
+from .. import randomness
+from ..errors import UserError
 from .batches import PoissonBatcher, RoundBatcher
 from .loading import load_examples
 from .partition import partition, partition_summary
@@ -29,11 +29,18 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+    )
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     return fast
 
 
@@ -41,7 +48,7 @@ def byte_tokenizer():
 class ClientData:
     train: TokenizedData
     eval: TokenizedData | None
-    parts: list            # train indices per client
+    parts: list  # train indices per client
     eval_parts: list | None  # eval indices per client (eval_per_client)
     summary: dict
 
@@ -54,12 +61,21 @@ class ClientData:
 def prepare(cfg, tokenizer) -> ClientData:
     """cfg: a RunConfig (data, fl.num_clients and seed are used)."""
     d = cfg.data
-    label = d.label_column or (DEFAULT_LABELS.get(d.source) if d.partition != "iid" or d.source in DEFAULT_LABELS else None)
+    label = d.label_column or (
+        DEFAULT_LABELS.get(d.source) if d.partition != "iid" or d.source in DEFAULT_LABELS else None
+    )
     if d.partition != "iid" and label is None:
         raise UserError(f"partition {d.partition!r} needs data.label_column")
-    ds = load_examples(d.source, split=d.split, columns=dict(d.columns or ()), label_column=label,
-                       synthetic_tasks=d.synthetic_tasks, synthetic_examples=d.synthetic_examples,
-                       max_examples=d.max_examples, seed=cfg.seed)
+    ds = load_examples(
+        d.source,
+        split=d.split,
+        columns=dict(d.columns or ()),
+        label_column=label,
+        synthetic_tasks=d.synthetic_tasks,
+        synthetic_examples=d.synthetic_examples,
+        max_examples=d.max_examples,
+        seed=cfg.seed,
+    )
     data = tokenize_examples(ds, tokenizer, d.template, d.seq_len)
     n = len(data)
     rng = randomness.np_rng(cfg.seed, "data_split")
@@ -86,7 +102,11 @@ def prepare(cfg, tokenizer) -> ClientData:
         eval_data = data.select(np.sort(perm[:m])) if m else None
         train = data.select(np.sort(perm[m:]))
         parts = partition(len(train), k, d.partition, train.labels, d.dirichlet_alpha, cfg.seed)
-    summary = {"data": data.stats(), "train_examples": int(sum(len(p) for p in parts)),
-               "eval_examples": 0 if eval_data is None else len(eval_data), "label_column": label,
-               "clients": partition_summary(parts, train.attention_mask, train.labels)}
+    summary = {
+        "data": data.stats(),
+        "train_examples": int(sum(len(p) for p in parts)),
+        "eval_examples": 0 if eval_data is None else len(eval_data),
+        "label_column": label,
+        "clients": partition_summary(parts, train.attention_mask, train.labels),
+    }
     return ClientData(train, eval_data, parts, eval_parts, summary)

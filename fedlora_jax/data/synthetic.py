@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import randomness
 from ..config import SYNTHETIC_TASKS as TASKS
 from ..errors import UserError
-from .. import randomness
 
 
 def _word(rng, lo=3, hi=7):
@@ -23,8 +23,12 @@ def make_example(task: str, rng: np.random.Generator) -> dict:
         return {"instruction": "Reverse the letters.", "input": w, "output": w[::-1], "task": task}
     if task == "sort":
         d = rng.integers(0, 10, rng.integers(3, 7))
-        return {"instruction": "Sort the digits.", "input": " ".join(map(str, d)),
-                "output": " ".join(map(str, sorted(d))), "task": task}
+        return {
+            "instruction": "Sort the digits.",
+            "input": " ".join(map(str, d)),
+            "output": " ".join(map(str, sorted(d))),
+            "task": task,
+        }
     if task == "copy":
         w = _word(rng)
         return {"instruction": "Copy the word.", "input": w, "output": w, "task": task}

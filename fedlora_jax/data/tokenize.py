@@ -3,17 +3,22 @@ labels only on response tokens, EOS appended, truncation to seq_len counted, nev
 
 from __future__ import annotations
 
-from ..errors import UserError
 import dataclasses
 
 import numpy as np
 
+from ..errors import UserError
+
 TEMPLATES = ("alpaca", "chat", "plain")
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
-          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 
 def render_prompt(template: str, instruction: str, input_: str, tokenizer=None) -> str:
@@ -25,8 +30,9 @@ def render_prompt(template: str, instruction: str, input_: str, tokenizer=None) 
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("template 'chat' needs a tokenizer with a chat template; use alpaca or plain")
         content = f"{instruction}\n\n{input_}" if input_ else instruction
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
     raise UserError(f"unknown template {template!r}; allowed: {', '.join(TEMPLATES)}")
 
 
@@ -48,20 +54,32 @@ class TokenizedData:
 
     def select(self, idx) -> "TokenizedData":
         idx = np.asarray(idx, np.int64)
-        return TokenizedData(self.tokens[idx], self.loss_mask[idx], self.attention_mask[idx],
-                             None if self.labels is None else [self.labels[i] for i in idx], 0, 0,
-                             self.kept_index[idx])
+        return TokenizedData(
+            self.tokens[idx],
+            self.loss_mask[idx],
+            self.attention_mask[idx],
+            None if self.labels is None else [self.labels[i] for i in idx],
+            0,
+            0,
+            self.kept_index[idx],
+        )
 
     def stats(self) -> dict:
         lengths = self.attention_mask.sum(1)
-        return {"examples": len(self), "truncated": self.truncated, "dropped": self.dropped,
-                "tokens": int(lengths.sum()), "response_tokens": int(self.loss_mask.sum()),
-                "mean_length": float(lengths.mean()) if len(self) else 0.0,
-                "max_length": int(lengths.max()) if len(self) else 0}
+        return {
+            "examples": len(self),
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "tokens": int(lengths.sum()),
+            "response_tokens": int(self.loss_mask.sum()),
+            "mean_length": float(lengths.mean()) if len(self) else 0.0,
+            "max_length": int(lengths.max()) if len(self) else 0,
+        }
 
 
-def tokenize_examples(ds, tokenizer, template: str = "alpaca", seq_len: int = 512,
-                      batch_size: int = 1000) -> TokenizedData:
+def tokenize_examples(
+    ds, tokenizer, template: str = "alpaca", seq_len: int = 512, batch_size: int = 1000
+) -> TokenizedData:
     """Tokenize a Dataset with instruction/input/output (and optional label) columns."""
     if template not in TEMPLATES:
         raise UserError(f"unknown template {template!r}; allowed: {', '.join(TEMPLATES)}")
@@ -78,9 +96,8 @@ def tokenize_examples(ds, tokenizer, template: str = "alpaca", seq_len: int = 51
     # the chat template carries its own special tokens; otherwise let the tokenizer add BOS if it does
     special = template != "chat"
     for start in range(0, n, batch_size):
-        rows = ds[start:start + batch_size]
-        prompts = [render_prompt(template, i, x, tokenizer)
-                   for i, x in zip(rows["instruction"], rows["input"])]
+        rows = ds[start : start + batch_size]
+        prompts = [render_prompt(template, i, x, tokenizer) for i, x in zip(rows["instruction"], rows["input"])]
         p_ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]
         r_ids = tokenizer(rows["output"], add_special_tokens=False)["input_ids"]
         for j, (p, r) in enumerate(zip(p_ids, r_ids)):
@@ -91,9 +108,9 @@ def tokenize_examples(ds, tokenizer, template: str = "alpaca", seq_len: int = 51
             if len(full) > seq_len:
                 truncated += 1
                 full = full[:seq_len]
-            tokens[k, :len(full)] = full
-            attn[k, :len(full)] = 1
-            loss[k, len(p):len(full)] = 1
+            tokens[k, : len(full)] = full
+            attn[k, : len(full)] = 1
+            loss[k, len(p) : len(full)] = 1
             keep[k] = True
     dropped = int(n - keep.sum())
     if keep.sum() == 0:

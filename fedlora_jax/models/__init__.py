@@ -16,15 +16,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import randomness
-from .config import LoRAConfig, ModelConfig, SUPPORTED_MODEL_TYPES
+from .config import SUPPORTED_MODEL_TYPES, LoRAConfig, ModelConfig
 from .gpt2 import GPT2Model
 from .layers import LoRAParam
 from .llama import LlamaModel
 
 Params = Any  # nested dict of arrays
 
-__all__ = ["Definition", "LoRAConfig", "LoRAParam", "ModelConfig", "SUPPORTED_MODEL_TYPES",
-           "apply", "init_model", "init_lora", "abstract_model", "model_class", "token_nll", "mean_nll"]
+__all__ = [
+    "Definition",
+    "LoRAConfig",
+    "LoRAParam",
+    "ModelConfig",
+    "SUPPORTED_MODEL_TYPES",
+    "apply",
+    "init_model",
+    "init_lora",
+    "abstract_model",
+    "model_class",
+    "token_nll",
+    "mean_nll",
+]
 
 
 def model_class(cfg: ModelConfig):
@@ -48,8 +60,7 @@ def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None):
     """(definition, base shapes, lora shapes) without allocating any weights."""
     model = nnx.eval_shape(lambda: _build(cfg, lora, jax.random.key(0)))
     graphdef, lora_state, base_state = nnx.split(model, LoRAParam, ...)
-    return (Definition(graphdef, cfg, lora), nnx.to_pure_dict(base_state),
-            nnx.to_pure_dict(lora_state))
+    return (Definition(graphdef, cfg, lora), nnx.to_pure_dict(base_state), nnx.to_pure_dict(lora_state))
 
 
 def init_model(cfg: ModelConfig, lora: LoRAConfig | None = None, *, seed: int = 0):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
 import dataclasses
 import math
 from typing import Any
+
+from ..errors import UserError
 
 # The families we implement; each Hugging Face `model_type` maps onto one of them.
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
@@ -14,8 +15,15 @@ SUPPORTED_MODEL_TYPES = LLAMA_TYPES + GPT2_TYPES
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
-TARGET_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                  "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+TARGET_ALIASES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +54,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(
-                f"unknown architecture {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise UserError(f"unknown architecture {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -92,8 +99,7 @@ class LoRAConfig:
             raise UserError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
         if not self.target_modules:
             raise UserError("LoRA target_modules is empty; name at least one module (e.g. q_proj, v_proj)")
-        object.__setattr__(self, "target_modules",
-                           tuple(TARGET_ALIASES.get(t, t) for t in self.target_modules))
+        object.__setattr__(self, "target_modules", tuple(TARGET_ALIASES.get(t, t) for t in self.target_modules))
 
     @property
     def scale(self) -> float:
@@ -103,5 +109,7 @@ class LoRAConfig:
         """Raise if a target is not a module of `model` (naming the allowed ones)."""
         bad = [t for t in self.target_modules if t not in model.target_names]
         if bad:
-            raise UserError(f"target module(s) {', '.join(map(repr, bad))} not in a {model.model_type} model; "
-                             f"allowed: {', '.join(model.target_names)}")
+            raise UserError(
+                f"target module(s) {', '.join(map(repr, bad))} not in a {model.model_type} model; "
+                f"allowed: {', '.join(model.target_names)}"
+            )

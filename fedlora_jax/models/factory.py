@@ -25,13 +25,23 @@ def build_model_config(cfg: "RunConfig") -> ModelConfig:
     from config.json or the GGUF metadata)."""
     m = cfg.model
     if m.source == "tiny":
-        return ModelConfig("llama", vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                           num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
-                           max_position_embeddings=TINY_MAX_POSITIONS, dtype=m.dtype)
+        return ModelConfig(
+            "llama",
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            intermediate_size=m.intermediate_size,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            dtype=m.dtype,
+        )
     from .hub import folder_config, resolve
+
     path = resolve(m.source)
     if path.is_file():
         from .hub import read_gguf  # dequantizes to read the shapes: a few seconds
+
         return read_gguf(path, m.dtype)[0]
     return folder_config(path, m.dtype)
 
@@ -40,8 +50,10 @@ def build_tokenizer(cfg: "RunConfig"):
     """The tokenizer a run would use, without loading weights."""
     if cfg.model.source == "tiny":
         from ..data.pipeline import byte_tokenizer
+
         return byte_tokenizer()
     from .hub import load_tokenizer, resolve
+
     tok = load_tokenizer(resolve(cfg.model.source))
     if tok is None:
         raise UserError(f"model {cfg.model.source!r} has no tokenizer files")
@@ -64,6 +76,7 @@ def build_model(cfg: "RunConfig"):
             raise UserError(f"model.vocab_size {mc.vocab_size} is smaller than the byte tokenizer's {len(tok)}")
         return definition, base, lora, tok, "tiny random Llama"
     from .hub import load_model
+
     lm = load_model(m.source, lc, dtype=m.dtype, seed=cfg.seed)
     if lm.tokenizer is None:
         raise UserError(f"model {m.source!r} has no tokenizer files")

@@ -44,8 +44,22 @@ _GPT4O_SPLIT = (
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                     "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(
+        (
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+            "dbrx",
+            "smaug-bpe",
+        ),
+        _LLAMA3_SPLIT,
+    ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
     "qwen35": _QWEN35_SPLIT,
     "tekken": _TEKKEN_SPLIT,
@@ -64,13 +78,16 @@ def open_gguf(path: str | os.PathLike):
     except OSError as e:
         raise UserError(f"cannot read GGUF file {str(path)!r}: {e.strerror or e}") from e
     if magic != b"GGUF":
-        raise UserError(f"cannot read GGUF file {str(path)!r}: it is not a GGUF file "
-                        "(it does not start with the GGUF magic bytes)")
+        raise UserError(
+            f"cannot read GGUF file {str(path)!r}: it is not a GGUF file (it does not start with the GGUF magic bytes)"
+        )
     try:
         return GGUFReader(str(path))
     except Exception as e:  # gguf-py raises assorted errors (reshape, dtype) on a cut file
-        raise UserError(f"cannot read GGUF file {str(path)!r}: it is truncated or corrupt "
-                        f"({type(e).__name__}: {e}), so download it again") from e
+        raise UserError(
+            f"cannot read GGUF file {str(path)!r}: it is truncated or corrupt "
+            f"({type(e).__name__}: {e}), so download it again"
+        ) from e
 
 
 def read_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -80,16 +97,20 @@ def read_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for name, f in reader.fields.items():
         if name.startswith("tokenizer."):
             try:
-                meta[name[len("tokenizer."):]] = f.contents()
+                meta[name[len("tokenizer.") :]] = f.contents()
             except Exception as e:
-                raise UserError(f"GGUF file {str(path)!r} has an unreadable metadata value {name!r} "
-                                f"({type(e).__name__}); download it again") from e
+                raise UserError(
+                    f"GGUF file {str(path)!r} has an unreadable metadata value {name!r} "
+                    f"({type(e).__name__}); download it again"
+                ) from e
     return meta
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable spelling of the 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -105,8 +126,9 @@ def _merges_from_scores(vocab: dict[str, int], scores: list[float]) -> list[tupl
     best score first (what transformers does for files without merges)."""
     merges = []
     for token, score in zip(vocab, scores):
-        local = [(token[:i], token[i:], score) for i in range(1, len(token))
-                 if token[:i] in vocab and token[i:] in vocab]
+        local = [
+            (token[:i], token[i:], score) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab
+        ]
         merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
@@ -117,18 +139,32 @@ def _byte_level_backend(meta: dict):
 
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(meta["ggml.tokens"])}
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(meta["ggml.tokens"])
+    }
     merges = [tuple(m.split(" ")) for m in meta.get("ggml.merges") or ()]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                               end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
     split = PRE_TOKENIZER_SPLITS.get(meta.get("ggml.pre"))
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
     return tok, alphabet
 
@@ -146,8 +182,9 @@ def _sentencepiece_backend(meta: dict):
         merges = []
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     prefix = bool(meta.get("ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
-                                                 split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1))
@@ -164,21 +201,29 @@ def tokenizer_from_metadata(meta: dict, source: str = "<GGUF>"):
     if not meta.get("ggml.tokens"):
         raise UserError(f"GGUF file {source!r} has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     if kind not in SUPPORTED_MODELS:
-        raise UserError(f"GGUF file {source!r} has tokenizer.ggml.model {kind!r}; supported: "
-                        f"{', '.join(SUPPORTED_MODELS)} (or load the Hugging Face folder instead)")
+        raise UserError(
+            f"GGUF file {source!r} has tokenizer.ggml.model {kind!r}; supported: "
+            f"{', '.join(SUPPORTED_MODELS)} (or load the Hugging Face folder instead)"
+        )
     tokens = list(meta["ggml.tokens"])
     types = list(meta.get("ggml.token_type") or ())
     backend, alphabet = (_byte_level_backend if kind == "gpt2" else _sentencepiece_backend)(meta)
 
     # control tokens (<|im_end|>) stay whole and are special; user-defined ones (<think>) stay whole.
     # A byte-level "control" token spelled outside the byte alphabet is a llama.cpp mislabel: skipped.
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-               if ty == _CONTROL and (alphabet is None or set(t) <= alphabet)]
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types)
+        if ty == _CONTROL and (alphabet is None or set(t) <= alphabet)
+    ]
     if control:
         backend.add_special_tokens(control)
     vocab = backend.get_vocab()
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
-            if ty == _USER_DEFINED and t in vocab]
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, ty in zip(tokens, types)
+        if ty == _USER_DEFINED and t in vocab
+    ]
     if user:
         backend.add_tokens(user)
 
@@ -187,24 +232,36 @@ def tokenizer_from_metadata(meta: dict, source: str = "<GGUF>"):
         if i is None:
             return None
         if not 0 <= int(i) < len(tokens):
-            raise UserError(f"GGUF file {source!r} has tokenizer.ggml.{key} {int(i)} outside its "
-                            f"vocabulary of {len(tokens)} tokens")
+            raise UserError(
+                f"GGUF file {source!r} has tokenizer.ggml.{key} {int(i)} outside its vocabulary of {len(tokens)} tokens"
+            )
         return tokens[int(i)]
 
-    names = {"bos_token": special("bos_token_id"), "eos_token": special("eos_token_id"),
-             "unk_token": special("unknown_token_id"), "pad_token": special("padding_token_id")}
+    names = {
+        "bos_token": special("bos_token_id"),
+        "eos_token": special("eos_token_id"),
+        "unk_token": special("unknown_token_id"),
+        "pad_token": special("padding_token_id"),
+    }
     add_bos = bool(meta.get("ggml.add_bos_token", kind == "llama"))  # llama.cpp's default for sentencepiece
     add_eos = bool(meta.get("ggml.add_eos_token", False))
     add_bos, add_eos = add_bos and names["bos_token"] is not None, add_eos and names["eos_token"] is not None
     single = " ".join([f"{names['bos_token']}:0"] * add_bos + ["$A:0"] + [f"{names['eos_token']}:0"] * add_eos)
     pair = " ".join([single] + [f"{names['bos_token']}:1"] * add_bos + ["$B:1"] + [f"{names['eos_token']}:1"] * add_eos)
     backend.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair,
+        single=single,
+        pair=pair,
         special_tokens=[(names["bos_token"], backend.token_to_id(names["bos_token"]))] * add_bos
-        + [(names["eos_token"], backend.token_to_id(names["eos_token"]))] * add_eos)
+        + [(names["eos_token"], backend.token_to_id(names["eos_token"]))] * add_eos,
+    )
     kwargs = {k: v for k, v in names.items() if v is not None}
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, add_bos_token=add_bos, add_eos_token=add_eos,
-                                  clean_up_tokenization_spaces=False, **kwargs)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        clean_up_tokenization_spaces=False,
+        **kwargs,
+    )
     if meta.get("chat_template"):
         tok.chat_template = meta["chat_template"]
     return tok

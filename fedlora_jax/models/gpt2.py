@@ -26,7 +26,7 @@ class Attention(nnx.Module):
         h, d = self.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(b, s, h, d) for t in (q, k, v))
-        return self.c_proj(attention(q, k, v, allowed, d ** -0.5))
+        return self.c_proj(attention(q, k, v, allowed, d**-0.5))
 
 
 class MLP(nnx.Module):

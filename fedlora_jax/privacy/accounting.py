@@ -19,7 +19,6 @@ not distinguish the relations, so sampled replace-one RDP is not reported).
 
 from __future__ import annotations
 
-from ..errors import UserError
 import contextlib
 import dataclasses
 import math
@@ -27,6 +26,8 @@ import math
 import dp_accounting as dpa
 import numpy as np
 from dp_accounting import pld, rdp
+
+from ..errors import UserError
 
 MODES = ("local", "central", "dpsgd")
 NEIGHBOURING = ("replace-one", "add-remove")
@@ -48,11 +49,15 @@ def _check(delta=None, z=None, q=None, neighbouring=None, mode=None):
 
 
 def _relation(neighbouring: str):
-    return (dpa.NeighboringRelation.REPLACE_ONE if neighbouring == "replace-one"
-            else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return (
+        dpa.NeighboringRelation.REPLACE_ONE
+        if neighbouring == "replace-one"
+        else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    )
 
 
 # ----------------------------------------------------------------------------- unsampled Gaussian
+
 
 def gaussian_epsilon(z_eff: float, compositions: int, delta: float) -> float:
     """Exact epsilon of `compositions` Gaussian releases of noise multiplier z_eff (sensitivity
@@ -88,9 +93,11 @@ def gaussian_multiplier_for(epsilon: float, compositions: int, delta: float) -> 
 
 # ----------------------------------------------------------------------------- sampled Gaussian
 
+
 @contextlib.contextmanager
 def _quiet_absl():
     from absl import logging as absl_logging
+
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
@@ -103,8 +110,9 @@ def sampled_event(z: float, q: float, count: int):
     return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), int(count))
 
 
-def sampled_epsilon(z: float, q: float, count: int, delta: float, neighbouring: str = "add-remove",
-                    with_rdp: bool = True):
+def sampled_epsilon(
+    z: float, q: float, count: int, delta: float, neighbouring: str = "add-remove", with_rdp: bool = True
+):
     """(PLD epsilon, RDP epsilon or None) of `count` Poisson-sampled Gaussian mechanisms."""
     _check(delta=delta, z=z, q=q, neighbouring=neighbouring)
     if count <= 0:
@@ -116,8 +124,9 @@ def sampled_epsilon(z: float, q: float, count: int, delta: float, neighbouring: 
     try:
         acc.compose(event)
     except ValueError as e:  # dp-accounting cannot build the PLD of a vanishing noise ("Maximum allowed size")
-        raise UserError(f"noise multiplier {z:g} is too small to account with PLD (its epsilon is astronomically "
-                        f"large): {e}") from None
+        raise UserError(
+            f"noise multiplier {z:g} is too small to account with PLD (its epsilon is astronomically large): {e}"
+        ) from None
     eps_pld = float(acc.get_epsilon(delta))
     eps_rdp = None
     if neighbouring == "add-remove" and with_rdp:
@@ -128,8 +137,9 @@ def sampled_epsilon(z: float, q: float, count: int, delta: float, neighbouring: 
     return eps_pld, eps_rdp
 
 
-def sampled_multiplier_for(epsilon: float, q: float, count: int, delta: float,
-                           neighbouring: str = "add-remove") -> float:
+def sampled_multiplier_for(
+    epsilon: float, q: float, count: int, delta: float, neighbouring: str = "add-remove"
+) -> float:
     """Noise multiplier whose `count` sampled Gaussians reach `epsilon` (PLD), by
     dp_accounting.calibrate_dp_mechanism."""
     if epsilon <= 0:
@@ -139,21 +149,37 @@ def sampled_multiplier_for(epsilon: float, q: float, count: int, delta: float,
         # RDP (cheap, and an upper bound on the PLD epsilon) brackets the answer from above; PLD at
         # tiny multipliers needs huge supports, so the PLD search never goes below half of it
         with _quiet_absl():  # the RDP series warns (harmlessly) at multipliers below 1 during the search
-            z_rdp = float(dpa.calibrate_dp_mechanism(
-                rdp.RdpAccountant, lambda z: sampled_event(z, q, count), epsilon, delta,
-                dpa.LowerEndpointAndGuess(1e-2, 1.0), tol=1e-4))
+            z_rdp = float(
+                dpa.calibrate_dp_mechanism(
+                    rdp.RdpAccountant,
+                    lambda z: sampled_event(z, q, count),
+                    epsilon,
+                    delta,
+                    dpa.LowerEndpointAndGuess(1e-2, 1.0),
+                    tol=1e-4,
+                )
+            )
         if neighbouring == "replace-one":
             z_rdp *= 2.0  # replace-one is at most twice the add/remove sensitivity
-        return float(dpa.calibrate_dp_mechanism(
-            lambda: pld.PLDAccountant(_relation(neighbouring), value_discretization_interval=PLD_DISCRETIZATION),
-            lambda z: sampled_event(z, q, count), epsilon, delta,
-            dpa.ExplicitBracketInterval(z_rdp / 2, z_rdp * 1.01), tol=1e-4))
+        return float(
+            dpa.calibrate_dp_mechanism(
+                lambda: pld.PLDAccountant(_relation(neighbouring), value_discretization_interval=PLD_DISCRETIZATION),
+                lambda z: sampled_event(z, q, count),
+                epsilon,
+                delta,
+                dpa.ExplicitBracketInterval(z_rdp / 2, z_rdp * 1.01),
+                tol=1e-4,
+            )
+        )
     except (ValueError, RuntimeError, dpa.mechanism_calibration.NoBracketIntervalFoundError) as e:
-        raise UserError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta} over {count} "
-                         f"sampled steps at rate {q}: {e}") from e
+        raise UserError(
+            f"no noise multiplier reaches epsilon {epsilon} at delta {delta} over {count} "
+            f"sampled steps at rate {q}: {e}"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- the paper's convention
+
 
 def paper_epsilon(z: float, delta: float, participations: int) -> tuple[float, float]:
     """The paper-convention figures (NOT valid bounds for epsilon >= 1): the classical per-release
@@ -167,6 +193,7 @@ def paper_epsilon(z: float, delta: float, participations: int) -> tuple[float, f
 
 
 # ----------------------------------------------------------------------------- run-time ledger
+
 
 @dataclasses.dataclass
 class Ledger:
@@ -182,8 +209,8 @@ class Ledger:
     z_eff: float
     delta: float
     neighbouring: str = "replace-one"
-    sampling_rate: float = 1.0          # central: client rate; dpsgd: batch rate
-    local_steps: int = 1                # dpsgd
+    sampling_rate: float = 1.0  # central: client rate; dpsgd: batch rate
+    local_steps: int = 1  # dpsgd
     participations: np.ndarray = None
     rounds: int = 0
 
@@ -198,11 +225,18 @@ class Ledger:
             if self.mode == "local":
                 self._cache[count] = gaussian_epsilon(self.z_eff, count, self.delta)
             elif self.mode == "central":
-                self._cache[count] = sampled_epsilon(self.z_eff, self.sampling_rate, count, self.delta,
-                                                     self.neighbouring, with_rdp=False)[0]
+                self._cache[count] = sampled_epsilon(
+                    self.z_eff, self.sampling_rate, count, self.delta, self.neighbouring, with_rdp=False
+                )[0]
             else:
-                self._cache[count] = sampled_epsilon(self.z_eff, self.sampling_rate, count * self.local_steps,
-                                                     self.delta, self.neighbouring, with_rdp=False)[0]
+                self._cache[count] = sampled_epsilon(
+                    self.z_eff,
+                    self.sampling_rate,
+                    count * self.local_steps,
+                    self.delta,
+                    self.neighbouring,
+                    with_rdp=False,
+                )[0]
         return self._cache[count]
 
     def record(self, client_ids) -> None:
@@ -238,12 +272,25 @@ class Ledger:
 
 # ----------------------------------------------------------------------------- one-shot report
 
-def report(mode: str, *, delta: float, noise_multiplier: float | None = None, rounds: int = 1,
-           tensors: int = 1, neighbouring: str | None = None, participations: int | None = None,
-           clients: int | None = None, clients_per_round: int | None = None,
-           sampling_rate: float | None = None, local_steps: int = 1,
-           batch_sampling_rate: float | None = None, target_epsilon: float | None = None,
-           seed: int = 0, sampling: str = "uniform") -> dict:
+
+def report(
+    mode: str,
+    *,
+    delta: float,
+    noise_multiplier: float | None = None,
+    rounds: int = 1,
+    tensors: int = 1,
+    neighbouring: str | None = None,
+    participations: int | None = None,
+    clients: int | None = None,
+    clients_per_round: int | None = None,
+    sampling_rate: float | None = None,
+    local_steps: int = 1,
+    batch_sampling_rate: float | None = None,
+    target_epsilon: float | None = None,
+    seed: int = 0,
+    sampling: str = "uniform",
+) -> dict:
     """Epsilon of a planned run (or, with target_epsilon, the noise multiplier that meets it).
 
     noise_multiplier is sigma / C of each separately clipped tensor. local: one release holds
@@ -276,6 +323,7 @@ def report(mode: str, *, delta: float, noise_multiplier: float | None = None, ro
     if participations is None:
         if clients is not None and clients_per_round is not None:
             from .. import sampling as sampler
+
             counts = sampler.participation_counts(seed, clients, clients_per_round, sampling, rounds)
             spread = {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
             participations = spread["max"]
@@ -286,44 +334,66 @@ def report(mode: str, *, delta: float, noise_multiplier: float | None = None, ro
     if target_epsilon is None and noise_multiplier is None:
         raise UserError("give a noise multiplier (or sigma and clip), or a target epsilon")
 
-    out = {"mode": mode, "delta": delta, "neighbouring": neighbouring, "rounds": rounds,
-           "participations_spread": spread, "seed": seed if spread else None}
+    out = {
+        "mode": mode,
+        "delta": delta,
+        "neighbouring": neighbouring,
+        "rounds": rounds,
+        "participations_spread": spread,
+        "seed": seed if spread else None,
+    }
     if mode == "local":
         factor = math.sqrt(tensors) * (2.0 if neighbouring == "replace-one" else 1.0)
         if target_epsilon is not None:
             noise_multiplier = gaussian_multiplier_for(target_epsilon, participations, delta) * factor
         z_eff = noise_multiplier / factor
-        eps, eps_rdp = gaussian_epsilon(z_eff, participations, delta), gaussian_epsilon_rdp(z_eff, participations, delta)
+        eps, eps_rdp = (
+            gaussian_epsilon(z_eff, participations, delta),
+            gaussian_epsilon_rdp(z_eff, participations, delta),
+        )
         per_release, tracker = paper_epsilon(noise_multiplier, delta, participations)
-        out.update(tensors=tensors, participations=participations, effective_noise_multiplier=z_eff,
-                   epsilon_paper=per_release, epsilon_paper_tracker=tracker,
-                   mechanism=(f"Gaussian, {tensors} separately clipped tensor(s) per release, sensitivity "
-                              f"{'2C' if neighbouring == 'replace-one' else 'C'} each, composed over "
-                              f"{participations} release(s), no amplification (exact closed form)"))
+        out.update(
+            tensors=tensors,
+            participations=participations,
+            effective_noise_multiplier=z_eff,
+            epsilon_paper=per_release,
+            epsilon_paper_tracker=tracker,
+            mechanism=(
+                f"Gaussian, {tensors} separately clipped tensor(s) per release, sensitivity "
+                f"{'2C' if neighbouring == 'replace-one' else 'C'} each, composed over "
+                f"{participations} release(s), no amplification (exact closed form)"
+            ),
+        )
     else:
         if mode == "central" and q is None:
-            raise UserError("central mode needs a client sampling rate: give clients and clients per round, "
-                             "or a sampling rate")
+            raise UserError(
+                "central mode needs a client sampling rate: give clients and clients per round, or a sampling rate"
+            )
         if mode == "dpsgd":
             if batch_sampling_rate is None:
                 raise UserError("dpsgd mode needs --batch-sampling-rate (batch size / client examples)")
             if local_steps < 1:
                 raise UserError(f"local steps must be >= 1, got {local_steps}")
             rate, count = batch_sampling_rate, local_steps * participations
-            what = (f"Poisson-sampled Gaussian per local step (rate {rate}), {count} steps "
-                    f"({local_steps} x {participations} participations), record level")
+            what = (
+                f"Poisson-sampled Gaussian per local step (rate {rate}), {count} steps "
+                f"({local_steps} x {participations} participations), record level"
+            )
         else:
             rate, count = q, rounds
-            what = (f"Gaussian on the sum of clipped client updates ({tensors} separately clipped tensor(s), "
-                    f"sensitivity C sqrt({tensors})), Poisson client sampling (rate {rate}), {rounds} rounds, "
-                    f"user level")
+            what = (
+                f"Gaussian on the sum of clipped client updates ({tensors} separately clipped tensor(s), "
+                f"sensitivity C sqrt({tensors})), Poisson client sampling (rate {rate}), {rounds} rounds, "
+                f"user level"
+            )
         # central: L separately clipped tensors have a joint sensitivity C sqrt(L) (dpsgd clips one vector)
         factor = math.sqrt(tensors) if mode == "central" else 1.0
         if target_epsilon is not None:
             noise_multiplier = sampled_multiplier_for(target_epsilon, rate, count, delta, neighbouring) * factor
         eps, eps_rdp = sampled_epsilon(noise_multiplier / factor, rate, count, delta, neighbouring)
         out["effective_noise_multiplier"] = noise_multiplier / factor
-        out.update(participations=participations, sampling_rate=rate, compositions=count, mechanism=what,
-                   epsilon_paper=None)
+        out.update(
+            participations=participations, sampling_rate=rate, compositions=count, mechanism=what, epsilon_paper=None
+        )
     out.update(noise_multiplier=noise_multiplier, epsilon_pld=eps, epsilon_rdp=eps_rdp)
     return out

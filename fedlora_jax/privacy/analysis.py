@@ -18,9 +18,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STATS_COLUMNS = ["round_client", "layer", "A_norm", "B_norm", "Var_Balpha", "Var_betaA", "Var_ba",
-                 "Total_Var", "mean_orig_update", "mean_noisy_update", "mean_update_diff",
-                 "mc_total_var", "mc_total_var_se"]
+STATS_COLUMNS = [
+    "round_client",
+    "layer",
+    "A_norm",
+    "B_norm",
+    "Var_Balpha",
+    "Var_betaA",
+    "Var_ba",
+    "Total_Var",
+    "mean_orig_update",
+    "mean_noisy_update",
+    "mean_update_diff",
+    "mc_total_var",
+    "mc_total_var_se",
+]
 
 
 def exact_variance_terms(b, a, s_a: float, s_b: float) -> dict:
@@ -28,8 +40,7 @@ def exact_variance_terms(b, a, s_a: float, s_b: float) -> dict:
     m, r = b.shape
     n = a.shape[1]
     nb2, na2 = float(jnp.sum(b * b)), float(jnp.sum(a * a))
-    terms = {"Var_Balpha": n * s_a ** 2 * nb2, "Var_betaA": m * s_b ** 2 * na2,
-             "Var_ba": m * n * r * s_a ** 2 * s_b ** 2}
+    terms = {"Var_Balpha": n * s_a**2 * nb2, "Var_betaA": m * s_b**2 * na2, "Var_ba": m * n * r * s_a**2 * s_b**2}
     terms["Total_Var"] = sum(terms.values())
     return terms
 
@@ -39,6 +50,7 @@ def monte_carlo(b, a, s_a, s_b, key, samples: int = 2000):
     """Monte-Carlo moments of D = (B + beta)(A + alpha) - B A over `samples` draws:
     mean_d (entrywise mean of D), se_d (its standard error), total_var (sum over entries of the
     sample variance) and total_var_se (standard error of that estimate)."""
+
     def draw(k):
         kb, ka = jax.random.split(k)
         beta = s_b * jax.random.normal(kb, b.shape, b.dtype)
@@ -49,12 +61,17 @@ def monte_carlo(b, a, s_a, s_b, key, samples: int = 2000):
     mean_d = jnp.mean(d, axis=0)
     var_d = jnp.var(d, axis=0, ddof=1)
     per_sample = jnp.sum(jnp.square(d - mean_d[None]), axis=(1, 2))  # its mean is the total variance
-    return {"mean_d": mean_d, "se_d": jnp.sqrt(var_d / samples), "total_var": jnp.mean(per_sample) * samples / (samples - 1),
-            "total_var_se": jnp.std(per_sample, ddof=1) / jnp.sqrt(samples)}
+    return {
+        "mean_d": mean_d,
+        "se_d": jnp.sqrt(var_d / samples),
+        "total_var": jnp.mean(per_sample) * samples / (samples - 1),
+        "total_var_se": jnp.std(per_sample, ddof=1) / jnp.sqrt(samples),
+    }
 
 
-def round_stats(lora: dict, sigma_a: float, sigma_b: float, key, label: str, samples: int = 200,
-                hf_names=None) -> list[dict]:
+def round_stats(
+    lora: dict, sigma_a: float, sigma_b: float, key, label: str, samples: int = 200, hf_names=None
+) -> list[dict]:
     """Per module and layer: norms, exact variance terms, and Monte-Carlo means of the product
     before and after noise (the columns the paper's code writes, plus the MC variance)."""
     from ..lora import modules
@@ -68,10 +85,20 @@ def round_stats(lora: dict, sigma_a: float, sigma_b: float, key, label: str, sam
             orig = float(jnp.mean(b @ a))
             diff = float(jnp.mean(mc["mean_d"]))
             name = hf_names(path, layer) if hf_names else f"{'.'.join(path)}.{layer}"
-            rows.append({"round_client": label, "layer": name, "A_norm": float(jnp.linalg.norm(a)),
-                         "B_norm": float(jnp.linalg.norm(b)), **exact_variance_terms(b, a, sigma_a, sigma_b),
-                         "mean_orig_update": orig, "mean_noisy_update": orig + diff, "mean_update_diff": diff,
-                         "mc_total_var": float(mc["total_var"]), "mc_total_var_se": float(mc["total_var_se"])})
+            rows.append(
+                {
+                    "round_client": label,
+                    "layer": name,
+                    "A_norm": float(jnp.linalg.norm(a)),
+                    "B_norm": float(jnp.linalg.norm(b)),
+                    **exact_variance_terms(b, a, sigma_a, sigma_b),
+                    "mean_orig_update": orig,
+                    "mean_noisy_update": orig + diff,
+                    "mean_update_diff": diff,
+                    "mc_total_var": float(mc["total_var"]),
+                    "mc_total_var_se": float(mc["total_var_se"]),
+                }
+            )
     return rows
 
 

@@ -7,12 +7,13 @@ that into the noise multiplier of the equivalent single Gaussian mechanism.
 
 from __future__ import annotations
 
-from ..errors import UserError
 import math
 import warnings
 
 import jax
 import jax.numpy as jnp
+
+from ..errors import UserError
 
 SCOPES = ("per_matrix", "per_factor", "global")
 TARGETS = ("weights", "update")
@@ -56,8 +57,9 @@ def clip(tree, clip_a: float, clip_b: float, scope: str = "per_matrix"):
         factor = jnp.minimum(1.0, c / jnp.maximum(n, 1e-30))
         factor = jnp.reshape(factor, jnp.shape(factor) + (1,) * (x.ndim - jnp.ndim(factor)))
         out.append((x * factor).astype(x.dtype))
-    norm_tree = jax.tree_util.tree_unflatten(treedef, [jnp.broadcast_to(n, (flat[i][1].shape[0],))
-                                                      for i, n in enumerate(norms)])
+    norm_tree = jax.tree_util.tree_unflatten(
+        treedef, [jnp.broadcast_to(n, (flat[i][1].shape[0],)) for i, n in enumerate(norms)]
+    )
     return jax.tree_util.tree_unflatten(treedef, out), norm_tree
 
 
@@ -77,8 +79,7 @@ def client_key(round_key, client_id):
     return jax.random.fold_in(round_key, client_id)
 
 
-def privatize(local, global_, key, *, clip_a, clip_b, sigma_a, sigma_b, scope="per_matrix",
-              target="weights"):
+def privatize(local, global_, key, *, clip_a, clip_b, sigma_a, sigma_b, scope="per_matrix", target="weights"):
     """The client's release (local DP, the paper's Alg. 1): clip then noise the local factors
     (`weights`) or the update local - global (`update`). Returns the released factors in weight
     space (for `update`: global + noisy clipped update), so aggregation is the same for both."""
@@ -91,6 +92,7 @@ def privatize(local, global_, key, *, clip_a, clip_b, sigma_a, sigma_b, scope="p
 
 
 # ----------------------------------------------------------------------------- sensitivity
+
 
 def clip_blocks(tree, scope: str, clip_a: float, clip_b: float) -> tuple[int, int, float, float]:
     """(number of separately clipped A blocks, of B blocks, their bounds) for a release of `tree`
@@ -106,8 +108,9 @@ def clip_blocks(tree, scope: str, clip_a: float, clip_b: float) -> tuple[int, in
     return 1, 0, clip_a, 0.0
 
 
-def effective_noise_multiplier(n_a: int, n_b: int, clip_a: float, clip_b: float, sigma_a: float,
-                               sigma_b: float, neighbouring: str = "replace-one") -> float:
+def effective_noise_multiplier(
+    n_a: int, n_b: int, clip_a: float, clip_b: float, sigma_a: float, sigma_b: float, neighbouring: str = "replace-one"
+) -> float:
     """Noise multiplier of the single Gaussian mechanism equivalent to one release.
 
     Rescaling A by 1/sigma_a and B by 1/sigma_b turns the release into unit-variance Gaussian
@@ -134,7 +137,9 @@ def classical_noise_multiplier(epsilon: float, delta: float) -> float:
         raise UserError(f"delta must be in (0, 1), got {delta}")
     if epsilon >= 1 and "classical" not in _WARNED:
         _WARNED.add("classical")
-        warnings.warn(f"the classical Gaussian formula is not a valid privacy bound for epsilon >= 1 "
-                      f"(got {epsilon}); the honest epsilon of this noise is reported separately",
-                      stacklevel=2)
+        warnings.warn(
+            f"the classical Gaussian formula is not a valid privacy bound for epsilon >= 1 "
+            f"(got {epsilon}); the honest epsilon of this noise is reported separately",
+            stacklevel=2,
+        )
     return math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon

@@ -64,10 +64,10 @@ class Mechanism:
 
     name: ClassVar[str] = "none"
     private: ClassVar[bool] = False
-    sums_updates: ClassVar[bool] = False   # True: the server sums clipped updates and noises the sum
+    sums_updates: ClassVar[bool] = False  # True: the server sums clipped updates and noises the sum
     participation_public: ClassVar[bool] = True  # who takes part may be published
     controls_private: ClassVar[bool] = True  # SCAFFOLD controls are covered by the guarantee
-    record_level: ClassVar[bool] = False   # True: Poisson batches and per-example noise (DP-SGD)
+    record_level: ClassVar[bool] = False  # True: Poisson batches and per-example noise (DP-SGD)
     adaptive_clipping: ClassVar[bool] = False  # dp.adaptive_clip is defined for this mode
     sampling_secret: ClassVar[bool] = False  # the client draw must stay secret (amplification by sampling)
 
@@ -88,15 +88,19 @@ class Mechanism:
         """Cross-field checks of the config against what this mechanism can account for."""
         fl = self.cfg.fl
         if self.private and fl.algorithm == "scaffold" and not self.controls_private:
-            raise UserError(f"fl.algorithm scaffold with dp.mode {self.name}: SCAFFOLD's control variates are "
-                            f"computed from the clients' un-noised updates, which this mode's guarantee does not "
-                            f"cover; use another algorithm, dp.mode dpsgd, or dp.mode none")
+            raise UserError(
+                f"fl.algorithm scaffold with dp.mode {self.name}: SCAFFOLD's control variates are "
+                f"computed from the clients' un-noised updates, which this mode's guarantee does not "
+                f"cover; use another algorithm, dp.mode dpsgd, or dp.mode none"
+            )
         if self.cfg.dp.adaptive_clip and not self.adaptive_clipping:
             raise UserError(f"dp.adaptive_clip is defined for dp.mode central, not {self.name}")
         if self.private and self.cfg.data.eval_per_client:
-            raise UserError(f"data.eval_per_client evaluates on held-out shares of the clients' own data, which "
-                            f"dp.mode {self.name}'s guarantee does not cover (the published eval loss would "
-                            f"leak them); use the shared held-out split (data.eval_per_client false)")
+            raise UserError(
+                f"data.eval_per_client evaluates on held-out shares of the clients' own data, which "
+                f"dp.mode {self.name}'s guarantee does not cover (the published eval loss would "
+                f"leak them); use the shared held-out split (data.eval_per_client false)"
+            )
 
     def calibrate(self) -> None:
         self.info = {"mechanism": "no DP"}
@@ -194,33 +198,53 @@ class _DP(Mechanism):
     def summary(self, participations: np.ndarray, last_row: dict | None) -> dict:
         out = dict(self.info)
         led = self.ledger
-        out.update(epsilon=led.worst(), epsilon_mean=led.mean(),
-                   epsilon_paper=(last_row or {}).get("epsilon_paper"),
-                   epsilon_paper_tracker=(last_row or {}).get("epsilon_paper_tracker"),
-                   delta=(last_row or {}).get("delta", self.cfg.dp.delta),
-                   aggregation_weights=("example counts (dp.public_counts: the counts are assumed public)"
-                                        if self.cfg.dp.public_counts else "uniform over kept clients"))
+        out.update(
+            epsilon=led.worst(),
+            epsilon_mean=led.mean(),
+            epsilon_paper=(last_row or {}).get("epsilon_paper"),
+            epsilon_paper_tracker=(last_row or {}).get("epsilon_paper_tracker"),
+            delta=(last_row or {}).get("delta", self.cfg.dp.delta),
+            aggregation_weights=(
+                "example counts (dp.public_counts: the counts are assumed public)"
+                if self.cfg.dp.public_counts
+                else "uniform over kept clients"
+            ),
+        )
         if self.participation_public:
             out["max_participations"] = int(participations.max())
         elif self.publish_client_metrics:
             out[UNPROTECTED_PREFIX + "max_participations"] = int(participations.max())
-        out["outside_guarantee"] = ([UNPROTECTED_PREFIX + f for f in CLIENT_FIELDS]
-                                    + ([] if self.participation_public else [UNPROTECTED_PREFIX + "clients"])
-                                    if self.cfg.dp.publish_client_metrics else [])
+        out["outside_guarantee"] = (
+            [UNPROTECTED_PREFIX + f for f in CLIENT_FIELDS]
+            + ([] if self.participation_public else [UNPROTECTED_PREFIX + "clients"])
+            if self.cfg.dp.publish_client_metrics
+            else []
+        )
         if self.cfg.dp.noise_seed is not None:
-            out["noise_seed"] = ("fixed by dp.noise_seed in config.yaml: anyone with the config can reproduce and "
-                                 "remove the noise, so the guarantee does NOT hold against them")
+            out["noise_seed"] = (
+                "fixed by dp.noise_seed in config.yaml: anyone with the config can reproduce and "
+                "remove the noise, so the guarantee does NOT hold against them"
+            )
             out["outside_guarantee"].append("noise (dp.noise_seed is published in config.yaml)")
         else:
-            out["noise_seed"] = ("secret: drawn from OS entropy, kept only in checkpoints/ (the simulated server's "
-                                 "private state, with the participation counts): do not publish checkpoints/")
+            out["noise_seed"] = (
+                "secret: drawn from OS entropy, kept only in checkpoints/ (the simulated server's "
+                "private state, with the participation counts): do not publish checkpoints/"
+            )
         if self.record_level and not self.cfg.dp.public_counts:
-            out["outside_guarantee"].append("batch_sampling_rate, noise_multiplier and epsilon are functions of the "
-                                            "smallest client's example count (dp.public_counts: false)")
-        out["published"] = ("held-out evaluation on the shared held-out split (server data, not any client's), "
-                            "privatized aggregates, epsilon/delta"
-                            + ("; client training metrics marked 'unprotected_' are OUTSIDE the guarantee"
-                               if self.cfg.dp.publish_client_metrics else ""))
+            out["outside_guarantee"].append(
+                "batch_sampling_rate, noise_multiplier and epsilon are functions of the "
+                "smallest client's example count (dp.public_counts: false)"
+            )
+        out["published"] = (
+            "held-out evaluation on the shared held-out split (server data, not any client's), "
+            "privatized aggregates, epsilon/delta"
+            + (
+                "; client training metrics marked 'unprotected_' are OUTSIDE the guarantee"
+                if self.cfg.dp.publish_client_metrics
+                else ""
+            )
+        )
         return out
 
 
@@ -255,14 +279,29 @@ class LocalDP(_DP):
         self.sigma_a = z * dp.clip_a
         self.sigma_b = z * self.clip_b
         self.blocks = (n_a, n_b)
-        self.ledger = acc.Ledger("local", fl.num_clients, self.z_eff, dp.delta, neighbouring,
-                                 sampling_rate=fl.clients_per_round / fl.num_clients)
-        self.info = {"noise_multiplier": z, "effective_noise_multiplier": self.z_eff, "sigma_a": self.sigma_a,
-                     "sigma_b": self.sigma_b, "clipped_blocks": [n_a, n_b], "neighbouring": neighbouring,
-                     "delta": dp.delta, "epsilon_of": "worst client (its whole data)",
-                     "mechanism": (f"local DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
-                                   f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g}, {neighbouring}, "
-                                   f"composed over each client's participations, no amplification")}
+        self.ledger = acc.Ledger(
+            "local",
+            fl.num_clients,
+            self.z_eff,
+            dp.delta,
+            neighbouring,
+            sampling_rate=fl.clients_per_round / fl.num_clients,
+        )
+        self.info = {
+            "noise_multiplier": z,
+            "effective_noise_multiplier": self.z_eff,
+            "sigma_a": self.sigma_a,
+            "sigma_b": self.sigma_b,
+            "clipped_blocks": [n_a, n_b],
+            "neighbouring": neighbouring,
+            "delta": dp.delta,
+            "epsilon_of": "worst client (its whole data)",
+            "mechanism": (
+                f"local DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
+                f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g}, {neighbouring}, "
+                f"composed over each client's participations, no amplification"
+            ),
+        }
 
     def release(self, local, global_, key, rank=None, mstate=None):
         dp, freeze_a = self.cfg.dp, self.cfg.lora.freeze_a
@@ -271,8 +310,17 @@ class LocalDP(_DP):
             global_in = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), global_)
         else:
             global_in = global_
-        released = prim.privatize(local, global_in, key, clip_a=dp.clip_a, clip_b=self.clip_b,
-                                  sigma_a=self.sigma_a, sigma_b=self.sigma_b, scope=dp.scope, target=dp.target)
+        released = prim.privatize(
+            local,
+            global_in,
+            key,
+            clip_a=dp.clip_a,
+            clip_b=self.clip_b,
+            sigma_a=self.sigma_a,
+            sigma_b=self.sigma_b,
+            scope=dp.scope,
+            target=dp.target,
+        )
         if rank is not None:  # post-processing: keep the padded entries of a low-rank client at zero
             released = lora_lib.rank_mask(released, rank)
         if freeze_a:
@@ -282,9 +330,14 @@ class LocalDP(_DP):
     def privacy_row(self, participations):
         p = int(participations.max())
         per_release, tracker = acc.paper_epsilon(self.z, self.cfg.dp.delta, p)
-        return {"epsilon": self.ledger.worst(), "epsilon_mean": self.ledger.mean(), "delta": self.cfg.dp.delta,
-                "epsilon_rdp": acc.gaussian_epsilon_rdp(self.z_eff, p, self.cfg.dp.delta),
-                "epsilon_paper": per_release, "epsilon_paper_tracker": tracker}
+        return {
+            "epsilon": self.ledger.worst(),
+            "epsilon_mean": self.ledger.mean(),
+            "delta": self.cfg.dp.delta,
+            "epsilon_rdp": acc.gaussian_epsilon_rdp(self.z_eff, p, self.cfg.dp.delta),
+            "epsilon_paper": per_release,
+            "epsilon_paper_tracker": tracker,
+        }
 
 
 @register
@@ -304,15 +357,19 @@ class CentralDP(_DP):
         super().check()
         fl = self.cfg.fl
         if self.cfg.dp.adaptive_clip and self.cfg.dp.scope != "global":
-            raise UserError(f"dp.adaptive_clip clips each update as one vector: it needs dp.scope global, "
-                            f"not {self.cfg.dp.scope}")
+            raise UserError(
+                f"dp.adaptive_clip clips each update as one vector: it needs dp.scope global, not {self.cfg.dp.scope}"
+            )
         if fl.sampling != "poisson":
-            raise UserError("dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client "
-                            "sampling)")
+            raise UserError(
+                "dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client sampling)"
+            )
         if fl.aggregation == "stack":
-            raise UserError("dp.mode central with fl.aggregation stack is not supported: central noise is "
-                            "added to the sum of clipped adapter updates, which stacking does not release; use "
-                            "fl.aggregation mean, or dp.mode local with stack")
+            raise UserError(
+                "dp.mode central with fl.aggregation stack is not supported: central noise is "
+                "added to the sum of clipped adapter updates, which stacking does not release; use "
+                "fl.aggregation mean, or dp.mode local with stack"
+            )
 
     def calibrate(self) -> None:
         dp, fl = self.cfg.dp, self.cfg.fl
@@ -334,30 +391,48 @@ class CentralDP(_DP):
         if self.adaptive:  # Andrew et al. 2021: z^-2 = z_update^-2 + (2 sigma_count)^-2
             self.count_noise = dp.clip_count_noise or fl.clients_per_round / 20.0
             if z >= 2 * self.count_noise:
-                raise UserError(f"dp.adaptive_clip: the noise multiplier {z:.4g} leaves nothing for the update once "
-                                f"the count noise {self.count_noise:.4g} is paid (needs multiplier < 2 x "
-                                f"dp.clip_count_noise); raise dp.clip_count_noise (default K/20) or lower the noise")
-            self.z_update = (z ** -2 - (2 * self.count_noise) ** -2) ** -0.5
+                raise UserError(
+                    f"dp.adaptive_clip: the noise multiplier {z:.4g} leaves nothing for the update once "
+                    f"the count noise {self.count_noise:.4g} is paid (needs multiplier < 2 x "
+                    f"dp.clip_count_noise); raise dp.clip_count_noise (default K/20) or lower the noise"
+                )
+            self.z_update = (z**-2 - (2 * self.count_noise) ** -2) ** -0.5
         self.sigma_a, self.sigma_b = self.z_update * dp.clip_a, self.z_update * self.clip_b
         self.blocks = (n_a, n_b)
         self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, "add-remove", sampling_rate=q)
         self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round)
-        self.info = {"noise_multiplier": z, "effective_noise_multiplier": self.z_eff, "sigma_a": self.sigma_a,
-                     "sigma_b": self.sigma_b, "clipped_blocks": [n_a, n_b], "neighbouring": "add-remove",
-                     "delta": dp.delta, "epsilon_of": "every client (its whole data)",
-                     "mechanism": (f"central DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
-                                   f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g} on the sum in every "
-                                   f"round, add-remove, Poisson client sampling q={q:g}, PLD; cohorts padded to "
-                                   f"{self.capacity} slots (overflow probability {self.overflow:.2g} per round, "
-                                   f"added to delta)")}
+        self.info = {
+            "noise_multiplier": z,
+            "effective_noise_multiplier": self.z_eff,
+            "sigma_a": self.sigma_a,
+            "sigma_b": self.sigma_b,
+            "clipped_blocks": [n_a, n_b],
+            "neighbouring": "add-remove",
+            "delta": dp.delta,
+            "epsilon_of": "every client (its whole data)",
+            "mechanism": (
+                f"central DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
+                f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g} on the sum in every "
+                f"round, add-remove, Poisson client sampling q={q:g}, PLD; cohorts padded to "
+                f"{self.capacity} slots (overflow probability {self.overflow:.2g} per round, "
+                f"added to delta)"
+            ),
+        }
         if self.adaptive:
-            self.info.update(adaptive_clip=True, update_noise_multiplier=self.z_update,
-                             clip_count_noise=self.count_noise, target_quantile=dp.target_quantile,
-                             clip_lr=dp.clip_lr, initial_clip=dp.clip_a)
-            self.info["mechanism"] += (f"; adaptive clipping toward the {dp.target_quantile:g} quantile (initial "
-                                       f"{dp.clip_a:g}, lr {dp.clip_lr:g}): update noise multiplier "
-                                       f"{self.z_update:.4g} x clip and count noise {self.count_noise:.4g}, "
-                                       f"accounted together as one Gaussian of multiplier {z:.4g}")
+            self.info.update(
+                adaptive_clip=True,
+                update_noise_multiplier=self.z_update,
+                clip_count_noise=self.count_noise,
+                target_quantile=dp.target_quantile,
+                clip_lr=dp.clip_lr,
+                initial_clip=dp.clip_a,
+            )
+            self.info["mechanism"] += (
+                f"; adaptive clipping toward the {dp.target_quantile:g} quantile (initial "
+                f"{dp.clip_a:g}, lr {dp.clip_lr:g}): update noise multiplier "
+                f"{self.z_update:.4g} x clip and count noise {self.count_noise:.4g}, "
+                f"accounted together as one Gaussian of multiplier {z:.4g}"
+            )
 
     def init_state(self) -> dict:
         return {"clip": jnp.asarray(self.cfg.dp.clip_a, jnp.float32)} if self.adaptive else {}
@@ -441,17 +516,29 @@ class DPSGD(_DP):
         self.z = self.z_eff = z
         self.sigma_a = self.sigma_b = z * dp.clip_a
         self.batch_rate, self.capacity, self.overflow = q, capacity, overflow
-        self.ledger = acc.Ledger("dpsgd", fl.num_clients, z, dp.delta, "add-remove", sampling_rate=q,
-                                 local_steps=fl.local_steps)
-        self.info = {"noise_multiplier": z, "effective_noise_multiplier": z, "sigma_a": self.sigma_a,
-                     "sigma_b": self.sigma_b, "clipped_blocks": [0, 0], "neighbouring": "add-remove",
-                     "delta": dp.delta, "batch_sampling_rate": q, "batch_capacity": capacity,
-                     "overflow_probability": overflow, "epsilon_of": "a record of the worst client",
-                     "mechanism": (f"dpsgd (record level): Poisson-sampled Gaussian per local step, rate q={q:.4g} "
-                                   f"(largest client rate; the rates use the clients' example counts), "
-                                   f"per-example clip {dp.clip_a:g}, sigma {self.sigma_a:.4g} on the clipped sum, "
-                                   f"add-remove, {fl.local_steps} steps per participation, PLD; batches padded to "
-                                   f"{capacity} (overflow probability {overflow:.2g} per step, added to delta)")}
+        self.ledger = acc.Ledger(
+            "dpsgd", fl.num_clients, z, dp.delta, "add-remove", sampling_rate=q, local_steps=fl.local_steps
+        )
+        self.info = {
+            "noise_multiplier": z,
+            "effective_noise_multiplier": z,
+            "sigma_a": self.sigma_a,
+            "sigma_b": self.sigma_b,
+            "clipped_blocks": [0, 0],
+            "neighbouring": "add-remove",
+            "delta": dp.delta,
+            "batch_sampling_rate": q,
+            "batch_capacity": capacity,
+            "overflow_probability": overflow,
+            "epsilon_of": "a record of the worst client",
+            "mechanism": (
+                f"dpsgd (record level): Poisson-sampled Gaussian per local step, rate q={q:.4g} "
+                f"(largest client rate; the rates use the clients' example counts), "
+                f"per-example clip {dp.clip_a:g}, sigma {self.sigma_a:.4g} on the clipped sum, "
+                f"add-remove, {fl.local_steps} steps per participation, PLD; batches padded to "
+                f"{capacity} (overflow probability {overflow:.2g} per step, added to delta)"
+            ),
+        }
 
     def dpsgd_args(self, key):
         return (self.cfg.dp.clip_a, self.sigma_a, key, float(self.cfg.fl.batch_size))
@@ -465,6 +552,9 @@ class DPSGD(_DP):
 
     def privacy_row(self, participations):
         eps = self.ledger.worst()
-        return {"epsilon": eps, "epsilon_mean": self.ledger.mean(),
-                "delta": self.cfg.dp.delta + self.truncation_delta(
-                    eps, self.cfg.fl.local_steps * int(participations.max()))}
+        return {
+            "epsilon": eps,
+            "epsilon_mean": self.ledger.mean(),
+            "delta": self.cfg.dp.delta
+            + self.truncation_delta(eps, self.cfg.fl.local_steps * int(participations.max())),
+        }
