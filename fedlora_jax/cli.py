@@ -608,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("fedlora_jax").addHandler(handler)
         logging.getLogger("fedlora_jax").setLevel(logging.INFO)
+        logging.getLogger("fedlora_jax").propagate = False  # one line, not again via the root logger
     try:
         return args.fn(args)
     except UserError as e:
