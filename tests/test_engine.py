@@ -322,7 +322,7 @@ def test_budget_stops_before_exceeding(tmp_path):
         (["fl.algorithm=fedsgd"], "choose one of: fedavg, fedprox, scaffold"),
         (["fl.aggregation=median"], "choose one of: mean, stack"),
         (["dp.mode=shuffle"], "choose one of: none, local, central"),
-        (["lora.client_ranks=[2,4,8,8,8,8,8,8]"], "mixed client ranks need fl.aggregation stack"),
+        (["lora.client_ranks=[2,4,8,8,8,8,8,8]"], "mixed client ranks need an aggregation that combines them"),
     ],
 )
 def test_run_bad_input(sets, message, capsys, tmp_path):

@@ -182,7 +182,8 @@ def test_adaptive_clip_tracks_a_known_quantile_of_update_norms():
         clips = []
         for r in range(400):
             norms = rng.lognormal(mean=0.0, sigma=1.0, size=k)
-            within = jnp.float32(np.sum(norms <= float(state["clip"])))
+            # each client contributes b - 1/2 (the mechanism's centred count)
+            within = jnp.float32(np.sum(norms <= float(state["clip"])) - k / 2)
             state = mech.update_state(state, within, randomness.key(0, "clip_count_noise", r), k)
             clips.append(float(state["clip"]))
         reached = np.mean(clips[-100:])
