@@ -47,24 +47,6 @@ def dumps(obj) -> str:
     return json.dumps(_plain(obj), allow_nan=False)
 
 
-def _read_text_file(name: str, flag: str) -> str:
-    path = Path(name)
-    if not path.exists():
-        raise UserError(f"{flag} {name!r} does not exist")
-    if not path.is_file():
-        raise UserError(f"{flag} {name!r} is not a file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {flag} {name!r}: {e.strerror or e}") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{flag} {name!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save it as UTF-8"
-        ) from None
-
-
 def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=False, what=None):
     """A numeric option in its domain, or a UserError naming the flag (and `what` it is)."""
     if value is None:
@@ -91,11 +73,12 @@ def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=Fal
 
 def _cmd_score(args) -> int:
     from . import lora as lora_lib
+    from .data.loading import read_text
     from .evaluation import score_ids
     from .models import abstract_model
     from .models.hub import load_model
 
-    text = _read_text_file(args.file, "--file") if args.file is not None else args.text
+    text = read_text(args.file, "--file") if args.file is not None else args.text
     if not text.strip():
         raise UserError(
             f"{'--file ' + repr(args.file) if args.file is not None else '--text'} is empty; give a text to score"

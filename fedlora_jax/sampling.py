@@ -29,11 +29,10 @@ def poisson_capacity(num_clients: int, clients_per_round: int, tail: float = POI
     q = clients_per_round / num_clients
     if q >= 1:
         return num_clients, 0.0
-    c = clients_per_round
-    while c < num_clients and stats.binom.sf(c, num_clients, q) > tail:
-        c += max(1, int(0.5 * np.sqrt(clients_per_round)) if stats.binom.sf(c, num_clients, q) > 1e-3 else 1)
-    c = min(c, num_clients)
-    while c > clients_per_round and stats.binom.sf(c - 1, num_clients, q) <= tail:  # the smallest such C
+    c = min(num_clients, max(clients_per_round, int(stats.binom.isf(tail, num_clients, q))))
+    while c < num_clients and stats.binom.sf(c, num_clients, q) > tail:  # isf is a float estimate:
+        c += 1  # settle on the smallest C whose overflow is within the tail
+    while c > clients_per_round and stats.binom.sf(c - 1, num_clients, q) <= tail:
         c -= 1
     return int(c), float(stats.binom.sf(c, num_clients, q)) if c < num_clients else 0.0
 

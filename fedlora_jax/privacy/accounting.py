@@ -35,6 +35,14 @@ PLD_DISCRETIZATION = 1e-3
 MAX_EXP_EPSILON = 700.0  # exp() of a larger epsilon overflows a float64
 
 
+def tv_delta(epsilon: float, tv: float) -> float:
+    """The delta a mechanism within total-variation distance `tv` of an (epsilon, delta)-DP one adds:
+    it is (epsilon, delta + (1 + e^epsilon) tv)-DP (capped cohorts and batches use it)."""
+    if not tv:
+        return 0.0
+    return (1.0 + math.exp(min(epsilon, MAX_EXP_EPSILON))) * tv
+
+
 def _check(delta=None, z=None, q=None, neighbouring=None, mode=None):
     if delta is not None and not 0 < delta < 1:
         raise UserError(f"delta must be in (0, 1), got {delta}")

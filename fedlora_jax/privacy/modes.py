@@ -13,7 +13,6 @@ Adding a mode is one subclass with `name = "..."` decorated with `@register`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import jax
@@ -479,8 +478,7 @@ class CentralDP(_DP):
     def privacy_row(self, participations):
         eps = self.ledger.worst()
         # a capped cohort is within total-variation distance rounds x overflow of the analysed one
-        g = self.ledger.rounds * self.overflow
-        delta = self.cfg.dp.delta + (1.0 + math.exp(min(eps, acc.MAX_EXP_EPSILON))) * g if g else self.cfg.dp.delta
+        delta = self.cfg.dp.delta + acc.tv_delta(eps, self.ledger.rounds * self.overflow)
         return {"epsilon": eps, "epsilon_mean": self.ledger.mean(), "delta": delta}
 
 
@@ -544,11 +542,9 @@ class DPSGD(_DP):
         return (self.cfg.dp.clip_a, self.sigma_a, key, float(self.cfg.fl.batch_size))
 
     def truncation_delta(self, epsilon: float, steps: int) -> float:
-        """A mechanism within total-variation distance g of an (eps, delta)-DP one is
-        (eps, delta + (1 + e^eps) g)-DP; g <= a record's sampled steps x the overflow probability."""
-        if not self.overflow:
-            return 0.0
-        return math.exp(min(epsilon, acc.MAX_EXP_EPSILON)) * steps * self.overflow + steps * self.overflow
+        """The delta padded batches add: total-variation distance <= a record's sampled steps x the
+        per-step overflow probability (accounting.tv_delta)."""
+        return acc.tv_delta(epsilon, steps * self.overflow)
 
     def privacy_row(self, participations):
         eps = self.ledger.worst()
