@@ -24,6 +24,7 @@ RUN_ENTRIES = frozenset(
     {
         "config.yaml",
         "metrics.jsonl",
+        "metrics.jsonl.tmp",  # a kill during a resume's rewrite
         "metrics.csv",
         "metrics.png",
         "summary.json",
@@ -44,6 +45,12 @@ def _q(p: Path) -> str:
 def _has_checkpoint(out: Path) -> bool:
     folder = out / "checkpoints"
     return folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
+
+
+def _has_rows(out: Path) -> bool:
+    """Whether the run logged (released) any round: a run killed before that restarts from round 0."""
+    m = out / "metrics.jsonl"
+    return m.is_file() and m.stat().st_size > 0
 
 
 def is_run_folder(out: Path) -> bool:
@@ -97,7 +104,7 @@ def _check(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / "config.yaml").is_file():
             raise UserError(f"--resume: {_q(out)} holds no run (no config.yaml)")
-        if not _has_checkpoint(out):
+        if not _has_checkpoint(out) and _has_rows(out):
             raise UserError(
                 f"--resume: the run in {_q(out)} has no checkpoint yet (checkpoint_every rounds); "
                 "start it again with --overwrite"

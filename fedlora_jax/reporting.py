@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 from .errors import UserError
@@ -86,6 +87,13 @@ def read_rows(path: Path, upto: int) -> list[dict]:
     return [r for r in rows if r.get("round", 0) <= upto]
 
 
+def rewrite_rows(path: Path, rows: list[dict]) -> None:
+    """Replace metrics.jsonl with `rows`, atomically (a kill leaves the old file or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x, allow_nan=False) + "\n" for x in rows))
+    os.replace(tmp, path)
+
+
 def postfix(row: dict, rows: list[dict]) -> dict:
     """The progress bar shows the latest held-out loss, epsilon and (marked) client loss."""
     out = {}
@@ -117,7 +125,7 @@ def write_outputs(
     """metrics.jsonl/.csv, metrics.png and summary.json (artifacts: the saved adapter / merged model)."""
     metrics_path, csv_path = out / "metrics.jsonl", out / "metrics.csv"
     # rewrite the metrics (a resume may have dropped rows logged after its checkpoint)
-    metrics_path.write_text("".join(json.dumps(x, allow_nan=False) + "\n" for x in rows))
+    rewrite_rows(metrics_path, rows)
     fields = list(dict.fromkeys(k for x in rows for k in x)) or ["round"]
     with csv_path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -131,7 +131,7 @@ def run(
     rows = []
     participations = np.zeros(fl.num_clients, np.int64)
     meta: dict = {}
-    if resume:
+    if resume and ckpt.latest() is not None:  # (killed before its first checkpoint: nothing was logged)
         state, meta = ckpt.restore(state)
         start = int(meta["round"])
         if ledger is not None:
@@ -140,6 +140,7 @@ def run(
             meta.get("participations") or (meta["ledger"] or {}).get("participations", participations), np.int64
         )
         rows = reporting.read_rows(metrics_path, start)  # rows logged after the checkpoint are dropped: they rerun
+        reporting.rewrite_rows(metrics_path, rows)  # and leave the file, so a second kill cannot repeat them
     noise_seed = _noise_seed(cfg, mechanism, meta)
     # central DP's client draw and DP-SGD's batch draws come from the secret root too (amplification)
     sample_seed = noise_seed if mechanism.sampling_secret else cfg.seed
@@ -184,6 +185,11 @@ def run(
             "noise_seed": noise_seed,
             "config": cfg.to_dict(),
         }
+
+    if start == 0 and cfg.checkpoint_every:
+        # round 0 before any row is logged: a run killed at any later moment has a checkpoint to resume
+        ckpt.save(0, state, checkpoint_meta(0))
+        _private(out / "checkpoints")
 
     def publish(row, m, valid):
         """The client-derived values of a round, where (and under the name) the mechanism allows."""

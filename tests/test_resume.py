@@ -153,3 +153,58 @@ def test_sigint_finishes_the_round_checkpoints_and_exits_130(tmp_path):
     _, err = r.communicate(timeout=600)
     assert r.returncode == 0, err[-2000:]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 40
+
+
+def _drop_checkpoint(folder: Path, step: int):
+    import shutil
+
+    shutil.rmtree(folder / "checkpoints" / str(step))
+
+
+def test_killed_after_logging_a_round_but_before_its_checkpoint_resumes_exactly(tmp_path):
+    """Round 1 logged, its checkpoint never written (kill -9 during the save): the round-0 checkpoint,
+    saved before any row is logged, lets the run resume and end where an uninterrupted run ends."""
+    cfg = load_config("tiny", _sets("local"))
+    run(cfg, tmp_path / "full", progress=False)
+    part = tmp_path / "part"
+    run(cfg, part, progress=False, stop_after=1)
+    _drop_checkpoint(part, 1)
+    assert sorted(p.name for p in (part / "checkpoints").iterdir() if p.name.isdigit()) == ["0"]
+    assert len(_rows(part)) == 1
+    run(cfg, part, resume=True, progress=False)
+    _same_run(tmp_path / "full", part)
+
+
+def test_two_kills_leave_no_duplicate_rows(tmp_path, monkeypatch):
+    """Killed after logging round 3 but before its checkpoint, resumed, killed again after the
+    checkpoint of round 3: the rows dropped at the first resume must not come back as duplicates."""
+    from fedlora_jax import reporting
+
+    cfg = load_config("tiny", _sets("none"))
+    run(cfg, tmp_path / "full", progress=False)
+    part = tmp_path / "part"
+    run(cfg, part, progress=False, stop_after=3)
+    _drop_checkpoint(part, 3)  # as if killed after round 3 was logged, during its checkpoint
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the second kill, after round 3's checkpoint, before outputs
+
+    with monkeypatch.context() as m:
+        m.setattr(reporting, "write_outputs", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, part, resume=True, progress=False, stop_after=1)
+    run(cfg, part, resume=True, progress=False)
+    assert [r["round"] for r in _rows(part)] == [1, 2, 3, 4, 5]
+    _same_run(tmp_path / "full", part)
+
+
+def test_resume_of_a_run_killed_before_anything_was_logged_starts_it(tmp_path):
+    """No checkpoint and no logged round (killed while loading): --resume starts the run from round 0."""
+    cfg = load_config("tiny", _sets("none"))
+    run(cfg, tmp_path / "full", progress=False)
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "config.yaml").write_text((tmp_path / "full" / "config.yaml").read_text())
+    (part / "metrics.jsonl").write_text("")
+    run(cfg, part, resume=True, progress=False)
+    _same_run(tmp_path / "full", part)
