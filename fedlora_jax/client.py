@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from . import lora as lora_lib
+from .algorithms import ClientHook
 from .models import Definition, mean_nll
 
 Tree = Any  # a pytree of arrays (an adapter: {module path: {lora_a, lora_b}})
@@ -66,8 +67,8 @@ def client_update(
     *,
     rank: Array | None = None,
     weight_decay: float = 0.0,
-    prox_mu: float = 0.0,
-    control: tuple[Tree, Tree] | None = None,
+    hook: ClientHook | None = None,
+    ctx: Any = None,
     freeze_a: bool = False,
     dpsgd: tuple[float, float, Array, float] | None = None,
 ) -> tuple[Tree, dict[str, Array], Tree | None]:
@@ -75,14 +76,16 @@ def client_update(
 
     batches: tokens/attention_mask/loss_mask of shape [steps, batch, seq] (lax.scan over steps).
     rank: this client's rank (traced scalar) when ranks differ; entries beyond it stay zero.
-    prox_mu: FedProx's proximal term mu/2 ||w - w_global||^2.
-    control: (c_global, c_client) for SCAFFOLD; the gradient is corrected by c_global - c_client.
+    hook, ctx: the algorithm's client hook (fedlora_jax.algorithms) and this client's context from
+    hook.context: it corrects each step's gradient (FedProx's proximal term, SCAFFOLD's c - c_i,
+    after DP-SGD's noise) and computes the client's new state (SCAFFOLD's c_i) at the end.
     dpsgd: (clip, sigma, key, expected_batch) for record-level DP-SGD: each example's gradient
     (of its own mean token NLL) is clipped to L2 norm `clip` over the whole adapter, the clipped
     gradients are summed, N(0, sigma^2) is added per entry (a fresh key per step) and the sum is
     divided by the expected batch size (a constant, so the noise scale does not leak the draw).
     Padding examples have loss_mask 0 and so a zero gradient.
-    Returns (local adapter, metrics {loss (mean over steps), first_loss, update_norm}, new c_client).
+    Returns (local adapter, metrics {loss (mean data NLL over steps), first_loss, update_norm},
+    the hook's new client state or None).
     """
 
     def mask(t):
@@ -92,11 +95,10 @@ def client_update(
     opt = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=weight_decay)
     train_a = not freeze_a
 
+    hook = hook or ClientHook()
+
     def loss_fn(lo, batch):
-        loss = mean_nll(definition, base, mask(lo), batch["tokens"], batch["attention_mask"], batch["loss_mask"])
-        if prox_mu:
-            loss = loss + 0.5 * prox_mu * tree_sq_norm(jax.tree.map(jnp.subtract, lo, start))
-        return loss
+        return mean_nll(definition, base, mask(lo), batch["tokens"], batch["attention_mask"], batch["loss_mask"])
 
     if dpsgd is not None:
         clip, sigma, dp_key, expected = dpsgd
@@ -118,10 +120,7 @@ def client_update(
                 mask=mask,
                 freeze_a=freeze_a,
             )
-            if prox_mu:  # the proximal term depends on no example: added after the noise
-                grads = jax.tree.map(lambda gr, x, s: gr + prox_mu * (x - s), grads, lo, start)
-        if control is not None:
-            grads = jax.tree.map(lambda g, c, ci: g + c - ci, grads, control[0], control[1])
+        grads = hook.correct(grads, lo, start, ctx)  # depends on no example: after the noise
         if not train_a:
             grads = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), grads)
         updates, opt_state = opt.update(grads, opt_state, lo)
@@ -131,15 +130,10 @@ def client_update(
 
     (local, _, _), losses = jax.lax.scan(step, (start, opt.init(start), jnp.zeros((), jnp.int32)), batches)
     local = mask(local)
-    new_control = None
-    if control is not None:  # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr)
-        k = losses.shape[0]
-        new_control = jax.tree.map(
-            lambda ci, c, x, y: ci - c + (x - y) / (k * lr), control[1], control[0], start, local
-        )
+    new_state = hook.finish(ctx, start, local, losses.shape[0], lr)
     metrics = {
         "loss": jnp.mean(losses),
         "first_loss": losses[0],
         "update_norm": jnp.sqrt(tree_sq_norm(jax.tree.map(jnp.subtract, local, start))),
     }
-    return local, metrics, new_control
+    return local, metrics, new_state

@@ -165,7 +165,7 @@ class LoRASection:
 class DataSection:
     source: str = "chatterbot"  # chatterbot | synthetic | local json/jsonl/csv/parquet | hub id
     split: str = "train"
-    columns: dict[str, str] | None = None  # map of our names (instruction, input, output) -> dataset columns
+    columns: dict[str, str] | None = None  # our names (instruction, input, output | messages) -> dataset columns
     label_column: str | None = None  # for dirichlet / by_column partitions
     template: str = "alpaca"  # alpaca | chat | plain
     seq_len: int = 128
@@ -176,6 +176,8 @@ class DataSection:
     dirichlet_alpha: float = 0.5
     synthetic_tasks: tuple[str, ...] = ("arithmetic", "reverse", "sort", "copy")
     synthetic_examples: int = 2000
+    # chat template: system turn of conversations without one; None = the template's default; "" = none
+    system_prompt: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "synthetic_tasks", tuple(self.synthetic_tasks))
@@ -189,10 +191,17 @@ class DataSection:
                     f"got {self.columns!r}"
                 )
             for k, v in cols.items():
-                if k not in ("instruction", "input", "output"):
-                    raise UserError(f"data.columns key {k!r} is not allowed; choose among: instruction, input, output")
+                if k not in ("instruction", "input", "output", "messages"):
+                    raise UserError(
+                        f"data.columns key {k!r} is not allowed; choose among: instruction, input, output, messages"
+                    )
                 if not isinstance(v, str) or not v:
                     raise UserError(f"data.columns.{k} must be a column name, got {v!r}")
+            if "messages" in cols and len(cols) > 1:
+                raise UserError(
+                    "data.columns maps both messages and instruction/input/output; a dataset is either "
+                    "conversations (messages) or instruction rows"
+                )
             object.__setattr__(self, "columns", tuple(sorted(cols.items())))
         _check_types(self, "data.")
         for k in ("source", "split"):
@@ -238,11 +247,9 @@ class FLSection:
 
     def __post_init__(self):
         _check_types(self, "fl.")
-        _choice(
-            "fl.algorithm",
-            self.algorithm,
-            ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"),
-        )
+        from .algorithms import names as algorithms  # the registry of algorithms
+
+        _choice("fl.algorithm", self.algorithm, algorithms())
         from .aggregation import names as aggregations  # the registry of aggregators
 
         _choice("fl.aggregation", self.aggregation, aggregations())
@@ -331,6 +338,37 @@ class DPSection:
             raise UserError(f"dp.delta must be in (0, 1), got {self.delta}")
 
 
+WRITERS = ("tensorboard", "wandb")  # logging.writers: optional writers besides metrics.jsonl/.csv
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    """Where a run's metrics rows go. metrics.jsonl and metrics.csv always get EVERY round (resume and
+    the summary read them); log_every thins only the optional writers and the progress bar."""
+
+    # write a row to the writers below and the progress bar every k rounds; evaluation rounds, the
+    # last round and the round where a run stops (budget, Ctrl-C, stop_after) are always written
+    log_every: int = 1
+    # optional writers, each writes the metrics.jsonl rows (same names, step = round), nothing more:
+    # tensorboard (RUN/tensorboard; pip extra fedlora-jax[tensorboard]) | wandb (RUN/wandb; fedlora-jax[wandb])
+    writers: tuple[str, ...] = ()
+    wandb_project: str = "fedlora-jax"
+    wandb_mode: str = "offline"  # offline (upload later: wandb sync RUN/wandb/offline-run-*) | online
+
+    def __post_init__(self):
+        object.__setattr__(self, "writers", tuple(self.writers))
+        _check_types(self, "logging.")
+        _at_least("logging.log_every", self.log_every, 1)
+        _strings("logging.writers", self.writers, empty_ok=True)
+        for w in self.writers:
+            _choice("logging.writers entry", w, WRITERS)
+        if len(set(self.writers)) < len(self.writers):
+            raise UserError(f"logging.writers lists a writer twice ({', '.join(self.writers)}); name each once")
+        if not self.wandb_project.strip():
+            raise UserError("logging.wandb_project is empty; give the W&B project name")
+        _choice("logging.wandb_mode", self.wandb_mode, ("offline", "online"))
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
@@ -346,6 +384,7 @@ class RunConfig:
     eval_limit: int = 64  # examples per exact_match / multiple_choice evaluation
     eval_choices: str = "synthetic"  # multiple_choice data: question/choices/answer file or hub id, or synthetic
     checkpoint_every: int = 10
+    logging: LoggingSection = LoggingSection()
 
     def __post_init__(self):
         object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
@@ -356,6 +395,7 @@ class RunConfig:
             ("data", DataSection),
             ("fl", FLSection),
             ("dp", DPSection),
+            ("logging", LoggingSection),
         ):
             if not isinstance(getattr(self, k), cls):
                 raise UserError(f"{k} must be a mapping of its keys, got {getattr(self, k)!r}")

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig, config_diff, load_config
+from . import algorithms as algorithms_lib
+from .config import FLSection, RunConfig, config_diff, load_config
 from .errors import UserError
 
 SCALES = ("smoke", "cpu", "paper")
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
+ALGORITHMS = algorithms_lib.names()  # the seven of the paper, from the registry
+_FL_DEFAULTS = FLSection()
 ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 
 _EVAL = ["eval_tasks=[loss,exact_match,multiple_choice]"]
@@ -294,7 +296,9 @@ def _dp_allows(algorithm: str) -> bool:
     """Whether the paper's local DP accepts this algorithm (the mechanism object decides)."""
     from .privacy.modes import MECHANISMS
 
-    return algorithm != "scaffold" or MECHANISMS["local"].controls_private
+    return not algorithms_lib.get(algorithm).hook(_FL_DEFAULTS).keeps_client_state or (
+        MECHANISMS["local"].controls_private
+    )
 
 
 def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
@@ -618,6 +622,14 @@ def aggregation(scale: str, out, overrides=(), **kw) -> dict:
     return {"rows": rows, "files": [str(f) for f in files], "summaries": s}
 
 
+def population(scale: str, out, overrides=(), **kw) -> dict:
+    """Utility against cohort size at fixed honest epsilon for populations up to 10,000 clients
+    (fedlora_jax.population)."""
+    from .population import population as run_population  # it builds on this module's helpers
+
+    return run_population(scale, out, overrides, **kw)
+
+
 EXPERIMENTS = {
     "eps_clip": eps_clip,
     "algorithms": algorithms,
@@ -625,6 +637,7 @@ EXPERIMENTS = {
     "model_size": model_size,
     "dp_modes": dp_modes,
     "aggregation": aggregation,
+    "population": population,
 }
 
 

@@ -4,7 +4,8 @@ FedAvg: sgd(1); FedAvgM: sgd with momentum; FedAdagrad / FedYogi / FedAdam: Redd
 "Adaptive Federated Optimization" (2021), as OpenFedLLM runs them: with d = -g,
 m = b1 m + (1 - b1) d; v per rule (adagrad: v + d^2; yogi: v - (1 - b2) d^2 sign(v - d^2);
 adam: b2 v + (1 - b2) d^2); x = x + lr m / (sqrt(v) + tau); v starts at tau^2, no bias correction.
-FedProx and SCAFFOLD use the FedAvg server step (their work is on the clients).
+FedProx and SCAFFOLD use the FedAvg server step (their work is on the clients). The registry of
+algorithms (server step + client hook) is fedlora_jax.algorithms.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import jax.numpy as jnp
 import optax
 
 from .errors import UserError
-
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 
 
 class FedOptState(NamedTuple):
@@ -47,15 +46,3 @@ def fedopt(kind: str, lr: float, b1: float = 0.9, b2: float = 0.99, tau: float =
         return updates, FedOptState(m, v)
 
     return optax.GradientTransformation(init, update)
-
-
-def server_optimizer(fl) -> optax.GradientTransformation:
-    """The server step for an FLSection (its algorithm and server hyper-parameters)."""
-    alg = fl.algorithm
-    if alg not in ALGORITHMS:
-        raise UserError(f"unknown algorithm {alg!r}; allowed: {', '.join(ALGORITHMS)}")
-    if alg in ("fedavg", "fedprox", "scaffold"):
-        return optax.sgd(fl.server_lr)
-    if alg == "fedavgm":
-        return optax.sgd(fl.server_lr, momentum=fl.server_momentum)
-    return fedopt(alg[3:], fl.server_lr, fl.server_b1, fl.server_b2, fl.server_tau)

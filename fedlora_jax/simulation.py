@@ -8,8 +8,6 @@ the mode. keys: randomness.round_keys(seed, round), one key per randomness domai
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,16 +15,17 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import aggregation as agg
+from .algorithms import client_hook, server_optimizer
 from .client import client_update
 from .errors import UserError
 from .models import Definition
 from .privacy.modes import Mechanism
-from .server import server_optimizer
 
 
 def init_state(cfg, lora: dict, num_clients: int, mechanism: Mechanism | None = None) -> dict:
-    """The server state: adapter, server optimizer, round, and what the aggregator, the algorithm
-    (SCAFFOLD controls) and the DP mechanism (e.g. an adaptive clip, under 'mech') carry."""
+    """The server state: adapter, server optimizer, round, and what the aggregator, the algorithm's
+    client hook (SCAFFOLD's controls, under 'hook') and the DP mechanism (e.g. an adaptive clip,
+    under 'mech') carry."""
     fl = cfg.fl
     opt = server_optimizer(fl)
     state = {
@@ -38,12 +37,9 @@ def init_state(cfg, lora: dict, num_clients: int, mechanism: Mechanism | None = 
     mstate = mechanism.init_state() if mechanism is not None else {}
     if mstate:
         state["mech"] = mstate
-    if fl.algorithm == "scaffold":
-        zeros = jax.tree.map(jnp.zeros_like, lora)
-        state["controls"] = {
-            "global": zeros,
-            "clients": jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora),
-        }
+    hstate = client_hook(fl).init_state(lora, num_clients)
+    if hstate:
+        state["hook"] = hstate
     return state
 
 
@@ -71,15 +67,11 @@ def make_round(
     fl = cfg.fl
     server_opt = server_optimizer(fl)
     hetero = cfg.lora.client_ranks is not None
-    scaffold = fl.algorithm == "scaffold"
+    hook = client_hook(fl)
     aggregator = agg.get(fl.aggregation)
-    prox_mu = fl.prox_mu if fl.algorithm == "fedprox" else 0.0
 
     def one_client(state, base, batches, cid, rank, keys, lr):
         g = state["lora"]
-        control = None
-        if scaffold:
-            control = (state["controls"]["global"], jax.tree.map(lambda c: c[cid], state["controls"]["clients"]))
         local, metrics, new_c = client_update(
             definition,
             base,
@@ -88,8 +80,8 @@ def make_round(
             lr,
             rank=rank if hetero else None,
             weight_decay=fl.weight_decay,
-            prox_mu=prox_mu,
-            control=control,
+            hook=hook,
+            ctx=hook.context(state.get("hook", {}), cid),
             freeze_a=cfg.lora.freeze_a,
             dpsgd=mechanism.dpsgd_args(jax.random.fold_in(keys["dpsgd_noise"], cid)),
         )
@@ -112,14 +104,7 @@ def make_round(
             w = jnp.where(kept, mechanism.weight(n_ex), 0.0)
             carry["wsum"] = carry["wsum"] + jnp.sum(w)
             carry["sum"] = aggregator.accumulate(carry["sum"], definition, released, w)
-        if scaffold:
-            old = carry["controls"]
-            cur = jax.tree.map(lambda c: c.at[ids].get(mode="fill", fill_value=0), old)
-            keep = lambda n, o: jnp.where(kept.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-            new_c = jax.tree.map(keep, new_c, cur)
-            carry["dc"] = jax.tree.map(lambda d, n, o: d + jnp.sum(n - o, axis=0), carry["dc"], new_c, cur)
-            # padded slots carry the out-of-range id num_clients: their writes are dropped
-            carry["controls"] = jax.tree.map(lambda o, n: o.at[ids].set(n, mode="drop"), old, new_c)
+        carry["hook"] = hook.accumulate(carry["hook"], new_c, kept, ids)
         return carry
 
     def round_fn(state, base, block, client_ids, ranks, valid, keys, lr):
@@ -150,9 +135,7 @@ def make_round(
         }
         carry = {"wsum": jnp.zeros((), jnp.float32), "stat": jnp.zeros((), jnp.float32)}
         carry["sum"] = jax.tree.map(jnp.zeros_like, g) if mechanism.sums_updates else aggregator.zeros(state, g)
-        if scaffold:
-            carry["controls"] = state["controls"]["clients"]
-            carry["dc"] = jax.tree.map(jnp.zeros_like, g)
+        carry["hook"] = hook.carry(state.get("hook", {}), g)
 
         def body(carry, x):
             released, metrics, new_c, kept = jax.vmap(lambda b, i, r: one_client(state, base_eff, b, i, r, keys, lr))(
@@ -179,11 +162,8 @@ def make_round(
         pseudo_grad = jax.tree.map(jnp.subtract, g, aggregate)
         updates, new_state["opt"] = server_opt.update(pseudo_grad, state["opt"], g)
         new_state["lora"] = aggregator.restart(optax.apply_updates(g, updates), g, keys["lora_reinit"])
-        if scaffold:
-            new_state["controls"] = {
-                "global": jax.tree.map(lambda c0, d: c0 + d / num_clients, state["controls"]["global"], carry["dc"]),
-                "clients": carry["controls"],
-            }
+        if "hook" in state:
+            new_state["hook"] = hook.finalize(state["hook"], carry["hook"], num_clients)
         if "mech" in state:
             new_state["mech"] = mechanism.update_state(
                 state["mech"], carry["stat"], keys["clip_count_noise"], fl.clients_per_round
@@ -208,8 +188,12 @@ def make_round(
 
 
 def cosine_lr(round_index: int, rounds: int, lr: float, lr_min: float) -> float:
-    """The paper's schedule: cosine over rounds from lr to lr_min, constant within a round."""
-    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * round_index / rounds))
+    """The paper's schedule: cosine over rounds from lr to lr_min, constant within a round
+    (optax's cosine_decay_schedule with alpha = lr_min / lr)."""
+    if lr == 0:
+        return 0.0
+    schedule = optax.cosine_decay_schedule(init_value=lr, decay_steps=rounds, alpha=lr_min / lr)
+    return float(schedule(round_index))
 
 
 def client_mesh(devices: int) -> jax.sharding.Mesh | None:

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["eps_clip", "algorithms", "rank_variance", "model_size", "dp_modes", "aggregation"]
+SCRIPTS = ["eps_clip", "algorithms", "rank_variance", "model_size", "dp_modes", "aggregation", "population"]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # what each script must write (tables as CSV + markdown, figures as PNG)
 OUTPUTS = {
@@ -20,6 +20,7 @@ OUTPUTS = {
     "model_size": ["model_size.csv", "model_size.md"],
     "dp_modes": ["dp_modes.csv", "dp_modes.md", "dp_modes.png"],
     "aggregation": ["aggregation.csv", "aggregation.md", "aggregation.png"],
+    "population": ["population.csv", "population.md", "population.png"],
 }
 
 
@@ -32,6 +33,7 @@ NOTEBOOK_OF = {
     "model_size": "rank_noise_variance",
     "dp_modes": "aggregation_modes",
     "aggregation": "aggregation_modes",
+    "population": "population",
 }
 
 
@@ -72,6 +74,13 @@ def test_experiment_script_runs_at_smoke_scale(name, shared_out):
         assert set(eps) == {"local", "central", "dpsgd"}
         for mode, e in eps.items():
             assert e == pytest.approx(8.0, rel=0.02), mode
+    if name == "population":
+        # every DP run is calibrated to its row's epsilon for the mechanism it runs
+        dp = [row for row in rows if row["mechanism"] != "none"]
+        assert {row["mechanism"] for row in dp} == {"central", "central_adaptive", "ffa_central", "local"}
+        for row in dp:
+            assert float(row["epsilon_honest"]) == pytest.approx(float(row["epsilon"]), rel=0.02), row
+            assert float(row["delta"]) <= 1 / int(row["N"])
     # a second call reuses every finished run and writes the same table
     before = (out / OUTPUTS[name][0]).read_text()
     r = subprocess.run(
@@ -82,7 +91,13 @@ def test_experiment_script_runs_at_smoke_scale(name, shared_out):
         timeout=600,
     )
     assert r.returncode == 0 and "reused" in r.stdout
-    if name not in ("algorithms", "eps_clip", "dp_modes", "aggregation"):  # tables with a seconds column differ
+    if name not in (
+        "algorithms",
+        "eps_clip",
+        "dp_modes",
+        "aggregation",
+        "population",
+    ):  # tables with a seconds column differ
         assert (out / OUTPUTS[name][0]).read_text() == before
 
 
@@ -99,7 +114,7 @@ def test_experiment_bad_scale_and_override(tmp_path):
 
 
 def test_notebooks_are_committed_without_outputs():
-    assert len(NOTEBOOKS) == 6
+    assert len(NOTEBOOKS) == 7
     for path in NOTEBOOKS:
         nb = nbformat.read(str(path), as_version=4)
         for cell in nb.cells:

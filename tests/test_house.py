@@ -101,3 +101,59 @@ def test_held_out_loss_is_token_weighted():
         ]
     )
     assert len({int(x) for x in ev.loss_mask[:n].sum(1)}) == 1 or per_example != pytest.approx(total / count, rel=1e-7)
+
+
+def test_an_algorithm_registered_at_test_time_runs_end_to_end(tmp_path, monkeypatch):
+    """A new FL algorithm is a server step and a client hook in the registry: config, round and loop
+    ask it. The hook here zeroes every local gradient (so, with no weight decay, the adapter cannot
+    move: an identity) and keeps a per-client state, the number of rounds each client trained, which
+    must equal the run's participation counts after the run."""
+    import optax
+
+    from fedlora_jax import algorithms
+    from fedlora_jax.checkpoint import Checkpointer
+    from fedlora_jax.models.factory import build_model
+    from fedlora_jax.privacy import modes
+    from fedlora_jax.simulation import init_state
+
+    class Frozen(algorithms.ClientHook):
+        def init_state(self, lora, num_clients):
+            return {"count": jnp.zeros((num_clients,), jnp.int32)}
+
+        def context(self, hstate, cid):
+            return hstate["count"][cid]
+
+        def correct(self, grads, lora, start, ctx):
+            return jax.tree.map(jnp.zeros_like, grads)
+
+        def finish(self, ctx, start, local, steps, lr):
+            return ctx + 1
+
+        def carry(self, hstate, g):
+            return dict(hstate)
+
+        def accumulate(self, hcarry, new, kept, ids):
+            cur = hcarry["count"].at[ids].get(mode="fill", fill_value=0)
+            return {"count": hcarry["count"].at[ids].set(jnp.where(kept, new, cur), mode="drop")}
+
+        def finalize(self, hstate, hcarry, num_clients):
+            return hcarry
+
+    monkeypatch.setitem(
+        algorithms._REGISTRY,
+        "test_frozen",
+        algorithms.Algorithm("test_frozen", lambda fl: optax.sgd(fl.server_lr), lambda fl: Frozen()),
+    )
+    sets = [*SETS, "fl.rounds=3", "checkpoint_every=1", "fl.weight_decay=0", "fl.algorithm=test_frozen"]
+    cfg = load_config("tiny", sets)
+    s = run(cfg, tmp_path / "r", progress=False)
+    assert s["rounds"] == 3
+    lora0 = build_model(cfg)[2]
+    for a, b in zip(jax.tree.leaves(load_for_eval(str(tmp_path / "r"))[2]), jax.tree.leaves(lora0)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    template = init_state(cfg, lora0, cfg.fl.num_clients, modes.build(cfg, lora0, [1] * cfg.fl.num_clients))
+    ckpt = Checkpointer(tmp_path / "r" / "checkpoints")
+    state, meta = ckpt.restore(template)
+    ckpt.close()
+    assert meta["round"] == 3 and sum(meta["participations"]) == 3 * cfg.fl.clients_per_round
+    np.testing.assert_array_equal(np.asarray(state["hook"]["count"]), meta["participations"])

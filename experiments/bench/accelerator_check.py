@@ -288,11 +288,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from fedlora_jax import randomness  # noqa: E402
+from fedlora_jax.algorithms import server_optimizer  # noqa: E402
 from fedlora_jax.client import client_update  # noqa: E402
 from fedlora_jax.config import load_config  # noqa: E402
 from fedlora_jax.models import LoRAConfig, ModelConfig, abstract_model, apply  # noqa: E402
 from fedlora_jax.privacy import modes  # noqa: E402
-from fedlora_jax.server import server_optimizer  # noqa: E402
 from fedlora_jax.simulation import init_state, make_round  # noqa: E402
 
 P = SMOKE if ARGS.smoke else FULL

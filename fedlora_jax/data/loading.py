@@ -1,5 +1,10 @@
-"""Load instruction examples into a `datasets.Dataset` with columns instruction, input, output
-(+ a label column when one is used for partitioning).
+"""Load examples into a `datasets.Dataset`: instruction rows with columns instruction, input,
+output, or conversations in a `messages` column (lists of {role, content}); + a label column when
+one is used for partitioning.
+
+Conversations are recognized without configuration when the rows hold a `messages` column, or
+ShareGPT's `conversations` column ({from, value} turns, from: system/human/gpt), and no instruction
+column; `data.columns: {messages: NAME}` names another column.
 
 Local json/jsonl/csv/parquet files are read here (not through `datasets`' builders), so that a
 bad file is reported as one sentence naming the file, the line and what is wrong.
@@ -18,8 +23,11 @@ import datasets
 from .. import randomness
 from ..errors import UserError
 from . import synthetic
+from .chat import normalize_conversation
 
 STANDARD = ("instruction", "input", "output")
+COLUMN_KEYS = (*STANDARD, "messages")  # what data.columns may map
+CONVERSATION_COLUMNS = ("messages", "conversations")  # recognized without data.columns
 _JSON_TYPES = {
     "dict": "object",
     "list": "array",
@@ -175,13 +183,19 @@ def load_examples(
     max_examples: int | None = None,
     seed: int = 0,
 ):
-    """A Dataset with instruction/input/output (input may be empty) and, when given, the label
-    column. `columns` maps our names to the dataset's (e.g. Dolly: instruction->instruction,
-    input->context, output->response; Q/A: instruction->question, output->answer)."""
+    """A Dataset with instruction/input/output (input may be empty), or with `messages`
+    (conversations as [{role, content}]), and, when given, the label column. `columns` maps our
+    names to the dataset's (e.g. Dolly: instruction->instruction, input->context,
+    output->response; Q/A: instruction->question, output->answer; ShareGPT: messages->conversations)."""
     mapping = dict(columns or {})
     for ours in mapping:
-        if ours not in STANDARD:
-            raise UserError(f"data.columns key {ours!r} is not one of: {', '.join(STANDARD)}")
+        if ours not in COLUMN_KEYS:
+            raise UserError(f"data.columns key {ours!r} is not one of: {', '.join(COLUMN_KEYS)}")
+    if "messages" in mapping and any(k in mapping for k in STANDARD):
+        raise UserError(
+            "data.columns maps both messages and instruction/input/output; a dataset is either "
+            "conversations or instruction rows"
+        )
     if source == "chatterbot":
         rows, where = chatterbot_examples(), "the chatterbot data"
     elif source == "synthetic":
@@ -203,6 +217,11 @@ def load_examples(
     if not rows:
         raise UserError(f"{where} is empty")
     found = list(dict.fromkeys(k for r in rows for k in r))
+    conversations = mapping.get("messages")
+    if conversations is None and not mapping and "instruction" not in found:
+        conversations = next((c for c in CONVERSATION_COLUMNS if c in found), None)
+    if conversations is not None:
+        return _conversations(rows, where, conversations, found, label_column, max_examples, seed)
     need = {ours: mapping.get(ours, ours) for ours in STANDARD}
     for ours in ("instruction", "output"):
         if need[ours] not in found:
@@ -228,14 +247,40 @@ def load_examples(
                 )
             ex[ours] = v
         if label_column is not None:
-            v = r.get(label_column)
-            if isinstance(v, (list, dict)):
-                raise UserError(
-                    f"{where} record {i}: label column {label_column!r} holds {v!r}; a label must be a single value"
-                )
-            ex["label"] = str(v)
+            ex["label"] = _label(r, label_column, where, i)
         out.append(ex)
+    return _dataset(out, max_examples, seed)
+
+
+def _dataset(out: list[dict], max_examples: int | None, seed: int):
     ds = datasets.Dataset.from_list(out)
     if max_examples is not None and max_examples < len(ds):
         ds = ds.shuffle(seed=randomness.np_seed(seed, "subsample")).select(range(max_examples))
     return ds
+
+
+def _label(r: dict, label_column: str, where: str, i: int) -> str:
+    v = r.get(label_column)
+    if isinstance(v, (list, dict)):
+        raise UserError(
+            f"{where} record {i}: label column {label_column!r} holds {v!r}; a label must be a single value"
+        )
+    return str(v)
+
+
+def _conversations(rows, where, column, found, label_column, max_examples, seed):
+    """A Dataset with a `messages` column of normalized conversations (+ label)."""
+    if column not in found:
+        raise UserError(
+            f"{where} has no column {column!r} (for messages); columns found: {', '.join(map(str, found))}; "
+            "map them with data.columns"
+        )
+    if label_column is not None and label_column not in found:
+        raise UserError(f"label column {label_column!r} not in {where}; columns found: {', '.join(map(str, found))}")
+    out = []
+    for i, r in enumerate(rows, 1):
+        ex = {"messages": normalize_conversation(r.get(column), f"{where} record {i}: column {column!r}")}
+        if label_column is not None:
+            ex["label"] = _label(r, label_column, where, i)
+        out.append(ex)
+    return _dataset(out, max_examples, seed)

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
 from .. import randomness
 from ..errors import UserError
 from .batches import PoissonBatcher, RoundBatcher
+from .chat import FALLBACK_CHAT_TEMPLATE
 from .loading import load_examples
 from .partition import partition, partition_summary
 from .tokenize import TokenizedData, tokenize_examples
 
 DEFAULT_LABELS = {"chatterbot": "topic", "synthetic": "task"}
+DROPPED_WARNING = 0.05  # warn when more than this share of the examples is dropped
+log = logging.getLogger("fedlora_jax")
 
 
 def byte_tokenizer():
     """A byte-level tokenizer built in code (256 byte tokens + <|endoftext|> <|im_start|>
-    <|im_end|>, no merges, ChatML template): the tokenizer of the random `tiny` models."""
+    <|im_end|>, no merges): the tokenizer of the random `tiny` models. Its chat template is
+    data.chat.FALLBACK_CHAT_TEMPLATE, which with EOS <|im_end|> is ChatML."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,10 +42,7 @@ def byte_tokenizer():
         unk_token="<|endoftext|>",
     )
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    fast.chat_template = FALLBACK_CHAT_TEMPLATE
     return fast
 
 
@@ -51,6 +53,7 @@ class ClientData:
     parts: list  # train indices per client
     eval_parts: list | None  # eval indices per client (eval_per_client)
     summary: dict
+    stats: dict = dataclasses.field(default_factory=dict)  # see data_stats
 
     def batcher(self, local_steps: int, batch_size: int, seed: int, poisson: bool = False) -> RoundBatcher:
         """Round blocks: shuffled fixed-size batches, or Poisson-sampled ones (DP-SGD)."""
@@ -76,7 +79,7 @@ def prepare(cfg, tokenizer) -> ClientData:
         max_examples=d.max_examples,
         seed=cfg.seed,
     )
-    data = tokenize_examples(ds, tokenizer, d.template, d.seq_len)
+    data = tokenize_examples(ds, tokenizer, d.template, d.seq_len, system_prompt=d.system_prompt, source=d.source)
     n = len(data)
     rng = randomness.np_rng(cfg.seed, "data_split")
     eval_data, eval_parts = None, None
@@ -109,4 +112,52 @@ def prepare(cfg, tokenizer) -> ClientData:
         "label_column": label,
         "clients": partition_summary(parts, train.attention_mask, train.labels),
     }
-    return ClientData(train, eval_data, parts, eval_parts, summary)
+    stats = data_stats(data, train, parts, eval_data, eval_parts, d.seq_len, len(ds))
+    summary["stats"] = stats
+    if stats["dropped"] > DROPPED_WARNING * stats["examples"]:
+        log.warning(
+            "%d of %d examples (%.0f%%) dropped: no response token fits in data.seq_len %d; raise data.seq_len",
+            stats["dropped"],
+            stats["examples"],
+            100 * stats["dropped"] / stats["examples"],
+            d.seq_len,
+        )
+    return ClientData(train, eval_data, parts, eval_parts, summary, stats)
+
+
+def _split_stats(data, parts) -> dict:
+    """examples, truncated, tokens, loss tokens and per-client min/mean/max examples of one split."""
+    rows = np.concatenate([np.asarray(p, np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    sizes = [len(p) for p in parts]
+    return {
+        "examples": len(rows),
+        "truncated": int(data.was_truncated[rows].sum()),
+        "tokens": int(data.attention_mask[rows].sum()),
+        "loss_tokens": int(data.loss_mask[rows].sum()),
+        "per_client": {"min": min(sizes), "mean": float(np.mean(sizes)), "max": max(sizes)} if sizes else None,
+    }
+
+
+def data_stats(data, train, parts, eval_data, eval_parts, seq_len: int, examples: int) -> dict:
+    """Plain-JSON statistics of prepared data: rows read (`examples`), `kept`, `dropped` (=
+    `dropped_too_long`: no response token within seq_len, + `dropped_no_assistant_tokens`: none at
+    all), `truncated` (kept but cut at seq_len), and per split (`train`, `eval`): examples,
+    truncated, tokens, loss_tokens and per_client {min, mean, max} examples (eval: None unless
+    data.eval_per_client)."""
+    if eval_data is None:
+        ev = {"examples": 0, "truncated": 0, "tokens": 0, "loss_tokens": 0, "per_client": None}
+    else:
+        ev = _split_stats(eval_data, eval_parts or [np.arange(len(eval_data))])
+        if eval_parts is None:
+            ev["per_client"] = None
+    return {
+        "seq_len": int(seq_len),
+        "examples": int(examples),
+        "kept": len(data),
+        "dropped": int(data.dropped),
+        "dropped_too_long": int(data.dropped_too_long),
+        "dropped_no_assistant_tokens": int(data.dropped_no_assistant_tokens),
+        "truncated": int(data.truncated),
+        "train": _split_stats(train, parts),
+        "eval": ev,
+    }

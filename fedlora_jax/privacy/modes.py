@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import algorithms, sampling
 from .. import lora as lora_lib
-from .. import sampling
 from ..errors import UserError
 from . import accounting as acc
 from . import mechanisms as prim
@@ -86,11 +86,12 @@ class Mechanism:
     def check(self) -> None:
         """Cross-field checks of the config against what this mechanism can account for."""
         fl = self.cfg.fl
-        if self.private and fl.algorithm == "scaffold" and not self.controls_private:
+        if self.private and algorithms.client_hook(fl).keeps_client_state and not self.controls_private:
             raise UserError(
-                f"fl.algorithm scaffold with dp.mode {self.name}: SCAFFOLD's control variates are "
-                f"computed from the clients' un-noised updates, which this mode's guarantee does not "
-                f"cover; use another algorithm, dp.mode dpsgd, or dp.mode none"
+                f"fl.algorithm {fl.algorithm} with dp.mode {self.name}: its per-client state (for "
+                f"SCAFFOLD, the control variates) is computed from the clients' un-noised updates, "
+                f"which this mode's guarantee does not cover; use another algorithm, dp.mode dpsgd, "
+                f"or dp.mode none"
             )
         if self.cfg.dp.adaptive_clip and not self.adaptive_clipping:
             raise UserError(f"dp.adaptive_clip is defined for dp.mode central, not {self.name}")
