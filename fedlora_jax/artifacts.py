@@ -1,35 +1,58 @@
-"""What a run leaves to load back: the final adapter (PEFT) or merged model (stacking), and the
-one loader of a run folder or adapter folder for evaluation."""
+"""What a run leaves to load back: the final adapter (PEFT, with its tokenizer and base record) or
+merged model (stacking), its model card, and the one loader of a run folder or adapter folder for
+evaluation."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from . import lora as lora_lib
+from . import peft_io
 from .config import load_config
 from .errors import UserError
+from .model_card import write_model_card  # noqa: F401  (called by the runner once the summary is known)
 from .models.factory import build_model
+
+TINY_BASE = "base_model"
 
 
 def save_final(cfg, out: Path, definition, base_eff, state_lora, tokenizer, source) -> dict:
-    """The final global adapter (PEFT format) or, under stacking, the base with the stacked
-    products merged in. Returns {name: path}."""
-    if cfg.fl.aggregation == "stack":
-        from .models.hub import LoadedModel, save_merged
+    """The final global adapter (PEFT format, with the tokenizer files and the base record) or, under
+    stacking, the base with the stacked products merged in. The random `tiny` base exists nowhere else,
+    so it is saved beside the adapter (base_model/, a Hugging Face folder) and the adapter names it.
+    Returns {name: path}. The model card follows with write_model_card, once the summary is known."""
+    from .models.hub import LoadedModel, base_reference, save_merged
 
+    out = Path(out)
+    if cfg.fl.aggregation == "stack":
         save_merged(out / "merged_model", LoadedModel(definition, base_eff, {}, tokenizer, {}, source), base_eff)
         return {"merged_model": str(out / "merged_model")}
-    lora_lib.save_peft(out / "adapter", definition, state_lora, None if cfg.model.source == "tiny" else source)
-    return {"adapter": str(out / "adapter")}
+    saved = {}
+    if cfg.model.source == "tiny":
+        folder = (out / TINY_BASE).resolve()
+        save_merged(folder, LoadedModel(definition, base_eff, {}, tokenizer, {}, source), base_eff)
+        base = {
+            "source": "tiny",
+            "format": "hf_folder",
+            "hub_id": None,
+            "name_or_path": str(folder),
+            "local_path": str(folder),
+            "relative_path": f"../{TINY_BASE}",
+            "note": f"the run's random tiny Llama (seed {cfg.seed}), saved in {TINY_BASE}/ beside the adapter; "
+            "it exists nowhere else",
+        }
+        saved["base_model"] = str(folder)
+    else:
+        base = base_reference(cfg.model.source, source)
+    peft_io.export_adapter(out / "adapter", definition, state_lora, tokenizer, base)
+    return {"adapter": str(out / "adapter"), **saved}
 
 
 def load_for_eval(target: str, model: str | None = None):
     """(definition, base, lora, tokenizer, run config or None) for a run folder (its final
-    adapter, or its merged model for stacking) or a PEFT adapter folder (with --model, or the
-    adapter's base_model_name_or_path)."""
+    adapter, or its merged model for stacking) or a PEFT adapter folder (with --model, or the base
+    its fedlora_jax.json record or its base_model_name_or_path names: peft_io.adapter_base)."""
     from .models import abstract_model
-    from .models.hub import load_model
+    from .models.hub import load_model, load_tokenizer
 
     t = Path(target)
     if (t / "config.yaml").exists():
@@ -40,20 +63,21 @@ def load_for_eval(target: str, model: str | None = None):
         definition, base, _, tok, _ = build_model(cfg)
         if not (t / "adapter").exists():
             raise UserError(f"run folder {target!r} has no adapter/ (did the run finish?)")
-        lc = lora_lib.read_peft_config(t / "adapter")
+        lc = peft_io.read_peft_config(t / "adapter")
         definition = abstract_model(definition.config, lc)[0]
-        return definition, base, lora_lib.load_peft(t / "adapter", definition), tok, cfg
-    if (t / lora_lib.ADAPTER_CONFIG).exists():
-        lc = lora_lib.read_peft_config(t)
-        src = model or json.loads((t / lora_lib.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        return definition, base, peft_io.load_peft(t / "adapter", definition), tok, cfg
+    if (t / peft_io.ADAPTER_CONFIG).exists():
+        lc = peft_io.read_peft_config(t)
+        src = model or peft_io.adapter_base(t)
         if not src:
             raise UserError(f"adapter {target!r} does not name its base model; pass --model")
         lm = load_model(src, dtype="float32")
         try:
             lc.check(lm.config)
             definition = abstract_model(lm.config, lc)[0]
-            lora = lora_lib.load_peft(t, definition)
+            lora = peft_io.load_peft(t, definition)
         except ValueError as e:
             raise UserError(f"adapter {target!r} does not match model {src!r}: {e}") from e
-        return definition, lm.base, lora, lm.tokenizer, None
+        tok = lm.tokenizer if lm.tokenizer is not None else load_tokenizer(t)  # the copy saved with the adapter
+        return definition, lm.base, lora, tok, None
     raise UserError(f"{target!r} is neither a run folder (config.yaml) nor a PEFT adapter folder (adapter_config.json)")

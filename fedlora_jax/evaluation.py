@@ -1,4 +1,5 @@
-"""Evaluation of a (base, adapter) pair: text scoring (NLL, perplexity)."""
+"""Evaluation of a (base, adapter) pair: text scoring (NLL, perplexity), greedy exact match, and
+multiple choice scored as lm-evaluation-harness scores it (same tokenization, same metric names)."""
 
 from __future__ import annotations
 
@@ -153,16 +154,40 @@ def _choice_nll(definition, base, lora, tokens, mask, loss_mask):
     return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)
 
 
+def lm_eval_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness (0.4) encodes a loglikelihood request
+    for a causal model, so that our log-likelihoods are its log-likelihoods: trailing whitespace of the
+    context moves to the continuation, the whole text is encoded once (the tokenizer's special tokens
+    included) and split after the context's own encoding; an empty context is BOS (else EOS)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if context == "":
+        if prefix is None:
+            raise UserError("a question is empty and the tokenizer has no BOS or EOS token to condition on")
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+
+    def encode(text):
+        # lm-eval does not add special tokens twice when the text already starts with the prefix token
+        bos = tokenizer.decode([prefix]) if prefix is not None else None
+        return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    whole, ctx = encode(context + continuation), encode(context)
+    return ctx, whole[len(ctx) :]
+
+
 def choice_logprobs(definition, base, lora, tokenizer, prompt: str, choices: list[str]):
-    """(sum of log p(choice tokens | prompt), number of choice tokens) for each choice."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    """(sum of log p(choice tokens | prompt), number of choice tokens) for each choice, the prompt and
+    choice tokenized as lm-evaluation-harness does (lm_eval_pair)."""
     rows, spans = [], []
     for c in choices:
-        ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+        ctx, ids = lm_eval_pair(tokenizer, prompt, c)
         if not ids:
-            raise UserError(f"choice {c!r} tokenizes to nothing")
-        rows.append(p + ids)
-        spans.append((len(p), len(p) + len(ids)))
+            raise UserError(f"choice {c!r} tokenizes to nothing after the question")
+        rows.append(ctx + ids)
+        spans.append((len(ctx), len(ctx) + len(ids)))
     width = 1 << (max(map(len, rows)) - 1).bit_length()
     tokens, mask = _pad_rows(rows, max(width, 8), 0)
     loss_mask = np.zeros_like(mask)
@@ -175,21 +200,28 @@ def choice_logprobs(definition, base, lora, tokenizer, prompt: str, choices: lis
 def multiple_choice(
     definition, base, lora, tokenizer, questions: list[str], choices: list[list[str]], answers: list[int]
 ) -> dict:
-    """Accuracy of picking the choice with the highest log-likelihood (and with the
-    log-likelihood per token, acc_norm), the way MMLU/BBH/CRASS-style benchmarks are scored."""
-    hits, hits_norm, picks = [], [], []
+    """Accuracy of picking the choice with the highest log-likelihood, the way MMLU/BBH/CRASS-style
+    benchmarks are scored, with lm-evaluation-harness's names and definitions: `accuracy` (its acc),
+    `accuracy_norm` (its acc_norm: log-likelihood per character of the choice), `accuracy_bytes` (its
+    acc_bytes: per UTF-8 byte); and `accuracy_per_token` (log-likelihood per choice token, which
+    depends on the tokenizer). The choice text is the whole continuation (lm-eval with an empty
+    target_delimiter)."""
+    hits = {k: [] for k in ("accuracy", "accuracy_norm", "accuracy_bytes", "accuracy_per_token")}
+    picks = []
     for q, cs, a in zip(questions, choices, answers):
         lp, n = choice_logprobs(definition, base, lora, tokenizer, q, list(cs))
+        chars = np.array([len(c) for c in cs], np.float64)
+        nbytes = np.array([len(c.encode("utf-8")) for c in cs], np.float64)
         pick = int(np.argmax(lp))
         picks.append(pick)
-        hits.append(pick == a)
-        hits_norm.append(int(np.argmax(lp / n)) == a)
-    return {
-        "accuracy": float(np.mean(hits)),
-        "accuracy_norm": float(np.mean(hits_norm)),
-        "n": len(hits),
-        "picks": picks,
-    }
+        for k, score in (
+            ("accuracy", lp),
+            ("accuracy_norm", lp / chars),
+            ("accuracy_bytes", lp / nbytes),
+            ("accuracy_per_token", lp / n),
+        ):
+            hits[k].append(int(np.argmax(score)) == a)
+    return {**{k: float(np.mean(v)) for k, v in hits.items()}, "n": len(picks), "picks": picks}
 
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")

@@ -1,27 +1,27 @@
-"""LoRA utilities over the pure-dict adapter tree: rank masks, frozen A, merging, and PEFT's
-adapter format (adapter_config.json + adapter_model.safetensors).
+"""LoRA utilities over the pure-dict adapter tree: rank masks, frozen A, merging.
 
 An adapter tree mirrors the model: ``lora['blocks']['attn']['q_proj'] = {'lora_a': [L, r, in],
 'lora_b': [L, out, r]}`` with a leading layer axis (PEFT's per-layer layout otherwise).
+PEFT's file format (reading and writing adapter folders) lives in `peft_io`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .errors import UserError
-from .models import Definition, LoRAConfig
-from .models.hub import hf_module_name
+from .models import Definition
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT I/O moved to peft_io; these names stay importable from here for existing callers
+_PEFT_IO = ("ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "save_peft", "read_peft_config", "check_peft_weights", "load_peft")
+
+
+def __getattr__(name):
+    if name in _PEFT_IO:  # resolved lazily: peft_io imports this module
+        from . import peft_io
+
+        return getattr(peft_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def modules(tree: dict, prefix: tuple = ()):
@@ -86,177 +86,6 @@ def add_to_kernels(base: dict, deltas) -> dict:
 def merge(definition: Definition, base: dict, tree: dict) -> dict:
     """Base parameters with scale * B A folded into each adapted kernel (kernel is [in, out])."""
     return add_to_kernels(base, ((p, jnp.swapaxes(d, -1, -2)) for p, d in delta_weights(definition, tree)))
-
-
-# ----------------------------------------------------------------------------- PEFT format
-
-
-def _peft_key(definition, path, layer, factor):
-    return f"base_model.model.{hf_module_name(definition.config, path, layer)}.lora_{factor}.weight"
-
-
-def save_peft(
-    folder: str | os.PathLike, definition: Definition, tree: dict, base_model_name_or_path: str | None = None
-) -> Path:
-    """Write `tree` as a PEFT LoRA adapter that peft.PeftModel.from_pretrained loads."""
-    from safetensors.numpy import save_file
-
-    cfg, lc = definition.config, definition.lora
-    tensors = {}
-    for path, m in modules(tree):
-        a, b = (np.asarray(jax.device_get(m[k]), np.float32) for k in ("lora_a", "lora_b"))
-        for i in range(cfg.num_layers):
-            tensors[_peft_key(definition, path, i, "A")] = np.ascontiguousarray(a[i])
-            tensors[_peft_key(definition, path, i, "B")] = np.ascontiguousarray(b[i])
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": lc.r,
-        "lora_alpha": lc.alpha,
-        "target_modules": sorted(lc.target_modules),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": cfg.family == "gpt2",
-        "use_rslora": lc.use_rslora,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "base_model_name_or_path": base_model_name_or_path,
-    }
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def _adapter_json(folder: Path) -> dict:
-    f = folder / ADAPTER_CONFIG
-    if not f.is_file():
-        raise UserError(f"{str(folder)!r} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    try:
-        text = f.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{str(f)!r} is not UTF-8 text; it must be PEFT's JSON adapter config") from None
-    except OSError as e:
-        raise UserError(f"cannot read {str(f)!r}: {e.strerror or e}") from None
-    try:
-        c = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{str(f)!r} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(c, dict):
-        raise UserError(f"{str(f)!r} must hold a JSON object (PEFT's adapter config), got {c!r:.40}")
-    return c
-
-
-def read_peft_config(folder: str | os.PathLike) -> LoRAConfig:
-    """The LoRAConfig of a PEFT adapter folder, every value checked (a UserError names the file and
-    the key)."""
-    folder = Path(folder)
-    c = _adapter_json(folder)
-    f = str(folder / ADAPTER_CONFIG)
-    if c.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{f!r}: adapter type {c.get('peft_type')!r} is not supported; only LORA")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if c.get(key):
-            raise UserError(f"{f!r}: PEFT adapters with a {key} are not supported")
-    if "r" not in c:
-        raise UserError(f"{f!r} has no 'r' (the LoRA rank, an integer >= 1)")
-    r = c["r"]
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r != int(r) or r < 1:
-        raise UserError(f"{f!r}: 'r' must be an integer >= 1, got {r!r}")
-    alpha = c.get("lora_alpha", 8)  # PEFT's default
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise UserError(f"{f!r}: 'lora_alpha' must be a number > 0, got {alpha!r}")
-    targets = c.get("target_modules")
-    if isinstance(targets, str):
-        raise UserError(f"{f!r}: target_modules as a regex ({targets!r}) is not supported; list the module names")
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise UserError(f"{f!r}: 'target_modules' must be a non-empty list of module names, got {targets!r}")
-    rslora = c.get("use_rslora", False)
-    if not isinstance(rslora, bool):
-        raise UserError(f"{f!r}: 'use_rslora' must be true or false, got {rslora!r}")
-    return LoRAConfig(r=int(r), alpha=float(alpha), target_modules=tuple(targets), use_rslora=rslora)
-
-
-def check_peft_weights(folder: str | os.PathLike) -> None:
-    """Check that adapter_model.safetensors exists and is whole (its header parses and every
-    tensor's bytes are in the file) without reading the tensors."""
-    folder = Path(folder)
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise UserError(f"{str(folder)!r} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not loaded)")
-    w = str(weights)
-    try:
-        size = weights.stat().st_size
-        with weights.open("rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or 8 + n > size:
-                raise UserError(
-                    f"{w!r} is truncated or not a safetensors file (its header does not fit in its {size} bytes)"
-                )
-            raw = fh.read(n)
-    except OSError as e:
-        raise UserError(f"cannot read {w!r}: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
-        raise UserError(f"{w!r} is corrupt: its safetensors header is not valid") from None
-    if 8 + n + max(ends, default=0) > size:
-        raise UserError(f"{w!r} is truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}")
-
-
-def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
-    """Read a PEFT LoRA adapter into an adapter tree for `definition` (whose LoRA config must be
-    the adapter's: build it with read_peft_config). Checks every tensor name and shape."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    from .models import init_lora
-
-    folder = Path(folder)
-    weights = folder / ADAPTER_WEIGHTS
-    check_peft_weights(folder)
-    try:
-        loaded = load_file(str(weights))
-    except SafetensorError as e:
-        raise UserError(f"{str(weights)!r} is corrupt ({' '.join(str(e).split())})") from None
-    tensors = {k.replace(".default.", "."): v for k, v in loaded.items()}
-    template = jax.eval_shape(lambda: init_lora(definition))
-    used = set()
-
-    out = {}
-    for path, spec in modules(template):
-        pair = {}
-        for factor, key in (("A", "lora_a"), ("B", "lora_b")):
-            stack = []
-            for i in range(definition.config.num_layers):
-                name = _peft_key(definition, path, i, factor)
-                if name not in tensors:
-                    raise UserError(f"adapter is missing tensor {name!r}")
-                want = spec[key].shape[1:]
-                if tensors[name].shape != tuple(want):
-                    raise UserError(
-                        f"adapter tensor {name!r} has shape {tensors[name].shape} but the model needs {tuple(want)}"
-                    )
-                stack.append(tensors[name])
-                used.add(name)
-            pair[key] = jnp.asarray(np.stack(stack), jnp.float32)
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = pair
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise UserError(
-            f"adapter has {len(extra)} tensor(s) this model has no place for, e.g. {extra[0]!r}; "
-            "does the adapter belong to this model?"
-        )
-    return out
 
 
 def reinit(tree: dict, key) -> dict:

@@ -69,14 +69,16 @@ def _population(n: int, k: int, rounds: int, examples_per_client: int, scale: st
     ]
 
 
-def runs_of(scale: str, examples_per_client: int = 2) -> dict[str, tuple[dict, list[str]]]:
-    """{run name: (its coordinates, its overrides)} of a scale's grid."""
+def runs_of(
+    scale: str, examples_per_client: int = 2, populations=None, epsilons=None
+) -> dict[str, tuple[dict, list[str]]]:
+    """{run name: (its coordinates, its overrides)} of a scale's grid (or the given part of it)."""
     grid = GRIDS[scale]
     runs = {}
-    for n, k in grid["populations"]:
+    for n, k in populations or grid["populations"]:
         pop = _population(n, k, grid["rounds"], examples_per_client, scale)
         runs[f"N{n}_K{k}_nodp"] = ({"N": n, "K": k, "epsilon": None, "mechanism": "none"}, [*pop, "dp.mode=none"])
-        for eps in grid["epsilons"]:
+        for eps in epsilons or grid["epsilons"]:
             for mech, ov in MECHANISMS.items():
                 clip = ["dp.clip_a=0.1", "dp.clip_b=0.1"]
                 if mech == "central_adaptive":
@@ -90,12 +92,15 @@ def runs_of(scale: str, examples_per_client: int = 2) -> dict[str, tuple[dict, l
     return runs
 
 
-def population(scale: str, out, overrides=(), examples_per_client: int = 2, **kw) -> dict:
+def population(
+    scale: str, out, overrides=(), examples_per_client: int = 2, populations=None, epsilons=None, **kw
+) -> dict:
     """Utility against cohort size K at fixed honest epsilon, for populations N up to 10,000:
     central DP-FedAvg (fixed and adaptive clip), FFA-LoRA under central DP, the paper's local
-    mechanism, and no DP; held-out loss and exact match after the last round."""
+    mechanism, and no DP; held-out loss and exact match after the last round. populations: a
+    list of (N, K) and epsilons: a list, to run part of the scale's grid."""
     out = Path(out)
-    grid = runs_of(scale, examples_per_client)
+    grid = runs_of(scale, examples_per_client, populations, epsilons)
     s = ex.run_grid({name: ov for name, (_, ov) in grid.items()}, scale, out, overrides, **kw)
     rows = []
     for name, (coords, _) in grid.items():

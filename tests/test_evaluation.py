@@ -31,7 +31,8 @@ def test_multiple_choice_picks_the_highest_likelihood_choice():
     a = tok("a", add_special_tokens=False)["input_ids"][0]
     definition, base, lora = _forced(a)
     lp, n = choice_logprobs(definition, base, lora, tok, "Pick one: ", ["a", "b", "ab"])
-    assert np.argmax(lp) == 0 and list(n) == [1, 1, 2]
+    # as lm-eval does, the question's trailing space is scored with each choice: " a", " b", " ab"
+    assert np.argmax(lp) == 0 and list(n) == [2, 2, 3]
     res = multiple_choice(definition, base, lora, tok, ["Q1 ", "Q2 "], [["b", "a"], ["a", "c"]], [1, 0])
     assert res["accuracy"] == 1.0 and res["picks"] == [1, 0]
     # the choice the model prefers is picked even when the key says otherwise

