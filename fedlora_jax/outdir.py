@@ -32,6 +32,9 @@ RUN_ENTRIES = frozenset(
         "checkpoints",
         "adapter",
         "merged_model",
+        "base_model",  # the tiny random base, saved for PEFT and lm-eval
+        "tensorboard",  # logging.writers: tensorboard
+        "wandb",  # logging.writers: wandb
     }
 )
 # top-level keys of a config.yaml this tool wrote (log_every: written by earlier versions)

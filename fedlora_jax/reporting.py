@@ -3,7 +3,6 @@ the progress bar's postfix, and summary.json."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -11,50 +10,92 @@ from pathlib import Path
 
 from .errors import UserError
 from .privacy import modes
+from .writers import write_csv
 
 
-def plot_metrics(rows: list[dict], path: Path) -> None:
+def _points(rows: list[dict], key: str, positive: bool = False) -> list[tuple]:
+    """(round, value) of the rows where `key` is a finite number (positive: > 0, for a log axis)."""
+    out = []
+    for x in rows:
+        v = x.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive):
+            out.append((x["round"], v))
+    return out
+
+
+def plot_title(mechanism_name: str, privacy: dict | None) -> str:
+    """The plot's title: the DP mode and the final honest epsilon (worst client) with its delta."""
+    privacy = privacy or {}
+    eps, delta = privacy.get("epsilon"), privacy.get("delta")
+    if mechanism_name == "none" or eps is None:
+        return f"dp.mode {mechanism_name} (no DP)" if mechanism_name == "none" else f"dp.mode {mechanism_name}"
+    text = f"dp.mode {mechanism_name}: final honest epsilon {eps:.4g} (worst client)"
+    return text + (f", delta {delta:.3g}" if delta is not None else "")
+
+
+def _legend_below(ax) -> None:
+    """A legend under the axes (never over the curves)."""
+    n = len(ax.get_legend_handles_labels()[1])
+    if n:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, fontsize="small", frameon=False)
+
+
+def metrics_figure(rows: list[dict], *, initial_eval=None, title: str | None = None):
+    """The metrics figure: losses (with the round-0 eval), epsilon (log axis when positive), scores.
+    Rounds are integer ticks; None, NaN and (on a log axis) non-positive values are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    r = [x["round"] for x in rows]
-    scores = [k for k in ("eval_exact_match", "eval_mc_accuracy") if any(x.get(k) is not None for x in rows)]
-    fig, axes = plt.subplots(1, 3 if scores else 2, figsize=(15 if scores else 10, 4))
+    scores = [k for k in ("eval_exact_match", "eval_mc_accuracy") if _points(rows, k)]
+    fig, axes = plt.subplots(1, 3 if scores else 2, figsize=(15 if scores else 11, 5), layout="constrained")
     for k in scores:
-        pts = [(x["round"], x[k]) for x in rows if x.get(k) is not None]
-        axes[2].plot(*zip(*pts), "o-", label=k.replace("eval_", "").replace("_", " "))
+        axes[2].plot(*zip(*_points(rows, k)), "o-", label=k.replace("eval_", "").replace("_", " "))
     if scores:
-        axes[2].set_xlabel("round")
         axes[2].set_ylabel("score")
         axes[2].set_ylim(0, 1)
-        axes[2].legend()
     for name, label in (
         ("loss", "train loss (clients)"),
         ("unprotected_loss", "train loss (clients; outside the DP guarantee)"),
     ):
-        pts = [(x["round"], x[name]) for x in rows if x.get(name) is not None]
+        pts = _points(rows, name)
         if pts:
             axes[0].plot(*zip(*pts), label=label)
-    ev = [(x["round"], x["eval_loss"]) for x in rows if x.get("eval_loss") is not None]
+    ev = _points(rows, "eval_loss")
+    if isinstance(initial_eval, (int, float)) and math.isfinite(initial_eval):
+        ev = [(0, initial_eval)] + ev  # the evaluation before any round
     if ev:
-        axes[0].plot(*zip(*ev), "o-", label="eval loss")
-    axes[0].set_xlabel("round")
+        axes[0].plot(*zip(*ev), "o-", label="eval loss (held out; round 0: before training)")
     axes[0].set_ylabel("loss (nats/token)")
-    if axes[0].get_lines():
-        axes[0].legend()
-    if rows and rows[0].get("epsilon") is not None:
-        axes[1].plot(r, [x["epsilon"] for x in rows], label="honest epsilon (worst client)")
-        if rows[0].get("epsilon_paper_tracker") is not None:
-            axes[1].plot(r, [x["epsilon_paper_tracker"] for x in rows], "--", label="paper convention (not a bound)")
-        axes[1].set_yscale("log")
-        axes[1].legend()
+    eps = _points(rows, "epsilon")
+    if eps:
+        pos = _points(rows, "epsilon", positive=True)
+        log_axis = len(pos) == len(eps)
+        axes[1].plot(*zip(*eps), label="honest epsilon (worst client)")
+        paper = _points(rows, "epsilon_paper_tracker", positive=log_axis)
+        if paper:
+            axes[1].plot(*zip(*paper), "--", label="paper convention (not a bound)")
+        if log_axis:
+            axes[1].set_yscale("log")
     else:
-        axes[1].text(0.5, 0.5, "no DP", ha="center")
-    axes[1].set_xlabel("round")
+        axes[1].text(0.5, 0.5, "no DP", ha="center", transform=axes[1].transAxes)
     axes[1].set_ylabel("epsilon")
-    fig.tight_layout()
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _legend_below(ax)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_metrics(rows: list[dict], path: Path, *, initial_eval=None, title: str | None = None) -> None:
+    """metrics.png (see metrics_figure)."""
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(rows, initial_eval=initial_eval, title=title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -94,10 +135,11 @@ def rewrite_rows(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def postfix(row: dict, rows: list[dict]) -> dict:
-    """The progress bar shows the latest held-out loss, epsilon and (marked) client loss."""
+def postfix(row: dict, rows: list[dict], initial_eval=None) -> dict:
+    """The progress bar shows the latest held-out loss (before the first eval round: the round-0 one),
+    epsilon and (marked) client loss."""
     out = {}
-    last_eval = next((x["eval_loss"] for x in reversed(rows) if x.get("eval_loss") is not None), None)
+    last_eval = next((x["eval_loss"] for x in reversed(rows) if x.get("eval_loss") is not None), initial_eval)
     if last_eval is not None:
         out["eval"] = f"{last_eval:.3f}"
     if row.get("epsilon") is not None:
@@ -106,6 +148,19 @@ def postfix(row: dict, rows: list[dict]) -> dict:
         if row.get(name) is not None:
             out["train" if name == "loss" else "train(unprotected)"] = f"{row[name]:.3f}"
     return out
+
+
+def data_line(stats: dict) -> str:
+    """One line of data statistics for the console."""
+    t = stats["train"]
+    pc = t.get("per_client") or {}
+    return (
+        f"data: {stats['examples']} examples, {stats['kept']} kept, {stats['dropped']} dropped "
+        f"(longer than data.seq_len {stats['seq_len']} or no response token), {stats['truncated']} truncated; "
+        f"train {t['examples']} examples"
+        + (f", per client {pc['min']} to {pc['max']} (mean {pc['mean']:.1f})" if pc else "")
+        + f"; eval {stats['eval']['examples']}"
+    )
 
 
 def write_outputs(
@@ -121,18 +176,16 @@ def write_outputs(
     done: int,
     stop_reason: str,
     wall_seconds: float,
+    data_stats: dict | None = None,
 ) -> dict:
     """metrics.jsonl/.csv, metrics.png and summary.json (artifacts: the saved adapter / merged model)."""
     metrics_path, csv_path = out / "metrics.jsonl", out / "metrics.csv"
     # rewrite the metrics (a resume may have dropped rows logged after its checkpoint)
     rewrite_rows(metrics_path, rows)
-    fields = list(dict.fromkeys(k for x in rows for k in x)) or ["round"]
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(csv_path, rows)
+    privacy = mechanism.summary(participations, rows[-1] if rows else None)
     if rows:
-        plot_metrics(rows, out / "metrics.png")
+        plot_metrics(rows, out / "metrics.png", initial_eval=initial_eval, title=plot_title(mechanism.name, privacy))
     outputs = {
         "metrics_jsonl": str(metrics_path),
         "metrics_csv": str(csv_path),
@@ -140,6 +193,7 @@ def write_outputs(
         "checkpoints": str(out / "checkpoints"),
         "config": str(out / "config.yaml"),
     }
+    outputs.update({name: str(out / name) for name in ("tensorboard", "wandb") if (out / name).is_dir()})
     outputs.update(artifacts)
     last = lambda k: next((x[k] for x in reversed(rows) if x.get(k) is not None), None)
     summary = {
@@ -160,7 +214,14 @@ def write_outputs(
         summary[("final_train_loss" if train_name == "loss" else modes.UNPROTECTED_PREFIX + "final_train_loss")] = last(
             train_name
         )
-    summary["privacy"] = mechanism.summary(participations, rows[-1] if rows else None)
+    summary["privacy"] = privacy
+    if data_stats is not None:
+        # counts of the clients' data: outside any DP guarantee, so under DP only on request, marked
+        if not mechanism.private:
+            summary["data"] = data_stats
+        elif mechanism.publish_client_metrics:
+            summary[modes.UNPROTECTED_PREFIX + "data"] = data_stats
+            privacy.setdefault("outside_guarantee", []).append(modes.UNPROTECTED_PREFIX + "data")
     summary.update(wall_seconds=wall_seconds, outputs=outputs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary

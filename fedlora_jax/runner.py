@@ -13,7 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from . import aggregation, artifacts, randomness, reporting, sampling
+from . import aggregation, artifacts, randomness, reporting, sampling, writers
 from .artifacts import load_for_eval  # noqa: F401  (re-exported: the loader of run and adapter folders)
 from .checkpoint import Checkpointer
 from .config import RunConfig
@@ -48,6 +48,27 @@ def _private(folder: Path) -> None:
 def worst_participations(cfg: RunConfig) -> int:
     """The most rounds any client takes part in under the run's seeded sampling schedule."""
     return int(sampling.config_counts(cfg).max())
+
+
+class _closing:
+    """Close the run's writers however the loop ends (a crash or a second Ctrl-C included)."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def __enter__(self):
+        return self.w
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.w.close()
+            return False
+        try:  # the loop failed: still hand the last row to the thinned writers, close, keep the error
+            self.w.flush_stop()
+            self.w.close()
+        except Exception:
+            log.warning("closing the metric writers failed after an error", exc_info=True)
+        return False
 
 
 class _StopOnSignal:
@@ -110,8 +131,10 @@ def run(
             prepare_out(cfg, out, resume, overwrite)  # the config must still match
             log.info("run %s already finished (%d rounds); nothing to do", out, fl.rounds)
             return {**done, "already_finished": True}
+    writers.check(cfg)  # a chosen writer's package is missing: say so before loading anything
     definition, base, lora, tokenizer, source = build_model(cfg)
     data = prepare(cfg, tokenizer)
+    log.info(reporting.data_line(data.stats))  # the operator's console; summary.json follows the DP rules
     mechanism = modes.build(cfg, lora, [len(p) for p in data.parts])
     ledger = mechanism.ledger
     extra_eval = RunEvaluator(cfg, tokenizer, data.eval)  # bad evaluation data fails before the folder is made
@@ -139,8 +162,9 @@ def run(
         participations = np.asarray(
             meta.get("participations") or (meta["ledger"] or {}).get("participations", participations), np.int64
         )
-        rows = reporting.read_rows(metrics_path, start)  # rows logged after the checkpoint are dropped: they rerun
-        reporting.rewrite_rows(metrics_path, rows)  # and leave the file, so a second kill cannot repeat them
+        # rows logged after the checkpoint are dropped (they rerun); the writers rewrite metrics.jsonl/.csv
+        # from these before the first new row, so a second kill cannot repeat them
+        rows = reporting.read_rows(metrics_path, start)
     noise_seed = _noise_seed(cfg, mechanism, meta)
     # central DP's client draw and DP-SGD's batch draws come from the secret root too (amplification)
     sample_seed = noise_seed if mechanism.sampling_secret else cfg.seed
@@ -205,8 +229,12 @@ def run(
     stop_reason = "completed"
     if progress and start == 0:
         log.info("compiling the round (the first round includes XLA compilation)")
-    bar = tqdm(total=fl.rounds, initial=start, disable=not progress, desc="rounds", file=sys.stderr)
-    with _StopOnSignal() as stop:
+    out_rows = writers.Writers(cfg, out, rows, start)  # metrics.jsonl/.csv (every round) + logging.writers
+    # the bar shows the rows the writers log (logging.log_every, eval rounds, last and stop rounds)
+    bar = tqdm(total=fl.rounds, initial=start, disable=not progress, desc="rounds (compiling)", file=sys.stderr)
+    bar.set_postfix(reporting.postfix(rows[-1] if rows else {}, rows, initial_eval=initial_eval))
+    compiling = True
+    with _StopOnSignal() as stop, _closing(out_rows):
         for r in range(start, fl.rounds):
             if stop_after is not None and r >= start + stop_after:
                 stop_reason = "stopped"
@@ -232,6 +260,9 @@ def run(
                 randomness.round_keys(noise_seed, r),
                 jnp.float32(lr),
             )
+            if compiling:  # the first call of the session traced and compiled the round
+                compiling = False
+                bar.set_description("rounds")
             if ledger is not None:
                 ledger.record(ids[valid])  # also counts participations (the same array)
             else:
@@ -273,12 +304,14 @@ def run(
             row["seconds"] = time.time() - t0
             row = {k: reporting.finite_or_none(v) for k, v in row.items()}
             rows.append(row)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
             bar.update(1)
-            bar.set_postfix(reporting.postfix(row, rows))
+            if out_rows.write(row, row["round"]):
+                bar.set_postfix(reporting.postfix(row, rows, initial_eval=initial_eval))
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == fl.rounds):
                 ckpt.save(r + 1, state, checkpoint_meta(r + 1))
+        stopped_row = out_rows.flush_stop()  # the round where the run stops is always logged
+        if stopped_row is not None:
+            bar.set_postfix(reporting.postfix(stopped_row, rows, initial_eval=initial_eval))
         bar.close()
         done = rows[-1]["round"] if rows else start
         if done and (ckpt.latest() or 0) < done:  # also keep where an early stop left off
@@ -298,5 +331,7 @@ def run(
         done=done,
         stop_reason=stop_reason,
         wall_seconds=wall_before + time.time() - t_start,
+        data_stats=data.stats,
     )
+    artifacts.write_model_card(out, cfg, summary)
     return summary

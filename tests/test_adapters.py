@@ -142,7 +142,6 @@ def test_model_card_states_the_honest_privacy_figures_and_the_command(hf_run):
     assert load_config(argv[2], sets) == cfg
 
 
-@pytest.mark.xfail(strict=True, reason="runner.run does not call artifacts.write_model_card yet (one-line change)")
 def test_a_finished_run_writes_its_model_card(hf_run):
     assert hf_run["card_by_run"]
 

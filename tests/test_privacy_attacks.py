@@ -278,6 +278,7 @@ def test_dp_run_publishes_only_accounted_values_unless_asked(mode, tmp_path):
             assert not any(k.startswith(modes.UNPROTECTED_PREFIX) for k in set(summary) | set(summary["privacy"]))
             if not cohort_public:
                 assert "max_participations" not in summary["privacy"]
+            assert "data" not in summary  # the clients' example counts are not accounted
         else:
             extra = keys - allowed
             assert extra and all(k.startswith(modes.UNPROTECTED_PREFIX) for k in extra)
@@ -285,6 +286,8 @@ def test_dp_run_publishes_only_accounted_values_unless_asked(mode, tmp_path):
             assert set(summary["privacy"]["outside_guarantee"]) >= extra
             assert "unprotected_final_train_loss" in summary and "final_train_loss" not in summary
             assert "OUTSIDE" in summary["privacy"]["published"]
+            assert summary["unprotected_data"]["kept"] > 0 and "data" not in summary
+            assert "unprotected_data" in summary["privacy"]["outside_guarantee"]
 
 
 @pytest.mark.parametrize("mode", ["local", "central"])

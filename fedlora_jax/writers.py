@@ -1,0 +1,272 @@
+"""Metric writers: where the metrics rows of a run go.
+
+One small interface: `open(out, cfg, rows, start)`, `write(row, step)`, `close()`. The runner holds one
+`Writers` (the fan-out) and calls `write` once per round:
+
+- metrics.jsonl and metrics.csv get EVERY round (resume and the summary read metrics.jsonl);
+- the optional writers chosen in `logging.writers` (tensorboard, wandb) and the progress bar get the
+  rounds `logs` picks: every `logging.log_every`-th round, evaluation rounds, the last round,
+  and the round where a run stops (the fan-out keeps the last unlogged row and writes it at `close`).
+
+Privacy: a writer writes the row it is given, i.e. the metrics.jsonl row whose names the DP mode
+chose (`Mechanism.published_name`, the `unprotected_` prefix), and nothing else: no config, no system
+statistics, no console capture.
+
+Resume: `open` receives the rows kept at a resume (rounds <= the checkpoint, `start`); rows logged
+after the checkpoint were dropped and rerun (to the same values, `seconds` aside).
+- jsonl/csv are rewritten from the kept rows (atomically).
+- tensorboard writes into the same folder (RUN/tensorboard) with `purge_step = start + 1`: a
+  SessionLog START that tells readers to drop the earlier events of steps > start. Every write is
+  flushed, so what a killed session logged up to its checkpoint is on disk.
+- wandb keeps its run id and the last step it sent in RUN/wandb/fedlora_run.json: a resumed session
+  continues that run id and skips the steps already sent (W&B cannot take a step back).
+
+tensorboardX and wandb are imported only when chosen; `check(cfg)` fails early (a UserError naming
+the package and the pip extra) when one is chosen and not installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+
+from .errors import UserError
+
+# writer name -> (module imported, pip package, pip extra of fedlora-jax)
+OPTIONAL = {
+    "tensorboard": ("tensorboardX", "tensorboardX", "tensorboard"),
+    "wandb": ("wandb", "wandb", "wandb"),
+}
+
+
+def _import(name: str):
+    module, package, extra = OPTIONAL[name]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(
+            f"logging.writers lists {name!r}, but the package {package!r} is not installed; "
+            f"install it with: pip install 'fedlora-jax[{extra}]' (or pip install {package}), "
+            f"or remove {name!r} from logging.writers"
+        ) from None
+
+
+def check(cfg) -> None:
+    """Each chosen optional writer's package imports (a UserError naming the package and extra if not)."""
+    for name in cfg.logging.writers:
+        _import(name)
+
+
+def scalars(row: dict) -> dict:
+    """The numeric, finite values of a row except `round` (the step): what tensorboard and wandb get."""
+    out = {}
+    for k, v in row.items():
+        if k == "round" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(v):
+            out[k] = v
+    return out
+
+
+class Writer:
+    """open(out, cfg, rows, start) once; write(row, step) per row; close() once."""
+
+    name = "writer"
+    every_round = False  # True: gets every round (not thinned by logging.log_every)
+
+    def open(self, out: Path, cfg, rows: list[dict], start: int) -> None:
+        pass
+
+    def write(self, row: dict, step: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlWriter(Writer):
+    """metrics.jsonl: one strict-JSON line per round, appended (a kill loses at most the line being written)."""
+
+    name, every_round = "jsonl", True
+
+    def open(self, out, cfg, rows, start):
+        from .reporting import rewrite_rows
+
+        self.path = out / "metrics.jsonl"
+        rewrite_rows(self.path, rows)  # drops rows logged after the checkpoint: they rerun
+
+    def write(self, row, step):
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+class CsvWriter(Writer):
+    """metrics.csv: appended per round; rewritten (atomically) when a row brings a new column."""
+
+    name, every_round = "csv", True
+
+    def open(self, out, cfg, rows, start):
+        self.path, self.rows = out / "metrics.csv", list(rows)
+        self.fields = _fields(self.rows)
+        write_csv(self.path, self.rows)
+
+    def write(self, row, step):
+        self.rows.append(row)
+        if set(row) - set(self.fields):
+            self.fields = _fields(self.rows)
+            write_csv(self.path, self.rows)
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
+
+
+def _fields(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for x in rows for k in x)) or ["round"]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """metrics.csv from rows (columns: every key, in order of first appearance), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_fields(rows))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+class TensorBoardWriter(Writer):
+    """RUN/tensorboard: one scalar per metrics key (the same names), step = round."""
+
+    name = "tensorboard"
+
+    def open(self, out, cfg, rows, start):
+        tbx = _import("tensorboard")
+        # purge_step: readers drop this folder's earlier events of steps >= start + 1 (logged after
+        # the checkpoint by a killed session, rerun now); in a fresh folder there is nothing to drop
+        self.w = tbx.SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
+
+    def write(self, row, step):
+        for k, v in scalars(row).items():
+            self.w.add_scalar(k, v, step)
+        self.w.flush()  # on disk before the next checkpoint: a kill -9 must not lose logged rounds
+
+    def close(self):
+        self.w.close()
+
+
+class WandbWriter(Writer):
+    """RUN/wandb (wandb's own folder layout): the metrics keys, step = round; no config, no system
+    statistics, no code or git state, no console capture."""
+
+    name = "wandb"
+
+    def open(self, out, cfg, rows, start):
+        wandb = _import("wandb")
+        folder = out / "wandb"
+        folder.mkdir(exist_ok=True)
+        self.state_path = folder / "fedlora_run.json"
+        state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.state = {"id": state.get("id") or secrets.token_hex(4), "last_step": state.get("last_step", 0)}
+        self._save()
+        self.run = wandb.init(
+            project=cfg.logging.wandb_project,
+            name=cfg.name,
+            id=self.state["id"],
+            resume="allow",
+            dir=str(out),
+            mode=cfg.logging.wandb_mode,
+            settings=wandb.Settings(
+                console="off",
+                save_code=False,
+                disable_git=True,
+                disable_code=True,
+                x_disable_stats=True,
+                x_disable_meta=True,
+                x_disable_machine_info=True,
+                x_save_requirements=False,
+                silent=True,
+            ),
+        )
+
+    def _save(self):
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.state_path)
+
+    def write(self, row, step):
+        if step <= self.state["last_step"]:
+            return  # sent by an earlier session of this run (a resume reruns it to the same values)
+        self.run.log(scalars(row), step=step)
+        self.state["last_step"] = step
+        self._save()
+
+    def close(self):
+        self.run.finish()
+
+
+def logs(cfg, step: int) -> bool:
+    """Whether round `step` (1-based) goes to the thinned writers and the progress bar: every
+    logging.log_every-th round, evaluation rounds and the last round (and, see Writers.flush_stop,
+    the round where a run stops)."""
+    return (
+        step % cfg.logging.log_every == 0
+        or step == cfg.fl.rounds
+        or bool(cfg.eval_every and step % cfg.eval_every == 0)
+    )
+
+
+OPTIONAL_WRITERS = {"tensorboard": TensorBoardWriter, "wandb": WandbWriter}
+
+
+class Writers:
+    """The fan-out the runner calls once per round: every writer of the run, thinned by `logs`."""
+
+    def __init__(self, cfg, out: Path, rows: list[dict], start: int):
+        self.cfg = cfg
+        self.writers: list[Writer] = [JsonlWriter(), CsvWriter()]
+        self.writers += [OPTIONAL_WRITERS[n]() for n in cfg.logging.writers]
+        self.pending: tuple[dict, int] | None = None  # the last row not yet given to the thinned writers
+        opened = []
+        try:
+            for w in self.writers:
+                w.open(out, cfg, rows, start)
+                opened.append(w)
+        except BaseException:
+            for w in opened:
+                w.close()
+            raise
+
+    def write(self, row: dict, step: int) -> bool:
+        """Write one round's row; returns whether the thinned writers (and so the bar) got it."""
+        logged = logs(self.cfg, step)
+        for w in self.writers:
+            if w.every_round or logged:
+                w.write(row, step)
+        self.pending = None if logged else (row, step)
+        return logged
+
+    def flush_stop(self) -> dict | None:
+        """The run stops here: the last row goes to the thinned writers if it has not; returns it then."""
+        if self.pending is None:
+            return None
+        row, step = self.pending
+        self.pending = None
+        for w in self.writers:
+            if not w.every_round:
+                w.write(row, step)
+        return row
+
+    def close(self) -> None:
+        errors = []
+        for w in self.writers:
+            try:
+                w.close()
+            except Exception as e:  # close the others, then raise the first
+                errors.append(e)
+        if errors:
+            raise errors[0]
