@@ -465,6 +465,70 @@ def _cmd_audit(args) -> int:
     return 0 if r["consistent"] else 1
 
 
+def _cmd_config(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    print(config_yaml(cfg), end="")
+    return 0
+
+
+def config_yaml(cfg) -> str:
+    """The resolved config as YAML, every key with its value or default: what `run` writes to config.yaml."""
+    return cfg.to_yaml()
+
+
+def _cmd_generate(args) -> int:
+    from . import generate
+    from . import lora as lora_lib
+
+    _finite("--max-new-tokens", args.max_new_tokens, low=1, what="the number of tokens to generate")
+    _finite("--temperature", args.temperature, low=0, what="0 is greedy, above 0 samples")
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give the text the model should answer or continue")
+    t = Path(args.model)
+    if t.is_dir() and ((t / "config.yaml").is_file() or (t / lora_lib.ADAPTER_CONFIG).is_file()):
+        _precheck_eval_target(args.model)  # a broken run or adapter folder fails before any model is loaded
+    definition, base, lora, tok, desc = generate.load(args.model, args.adapter)
+    ids = generate.prompt_ids(tok, args.prompt, chat_template=not args.no_chat_template)
+    printed = ""
+
+    def stream(tokens):
+        nonlocal printed
+        text = tok.decode(tokens[0], skip_special_tokens=True)
+        if text.startswith(printed) and not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+
+    result = generate.generate_ids(
+        definition,
+        base,
+        lora,
+        [ids],
+        args.max_new_tokens,
+        eos_ids=generate.eos_ids(tok),
+        temperature=args.temperature,
+        seed=args.seed,
+        on_token=None if args.json else stream,
+    )
+    out = generate.summary(result, tok, len(ids), desc)
+    if args.json:
+        print(dumps(out))
+        return 0
+    if out["text"].startswith(printed):
+        sys.stdout.write(out["text"][len(printed) :])
+    print()
+    rate = "n/a" if not math.isfinite(result.tokens_per_second) else f"{result.tokens_per_second:.1f}"
+    print(
+        f"[{desc}: {len(ids)} prompt tokens, {len(out['token_ids'])} new ({out['stopped']}); prefill "
+        f"{result.prefill_seconds:.2f} s and first step {result.first_step_seconds:.2f} s (with compiling), "
+        f"then {rate} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Command-line mistakes as one line (`fedlora-jax CMD: error: ...`) and exit status 2."""
 
@@ -478,30 +542,143 @@ def _dp_modes() -> tuple[str, ...]:
     return modes.dp_names()
 
 
+DESCRIPTION = (
+    "Simulate differentially private federated LoRA fine-tuning of language models in JAX, with honest "
+    "privacy accounting. Run 'fedlora-jax COMMAND --help' for a command's options."
+)
+CONFIG_DOCS = "README.md: 'Config sections', in the section '`run`: the federated simulation' of 'Command line'"
+
+
+def version() -> str:
+    """The installed distribution's version (package metadata), else the package's __version__."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("fedlora-jax")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _presets_epilog() -> str:
+    """The packaged presets, each with the first sentence of its leading comment, and where keys are documented."""
+    import importlib.resources
+    import textwrap
+
+    from .config import preset_names
+
+    folder = importlib.resources.files("fedlora_jax") / "configs"
+    lines = ["presets (fedlora_jax/configs/):"]
+    for name in preset_names():
+        comment = []
+        for line in (folder / f"{name}.yaml").read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("#").strip())
+        about = " ".join(comment)
+        about = about[: about.find(". ") + 1] if ". " in about else about
+        lines += textwrap.wrap(about, 100, initial_indent=f"  {name:8s} ", subsequent_indent=" " * 11) or [f"  {name}"]
+    lines += [""] + textwrap.wrap(
+        f"config keys are documented in {CONFIG_DOCS} (and in fedlora_jax/config.py); 'fedlora-jax config "
+        "[CONFIG] [--set KEY=VALUE ...]' prints every key of a config with its default.",
+        100,
+        break_on_hyphens=False,
+    )
+    return "\n".join(lines)
+
+
+def _config_args(s, what: str = "run") -> None:
+    s.add_argument(
+        "config", nargs="?", default=None, help="YAML file or preset name (default: default; presets: see 'run --help')"
+    )
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key of the {what}, e.g. --set fl.rounds=50 (repeatable; value parsed as YAML)",
+    )
+
+
+JSON_HELP = "print one JSON line instead of text"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fedlora-jax", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="fedlora-jax", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
+
+    s = sub.add_parser("run", help="run a federated simulation (default: the offline default config)")
+    s.description = "Run a federated simulation: every round's clients, DP mechanism, aggregation and evaluation."
+    s.epilog = _presets_epilog()
+    s.formatter_class = argparse.RawDescriptionHelpFormatter
+    _config_args(s)
+    s.add_argument("--out", help="run folder (default: runs/NAME)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --out (only a folder holding a run of this tool)"
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    s.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("config", help="print a resolved config with every default, as YAML (what run writes)")
+    s.description = "Print the resolved config (preset or file, --set overrides, every default) as run writes it."
+    s.epilog = _presets_epilog()
+    s.formatter_class = argparse.RawDescriptionHelpFormatter
+    _config_args(s, "config")
+    s.set_defaults(fn=_cmd_config)
+
+    s = sub.add_parser("generate", help="generate text from a model, run folder or adapter (KV-cache decoding)")
+    s.description = (
+        "Answer or continue a prompt with a model (+ LoRA adapter): greedy at temperature 0, sampled otherwise; "
+        "stops at the tokenizer's end-of-sequence token."
+    )
+    s.add_argument(
+        "model",
+        help="a preset or config file (its model), a model source (HF folder, hub id, GGUF file, 'default' = "
+        "offline SmolLM2-135M-Instruct), a run folder (its final adapter) or a PEFT adapter folder",
+    )
+    s.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply to MODEL (e.g. a run's adapter/)")
+    s.add_argument(
+        "--prompt", required=True, help="the user's message (or the text to continue, with --no-chat-template)"
+    )
+    s.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    s.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples from softmax(logits / T)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling (the 'generation' randomness domain)")
+    s.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="tokenize the prompt as plain text (default: a user turn of the tokenizer's chat template, if it has one)",
+    )
+    s.add_argument("--json", action="store_true", help=JSON_HELP + " (text, token ids, timings)")
+    s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("score", help="mean token NLL and perplexity of a text under a model (+ adapter)")
     s.add_argument("model", help="HF folder, hub id, GGUF file, or 'default' (offline SmolLM2-135M-Instruct)")
     s.add_argument("--adapter", help="a PEFT LoRA adapter folder")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--text")
-    g.add_argument("--file")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    s.add_argument("--json", action="store_true", help="print one JSON line")
+    g.add_argument("--text", help="the text to score")
+    g.add_argument("--file", help="a UTF-8 text file to score")
+    s.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default: float32)"
+    )
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(fn=_cmd_score)
 
     s = sub.add_parser("privacy", help="privacy calculator: epsilon of a planned run, or the noise for a target")
-    s.add_argument("--mode", choices=list(_dp_modes()), default="local", help="the DP mechanism")
+    s.add_argument("--mode", choices=list(_dp_modes()), default="local", help="the DP mechanism (default: local)")
     s.add_argument("--noise-multiplier", type=float, help="sigma / C")
-    s.add_argument("--sigma", type=float)
-    s.add_argument("--clip", type=float)
+    s.add_argument("--sigma", type=float, help="noise standard deviation (with --clip; the multiplier is sigma / C)")
+    s.add_argument("--clip", type=float, help="the clipping norm C that --sigma is relative to")
     s.add_argument("--tensors", type=int, default=1, help="local: separately clipped tensors per release")
-    s.add_argument("--rounds", type=int, default=1)
-    s.add_argument("--clients", type=int)
-    s.add_argument("--clients-per-round", type=int)
-    s.add_argument("--sampling-rate", type=float)
+    s.add_argument("--rounds", type=int, default=1, help="rounds of the run (default: 1)")
+    s.add_argument("--clients", type=int, help="clients in the federation")
+    s.add_argument("--clients-per-round", type=int, help="clients sampled each round (needs --clients)")
+    s.add_argument("--sampling-rate", type=float, help="central: probability that a client takes part in a round")
     s.add_argument(
         "--participations",
         type=int,
@@ -515,36 +692,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="uniform",
         help="client sampling of the schedule (as fl.sampling)",
     )
-    s.add_argument("--local-steps", type=int, default=1)
-    s.add_argument("--batch-sampling-rate", type=float)
-    s.add_argument("--delta", type=float, default=1e-5)
-    s.add_argument("--neighbouring", choices=["replace-one", "add-remove"])
+    s.add_argument("--local-steps", type=int, default=1, help="dpsgd: local steps per participation (default: 1)")
+    s.add_argument(
+        "--batch-sampling-rate", type=float, help="dpsgd: Poisson rate of a batch (batch size / client examples)"
+    )
+    s.add_argument("--delta", type=float, default=1e-5, help="the delta epsilon holds at (default: 1e-5)")
+    s.add_argument(
+        "--neighbouring",
+        choices=["replace-one", "add-remove"],
+        help="neighbouring relation (default: replace-one for local, add-remove for central and dpsgd)",
+    )
     s.add_argument("--target-epsilon", type=float, help="print the noise multiplier that meets it")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(fn=_cmd_privacy)
 
     s = sub.add_parser("data", help="load, tokenize and partition as a run would; print the summary")
-    s.add_argument("config", nargs="?", default=None, help="YAML file or preset name (default: default)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--json", action="store_true")
+    _config_args(s)
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(fn=_cmd_data)
 
-    s = sub.add_parser("run", help="run a federated simulation (default: the offline default config)")
-    s.add_argument("config", nargs="?", default=None, help="YAML file or preset name (default: default)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--out", help="run folder (default: runs/NAME)")
-    s.add_argument("--resume", action="store_true")
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=_cmd_run)
-
     s = sub.add_parser("plan", help="memory per chunk of clients and the largest chunk that fits a device")
-    s.add_argument("config", nargs="?", default=None)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(s)
     s.add_argument("--device-memory", type=float, help="device memory in GiB")
     s.add_argument("--measure", action="store_true", help="also compile the round and read XLA's memory analysis")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(fn=_cmd_plan)
 
     s = sub.add_parser("eval", help="evaluate a run folder or a PEFT adapter")
@@ -554,9 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--data", help="multiple_choice: question/choices/answer file or hub id, or 'synthetic'")
     s.add_argument("--model", help="base model of an adapter folder (default: its base_model_name_or_path)")
-    s.add_argument("--limit", type=int)
-    s.add_argument("--max-new-tokens", type=int, default=16)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int, help="examples to evaluate (default: the task's)")
+    s.add_argument("--max-new-tokens", type=int, default=16, help="exact_match: tokens per answer (default: 16)")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser(
@@ -564,17 +735,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="empirical privacy audit: a lower bound on epsilon from the run's own release "
         "path, beside the accountant's upper bound (exit 1 if it exceeds it)",
     )
-    s.add_argument("config", nargs="?", default=None, help="YAML file or preset name (default: default)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(s, "audited run")
     s.add_argument("--trials", type=int, default=4000, help="games played, half with the canary (>= 100)")
     s.add_argument(
         "--compositions",
         type=int,
         help="participations (local, dpsgd) or rounds (central) the game composes (default: the run's)",
     )
-    s.add_argument("--confidence", type=float, default=0.95)
+    s.add_argument(
+        "--confidence", type=float, default=0.95, help="confidence of the empirical lower bound (default: 0.95)"
+    )
     s.add_argument("--seed", type=int, help="seed of the audit's randomness domain (default: the config's seed)")
-    s.add_argument("--json", action="store_true", help="print one JSON line")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(fn=_cmd_audit)
     return p
 

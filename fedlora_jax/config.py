@@ -429,6 +429,10 @@ class RunConfig:
 
         return conv(self)
 
+    def to_yaml(self) -> str:
+        """Every key with its value or default, as YAML: RUN/config.yaml and `fedlora-jax config`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
 
 def _build(cls, data, prefix: str):
     where = prefix[:-1] or "the config"

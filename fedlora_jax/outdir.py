@@ -154,7 +154,7 @@ def prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Non
         if diff:
             raise UserError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
         return
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text = cfg.to_yaml()
     old = None
     if out.exists() and any(out.iterdir()):  # an old run (check_out made sure): move it aside first
         old = out.with_name(f".{out.name}.overwritten-{os.getpid()}")

@@ -40,6 +40,7 @@ DOMAINS = (
     "dpsgd_noise",  # DP-SGD step noise (round, client, step, leaf)
     "noise_stats",  # Monte-Carlo noise statistics (dp.stats_every) (round, matrix)
     "audit",  # empirical privacy audits
+    "generation",  # temperature sampling of `generate` (token index)
 )
 
 

@@ -4,6 +4,12 @@ vmappable over the LoRA parameters alone.
     definition, base, lora = init_model(config, lora_config, seed=0)
     logits = apply(definition, base, lora, tokens, mask)            # [B, S, V] float32
     jax.vmap(apply, in_axes=(None, None, 0, None, None))            # many adapters, one base
+
+Decoding with a KV cache (static shapes; slot = position, so every step has the same shapes):
+
+    cache = init_cache(definition, batch, max_len)
+    logits, cache = apply_cached(definition, base, lora, prompt, positions, cache, mask)   # prefill
+    logits, cache = apply_cached(definition, base, lora, next_tok[:, None], pos[:, None], cache)
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ __all__ = [
     "ModelConfig",
     "SUPPORTED_MODEL_TYPES",
     "apply",
+    "apply_cached",
+    "init_cache",
     "init_model",
     "init_lora",
     "abstract_model",
@@ -93,6 +101,24 @@ def apply(definition: Definition, base: Params, lora: Params, tokens, mask=None)
     """Logits [B, S, V] (float32) of `tokens` [B, S] with attention `mask` [B, S] (1 = real token)."""
     model = nnx.merge(definition.graphdef, lora, base)
     return model(tokens, mask)
+
+
+def init_cache(definition: Definition, batch: int, max_len: int) -> dict:
+    """An empty KV cache: k, v [layers, batch, kv_heads, max_len, head_dim] in the compute dtype, and
+    mask [batch, max_len] (which slots hold a real token; none yet)."""
+    cfg = definition.config
+    shape = (cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.dim_head)
+    dtype = jnp.dtype(cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "mask": jnp.zeros((batch, max_len), bool)}
+
+
+def apply_cached(definition: Definition, base: Params, lora: Params, tokens, positions, cache: dict, mask=None):
+    """(logits [B, T, V] float32, new cache) of `tokens` [B, T] at absolute `positions` [B, T] (row b:
+    p_b, p_b + 1, ...; p_b + T <= max_len), attending to the tokens already in `cache` at smaller
+    positions; `mask` [B, T] marks real tokens (padding is written but never attended to). With the
+    same adapter this equals `apply` on the whole sequence: the LoRA-applying forward, cached."""
+    model = nnx.merge(definition.graphdef, lora, base)
+    return model.cached(tokens, positions, cache, mask)
 
 
 def token_nll(definition: Definition, base: Params, lora: Params, tokens, mask, loss_mask=None):

@@ -7,7 +7,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import LoRAConfig, ModelConfig
-from .layers import Embed, LayerNorm, Linear, attention, attention_mask, scan_blocks, stacked
+from .layers import (
+    Embed,
+    LayerNorm,
+    Linear,
+    attend_cached,
+    attention,
+    attention_mask,
+    cached_attention_mask,
+    scan_blocks,
+    scan_blocks_cached,
+    stacked,
+    write_rows,
+)
 
 
 def _lora_for(name: str, lora: LoRAConfig | None):
@@ -27,6 +39,13 @@ class Attention(nnx.Module):
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(b, s, h, d) for t in (q, k, v))
         return self.c_proj(attention(q, k, v, allowed, d**-0.5))
+
+    def cached(self, x, cache_kv, positions, allowed):
+        b, t, e = x.shape
+        h, d = self.shape
+        q, k, v = (u.reshape(b, t, h, d) for u in jnp.split(self.c_attn(x), 3, axis=-1))
+        out, cache_kv = attend_cached(q, k, v, cache_kv, positions, allowed, d**-0.5)
+        return self.c_proj(out), cache_kv
 
 
 class MLP(nnx.Module):
@@ -50,6 +69,11 @@ class Block(nnx.Module):
         x = x + self.attn(self.ln_1(x), allowed)
         return x + self.mlp(self.ln_2(x))
 
+    def cached(self, x, cache_kv, positions, allowed):
+        h, cache_kv = self.attn.cached(self.ln_1(x), cache_kv, positions, allowed)
+        x = x + h
+        return x + self.mlp(self.ln_2(x)), cache_kv
+
 
 class GPT2Model(nnx.Module):
     """Causal LM. `__call__(tokens [B,S], mask [B,S]) -> logits [B,S,V]` in float32."""
@@ -71,3 +95,15 @@ class GPT2Model(nnx.Module):
         x = self.wte(tokens, dtype) + self.wpe(pos, dtype)[None]
         x = scan_blocks(self.blocks, x, attention_mask(mask))
         return self.wte.attend(self.ln_f(x))
+
+    def cached(self, tokens, positions, cache, mask=None):
+        """Logits [B,T,V] of new `tokens` at `positions` [B,T] over the cache, and the cache with them
+        written (see LlamaModel.cached); learned positions are looked up at `positions`."""
+        dtype = jnp.dtype(self.config.dtype)
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        slots = write_rows(cache["mask"], mask.astype(bool), positions[:, 0])
+        x = self.wte(tokens, dtype) + self.wpe(positions, dtype)
+        allowed = cached_attention_mask(slots, positions)
+        x, (k, v) = scan_blocks_cached(self.blocks, x, (cache["k"], cache["v"]), positions, allowed)
+        return self.wte.attend(self.ln_f(x)), {"k": k, "v": v, "mask": slots}

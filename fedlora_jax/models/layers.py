@@ -166,6 +166,69 @@ def attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale: float):
     return out.reshape(b, s, h * d)
 
 
+# ----------------------------------------------------------------------------- KV cache
+# A cache holds keys and values of every layer in one static shape, k/v [layers, batch, kv_heads,
+# max_len, head_dim], and `mask` [batch, max_len] (slot holds a real token). Slot = absolute position,
+# so a step writes each row's new tokens at that row's position and attention masks slots by position:
+# every decode step has the same shapes whatever the position (no recompilation per token).
+
+
+def write_rows(cache, new, start_b, axis: int = 1):
+    """`cache` [B, ...] with row b's `new` entries (T along `axis`) written at slots start_b .. start_b + T - 1."""
+
+    def one(c, n, start):
+        idx = [0] * c.ndim
+        idx[axis - 1] = start
+        return jax.lax.dynamic_update_slice(c, n, tuple(idx))
+
+    return jax.vmap(one)(cache, new, start_b)
+
+
+def cached_attention_mask(slots_bm, positions_bt, sliding_window: int | None = None):
+    """Boolean [B, T(query), M(slot)]: the slot holds a real token at a position <= the query's (and
+    within the sliding window): `attention_mask` with keys addressed by position."""
+    slot = jnp.arange(slots_bm.shape[1])[None, None, :]
+    pos = positions_bt[:, :, None]
+    allowed = slot <= pos
+    if sliding_window is not None:
+        allowed = allowed & (slot > pos - sliding_window)
+    return allowed & slots_bm[:, None, :]
+
+
+def cached_attention(q_bthd, k_bkmd, v_bkmd, allowed_btm, scale: float):
+    """`attention` against cached keys/values laid out [B, kv_heads, slots, head_dim]."""
+    b, t, h, d = q_bthd.shape
+    kv = k_bkmd.shape[1]
+    q = q_bthd.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bkmd->bkgtm", q, k_bkmd, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(allowed_btm[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bkmd.dtype)
+    out = jnp.einsum("bkgtm,bkmd->btkgd", probs, v_bkmd)
+    return out.reshape(b, t, h * d)
+
+
+def attend_cached(q_bthd, k_btkd, v_btkd, cache_kv, positions_bt, allowed_btm, scale: float):
+    """Write the new keys/values at their positions, attend over the cache: (out [B,T,H*D], (k, v))."""
+    start = positions_bt[:, 0]
+    k = write_rows(cache_kv[0], k_btkd.swapaxes(1, 2).astype(cache_kv[0].dtype), start, axis=2)
+    v = write_rows(cache_kv[1], v_btkd.swapaxes(1, 2).astype(cache_kv[1].dtype), start, axis=2)
+    return cached_attention(q_bthd, k, v, allowed_btm, scale), (k, v)
+
+
+def scan_blocks_cached(blocks: nnx.Module, x, cache_kv, *args):
+    """`scan_blocks` for the cached forward: each layer's `cached(x, (k, v), *args)` reads and
+    writes its slice of the cache; returns (x, (k, v)) with the layer axis first."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(h, xs):
+        layer_state, k, v = xs
+        h, kv = nnx.merge(graphdef, layer_state).cached(h, (k, v), *args)
+        return h, kv
+
+    x, kv = jax.lax.scan(body, x, (state, *cache_kv))
+    return x, kv
+
+
 def scan_blocks(blocks: nnx.Module, x, *args):
     """Run a module whose parameters carry a leading layer axis with lax.scan over layers,
     so compile time does not grow with depth."""

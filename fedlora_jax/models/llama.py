@@ -8,7 +8,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import LoRAConfig, ModelConfig
-from .layers import Embed, Linear, RMSNorm, apply_rope, attention, attention_mask, rope_inv_freq, scan_blocks, stacked
+from .layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    attend_cached,
+    attention,
+    attention_mask,
+    cached_attention_mask,
+    rope_inv_freq,
+    scan_blocks,
+    scan_blocks_cached,
+    stacked,
+    write_rows,
+)
 
 
 def _lora_for(name: str, lora: LoRAConfig | None):
@@ -32,6 +46,16 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, s, kv, d), cos, sin)
         v = self.v_proj(x).reshape(b, s, kv, d)
         return self.o_proj(attention(q, k, v, allowed, d**-0.5))
+
+    def cached(self, x, cache_kv, positions, cos, sin, allowed):
+        """The new tokens' attention over the cache (keys/values written at `positions`)."""
+        b, t, _ = x.shape
+        h, kv, d = self.shape
+        q = apply_rope(self.q_proj(x).reshape(b, t, h, d), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, kv, d), cos, sin)
+        v = self.v_proj(x).reshape(b, t, kv, d)
+        out, cache_kv = attend_cached(q, k, v, cache_kv, positions, allowed, d**-0.5)
+        return self.o_proj(out), cache_kv
 
 
 class MLP(nnx.Module):
@@ -57,6 +81,11 @@ class Block(nnx.Module):
         x = x + self.attn(self.input_norm(x), cos, sin, allowed)
         return x + self.mlp(self.post_norm(x))
 
+    def cached(self, x, cache_kv, positions, cos, sin, allowed):
+        h, cache_kv = self.attn.cached(self.input_norm(x), cache_kv, positions, cos, sin, allowed)
+        x = x + h
+        return x + self.mlp(self.post_norm(x)), cache_kv
+
 
 class LlamaModel(nnx.Module):
     """Causal LM. `__call__(tokens [B,S], mask [B,S]) -> logits [B,S,V]` in float32."""
@@ -80,12 +109,33 @@ class LlamaModel(nnx.Module):
         if mask is None:
             mask = jnp.ones(tokens.shape, bool)
         pos = jnp.arange(tokens.shape[1], dtype=jnp.float32)
-        freqs = pos[:, None] * rope_inv_freq(cfg)[None, :]
-        emb = jnp.concatenate([freqs, freqs], axis=-1)[None]
-        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        cos, sin = self._rope(pos[None])
         allowed = attention_mask(mask, cfg.sliding_window)
         x = self.embed(tokens, dtype)
         x = scan_blocks(self.blocks, x, cos, sin, allowed)
+        return self._logits(x)
+
+    def cached(self, tokens, positions, cache, mask=None):
+        """Logits [B,T,V] of new `tokens` [B,T] at `positions` [B,T] (each row contiguous), attending to
+        the cache's earlier tokens; returns (logits, cache with these tokens written). Equals
+        `__call__` on the whole sequence (tested)."""
+        cfg = self.config
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        slots = write_rows(cache["mask"], mask.astype(bool), positions[:, 0])
+        cos, sin = self._rope(positions.astype(jnp.float32))
+        allowed = cached_attention_mask(slots, positions, cfg.sliding_window)
+        x = self.embed(tokens, jnp.dtype(cfg.dtype))
+        x, (k, v) = scan_blocks_cached(self.blocks, x, (cache["k"], cache["v"]), positions, cos, sin, allowed)
+        return self._logits(x), {"k": k, "v": v, "mask": slots}
+
+    def _rope(self, pos_bs):
+        """cos, sin [B or 1, S, head_dim] at float positions [B or 1, S]."""
+        freqs = pos_bs[:, :, None] * rope_inv_freq(self.config)[None, None, :]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
+
+    def _logits(self, x):
         x = self.final_norm(x)
         if self.lm_head is None:
             return self.embed.attend(x)
