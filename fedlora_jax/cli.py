@@ -229,8 +229,8 @@ def _cmd_data(args) -> int:
         return 0
     st = s["data"]
     print(
-        f"data {cfg.data.source}: {st['examples']} examples kept ({st['dropped']} dropped: prompt longer than "
-        f"seq_len {cfg.data.seq_len}; {st['truncated']} responses truncated), {st['tokens']} tokens, "
+        f"data {cfg.data.source}: {st['examples']} examples kept ({st['dropped']} dropped: no response token "
+        f"fits in data.seq_len {cfg.data.seq_len}; {st['truncated']} truncated), {st['tokens']} tokens, "
         f"{st['response_tokens']} response tokens, mean length {st['mean_length']:.1f}"
     )
     print(
