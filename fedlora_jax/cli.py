@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # transformers prints "PyTorch was not found" on every torch-free start; torch is not needed here
@@ -282,7 +283,10 @@ def _cmd_run(args) -> int:
         raise UserError(
             "--resume and --overwrite exclude each other: resume continues the run in the folder, overwrite replaces it"
         )
-    cfg = load_config(args.config, args.set)
+    config = args.config
+    if config is None and args.resume and args.out and Path(args.out, "config.yaml").is_file():
+        config = str(Path(args.out, "config.yaml"))  # resume the run's own config unless one is given
+    cfg = load_config(config, args.set)
     out = args.out or f"runs/{cfg.name}"
     check_out(out, args.resume, args.overwrite)  # before any model is loaded; the run checks again
     if cfg.dp.budget is not None and not args.resume:
@@ -483,7 +487,7 @@ def _cmd_generate(args) -> int:
     from . import lora as lora_lib
 
     _finite("--max-new-tokens", args.max_new_tokens, low=1, what="the number of tokens to generate")
-    _finite("--temperature", args.temperature, low=0, what="0 is greedy, above 0 samples")
+    _finite("--temperature", args.temperature, low=0, what="the sampling temperature (0 is greedy)")
     if not args.prompt.strip():
         raise UserError("--prompt is empty; give the text the model should answer or continue")
     t = Path(args.model)
@@ -590,7 +594,11 @@ def _presets_epilog() -> str:
 
 def _config_args(s, what: str = "run") -> None:
     s.add_argument(
-        "config", nargs="?", default=None, help="YAML file or preset name (default: default; presets: see 'run --help')"
+        "config",
+        nargs="?",
+        default=None,
+        help="YAML file or preset name (default: default; with run --resume, the run folder's own config.yaml); "
+        "the presets are listed in 'fedlora-jax run --help'",
     )
     s.add_argument(
         "--set",
@@ -758,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     # dp-accounting's RDP logs every order it excludes at WARNING through absl; keep the CLI readable
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # a warning is one line on stderr (not the file, line number and source line)
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     if not logging.getLogger("fedlora_jax").handlers:  # diagnostics (e.g. "compiling the round") on stderr
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))

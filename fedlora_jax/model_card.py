@@ -148,7 +148,8 @@ def model_card(
     lines += [
         "",
         "## Training",
-        f"- data: {d.source} (template {d.template}, partition {d.partition}, seq_len {d.seq_len})",
+        f"- data: {d.source} (template {d.template} for instruction rows, the chat template for conversations; "
+        f"partition {d.partition}, seq_len {d.seq_len})",
         f"- rounds: {summary.get('rounds', 'n/a')} (of {fl.rounds} configured; stopped: "
         f"{summary.get('stop_reason', 'n/a')})",
         f"- clients: {fl.num_clients}",

@@ -96,3 +96,32 @@ def test_config_bad_keys_exit_2_with_the_loaders_sentence(argv, words, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedlora-jax config: error:") and words in err[0]
+
+
+def test_resume_without_config_uses_the_run_folders_config(tmp_path, capsys):
+    """`run --out DIR --resume` with no CONFIG continues the run in DIR with its own config.yaml
+    (not the `default` preset, which would differ in every key)."""
+    from fedlora_jax import cli
+
+    out = tmp_path / "r"
+    sets = ["--set", "fl.rounds=1", "--set", "checkpoint_every=1", "--set", "data.synthetic_examples=120"]
+    assert cli.main(["run", "tiny", *sets, "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--out", str(out), "--resume", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "already finished" in printed.out + printed.err
+
+
+def test_too_few_examples_names_the_examples_dropped_for_seq_len(tmp_path, capsys):
+    """8 clients, rows too long for seq_len: the error says how many were dropped and why."""
+    import json
+
+    from fedlora_jax import cli
+
+    rows = [{"instruction": "x" * 80, "output": "y"} for _ in range(30)] + [{"instruction": "a", "output": "b"}] * 2
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = cli.main(["data", "tiny", "--set", f"data.source={f}", "--set", "data.seq_len=32"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and not x.startswith("warning")]
+    assert rc == 2
+    assert "30 of 32 examples were dropped" in err[-1] and "data.seq_len 32" in err[-1], err

@@ -101,7 +101,16 @@ def prepare(cfg, tokenizer) -> ClientData:
         perm = rng.permutation(n)
         m = int(round(n * d.eval_fraction))
         if n - m < k:
-            raise UserError(f"{k} clients but only {n - m} training examples; lower fl.num_clients")
+            lost = ""
+            if data.dropped_too_long:
+                lost = (
+                    f" ({data.dropped_too_long} of {n + data.dropped} examples were dropped because no response token "
+                    f"fits in data.seq_len {d.seq_len}: raise data.seq_len)"
+                )
+            raise UserError(
+                f"{k} clients but only {n - m} training example(s) after the evaluation split{lost}; "
+                "lower fl.num_clients or give more data"
+            )
         eval_data = data.select(np.sort(perm[:m])) if m else None
         train = data.select(np.sort(perm[m:]))
         parts = partition(len(train), k, d.partition, train.labels, d.dirichlet_alpha, cfg.seed)
