@@ -102,9 +102,17 @@ def population(
     out = Path(out)
     grid = runs_of(scale, examples_per_client, populations, epsilons)
     s = ex.run_grid({name: ov for name, (_, ov) in grid.items()}, scale, out, overrides, **kw)
+    files = write_outputs(grid, s, out, scale)
+    return {"rows": files.pop("rows"), "files": files["files"], "summaries": s}
+
+
+def write_outputs(grid: dict, summaries: dict, out: Path, scale: str) -> dict:
+    """The table (CSV + markdown, every run of `grid` that has a summary) and the figure."""
     rows = []
     for name, (coords, _) in grid.items():
-        summ = s[name]
+        if name not in summaries:
+            continue
+        summ = summaries[name]
         p = summ.get("privacy", {})
         scores = summ.get("final_scores") or {}
         rows.append(
@@ -142,7 +150,7 @@ def population(
         )
     )
     files.append(plot_population(rows, out / "population.png", scale))
-    return {"rows": rows, "files": [str(f) for f in files], "summaries": s}
+    return {"rows": rows, "files": [str(f) for f in files]}
 
 
 def plot_population(rows: list[dict], path, scale: str = "") -> Path:
