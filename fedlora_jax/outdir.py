@@ -24,7 +24,8 @@ RUN_ENTRIES = frozenset(
     {
         "config.yaml",
         "metrics.jsonl",
-        "metrics.jsonl.tmp",  # a kill during a resume's rewrite
+        "metrics.jsonl.tmp",  # a kill during a rewrite of the metrics files
+        "metrics.csv.tmp",
         "metrics.csv",
         "metrics.png",
         "summary.json",
