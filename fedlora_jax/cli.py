@@ -48,6 +48,14 @@ def dumps(obj) -> str:
     return json.dumps(_plain(obj), allow_nan=False)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is at the time (not the one of the first call)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=False, what=None):
     """A numeric option in its domain, or a UserError naming the flag (and `what` it is)."""
     if value is None:
@@ -769,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     # a warning is one line on stderr (not the file, line number and source line)
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     if not logging.getLogger("fedlora_jax").handlers:  # diagnostics (e.g. "compiling the round") on stderr
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("fedlora_jax").addHandler(handler)
         logging.getLogger("fedlora_jax").setLevel(logging.INFO)

@@ -137,7 +137,8 @@ def run(
     mechanism = modes.build(cfg, lora, [len(p) for p in data.parts])
     ledger = mechanism.ledger
     extra_eval = RunEvaluator(cfg, tokenizer, data.eval)  # bad evaluation data fails before the folder is made
-    log.info(reporting.data_line(data.stats))  # the operator's console; summary.json follows the DP rules
+    if progress:  # the operator's console (not with --no-progress); summary.json follows the DP rules
+        log.info(reporting.data_line(data.stats))
     if not resume:
         first_ids, first_valid = sampling.for_config(cfg, 0)  # a budget check: every draw costs the same
         if mechanism.budget_exceeded(first_ids[first_valid]):
