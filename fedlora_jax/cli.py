@@ -772,16 +772,19 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a command-line mistake already printed on one line
         return e.code if isinstance(e.code, int) else 2
+    # the CLI's output habits hold for this call only: a library caller's logging is left as it was
+    absl, ours = logging.getLogger("absl"), logging.getLogger("fedlora_jax")
+    saved = (absl.level, list(ours.handlers), ours.level, ours.propagate, warnings.formatwarning)
     # dp-accounting's RDP logs every order it excludes at WARNING through absl; keep the CLI readable
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    absl.setLevel(logging.ERROR)
     # a warning is one line on stderr (not the file, line number and source line)
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
-    if not logging.getLogger("fedlora_jax").handlers:  # diagnostics (e.g. "compiling the round") on stderr
+    if not ours.handlers:  # diagnostics (e.g. "compiling the round") on stderr
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("fedlora_jax").addHandler(handler)
-        logging.getLogger("fedlora_jax").setLevel(logging.INFO)
-        logging.getLogger("fedlora_jax").propagate = False  # one line, not again via the root logger
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False  # one line, not again via the root logger
     try:
         return args.fn(args)
     except UserError as e:
@@ -790,6 +793,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C (the first one finishes the round and stops cleanly)
         print(f"fedlora-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        absl.setLevel(saved[0])
+        ours.handlers[:] = saved[1]
+        ours.setLevel(saved[2])
+        ours.propagate = saved[3]
+        warnings.formatwarning = saved[4]
 
 
 if __name__ == "__main__":

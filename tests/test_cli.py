@@ -125,3 +125,15 @@ def test_too_few_examples_names_the_examples_dropped_for_seq_len(tmp_path, capsy
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and not x.startswith("warning")]
     assert rc == 2
     assert "30 of 32 examples were dropped" in err[-1] and "data.seq_len 32" in err[-1], err
+
+
+def test_main_leaves_the_callers_logging_and_warning_format_as_it_found_them(capsys):
+    """The CLI configures its one-line diagnostics for its own call only: a library user (or a later
+    test) that captures the `fedlora_jax` logger through the root logger still sees its records."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("fedlora_jax")
+    before = (list(logger.handlers), logger.propagate, logger.level, warnings.formatwarning)
+    assert cli.main(["config", "tiny"]) == 0
+    assert (list(logger.handlers), logger.propagate, logger.level, warnings.formatwarning) == before
