@@ -313,6 +313,14 @@ def _cmd_run(args) -> int:
                 "before (--resume continues from its last checkpoint)"
             ) from e
         raise UserError(f"cannot access {where!r}: {e.strerror}") from e
+    if "process" in s:  # a process > 0 of a multi-host run: process 0 wrote the run folder
+        print(
+            dumps(s)
+            if args.json
+            else f"process {s['process']} of {s['processes']}: {s['rounds']} rounds ({s['stop_reason']}); "
+            f"process 0 wrote the run folder {s['run_folder']}"
+        )
+        return 130 if s["stop_reason"] == "interrupted" else 0
     if s.get("already_finished"):
         print(dumps(s) if args.json else f"run {out} already finished ({s['rounds']} rounds); nothing to do")
         return 0
@@ -378,7 +386,12 @@ def _cmd_plan(args) -> int:
         f"model {out['model']} ({out['dtype']}), {cfg.fl.clients_per_round} clients per round, "
         f"{cfg.fl.local_steps} steps x batch {cfg.fl.batch_size} x seq {cfg.data.seq_len}"
     )
-    print(f"  base (shared):              {e['base_bytes'] / gib:8.3f} GiB")
+    rows, m = e["mesh"]
+    if rows * m > 1:
+        print(f"mesh: {rows} x {m} devices (clients x model); figures below are per device")
+    print(f"  base (shared):              {e['base_bytes_per_device'] / gib:8.3f} GiB")
+    if m > 1:
+        print(f"    (of {e['base_bytes'] / gib:.3f} GiB in all: its kernels split over {m} devices)")
     print(
         f"  adapter (one copy):         {e['adapter_bytes'] / gib:8.4f} GiB  (x6 per client: local, start, "
         f"gradient, 2 AdamW moments, release)"
@@ -387,13 +400,15 @@ def _cmd_plan(args) -> int:
     print(f"  per client in a chunk:      {e['per_client_bytes'] / gib:8.3f} GiB")
     if "largest_clients_per_chunk" in out:
         print(
-            f"largest clients_per_chunk on {args.device_memory:g} GiB (90% usable): {out['largest_clients_per_chunk']}"
+            f"largest clients_per_chunk on {args.device_memory:g} GiB (90% usable)"
+            f"{' per device' if rows * m > 1 else ''}: {out['largest_clients_per_chunk']}"
         )
     if "measured" in out:
-        m = out["measured"]
+        x = out["measured"]
         print(
-            f"XLA ({m['backend']}): temp {m['chunk_1']['temp_bytes'] / gib:.3f} GiB at 1 client, "
-            f"+{m['per_client_temp_bytes'] / gib:.3f} GiB per extra client"
+            f"XLA ({x['backend']}{', per device' if x['per_device'] else ''}): temp "
+            f"{x['chunk_1']['temp_bytes'] / gib:.3f} GiB at 1 client per 'clients' row, "
+            f"+{x['per_client_temp_bytes'] / gib:.3f} GiB per extra client"
         )
     return 0
 

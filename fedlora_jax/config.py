@@ -243,7 +243,10 @@ class FLSection:
     server_b2: float = 0.99
     server_tau: float = 1e-3
     clients_per_chunk: int | None = None  # run clients in chunks of this size (memory ~ chunk)
-    devices: int = 1  # spread each chunk's clients over this many devices ('clients' mesh axis)
+    # the device mesh: N (each chunk's clients over N devices) or [clients, model] (the base also
+    # split over 'model' devices: for bases that do not fit one chip); see fedlora_jax.mesh
+    devices: tuple[int, ...] = (1,)
+    distributed: bool = False  # multi-host: jax.distributed.initialize() before the mesh is built
 
     def __post_init__(self):
         _check_types(self, "fl.")
@@ -261,8 +264,18 @@ class FLSection:
                 raise UserError(f"fl.{k} must be >= 1, got {getattr(self, k)}")
         if self.clients_per_chunk is not None and self.clients_per_chunk < 1:
             raise UserError(f"fl.clients_per_chunk must be >= 1, got {self.clients_per_chunk}")
-        if self.devices < 1:
-            raise UserError(f"fl.devices must be >= 1, got {self.devices}")
+        if isinstance(self.devices, int) and not isinstance(self.devices, bool):  # built in Python: fl.devices=4
+            object.__setattr__(self, "devices", (self.devices,))
+        if (
+            not isinstance(self.devices, tuple)
+            or len(self.devices) not in (1, 2)
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.devices)
+        ):
+            raise UserError(
+                f"fl.devices must be N or [clients, model] (integers >= 1), got {list(self.devices)!r}"
+                if isinstance(self.devices, (tuple, list))
+                else f"fl.devices must be N or [clients, model] (integers >= 1), got {self.devices!r}"
+            )
         if self.clients_per_round > self.num_clients:
             raise UserError(
                 f"fl.clients_per_round ({self.clients_per_round}) is larger than fl.num_clients ({self.num_clients})"

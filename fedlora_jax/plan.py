@@ -3,6 +3,12 @@ that fits a device.
 
 The estimate is analytic (documented below); `measure` asks XLA for the compiled round's own
 memory analysis on the current backend, which is exact for that backend.
+
+On a ('clients', 'model') mesh (fl.devices = [clients, model]) every figure is per device: the
+base's split kernels count 1/model on each device (fedlora_jax.mesh says which), a client's
+activations that the split produces (MLP, attention heads, logits over the vocab) count 1/model,
+the residual stream and the adapter copies count whole, and a chunk's clients are spread over
+the 'clients' rows, so the largest chunk is `clients` times what one row holds.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import mesh as mesh_lib
 from . import randomness
 from .errors import UserError
 from .models import abstract_model
@@ -41,11 +48,13 @@ def _record_level(cfg) -> bool:
 def estimate(cfg, model_config) -> dict:
     """Bytes of the base (shared), and per client in a chunk: adapter copies and activations of
     one local step (lax.scan runs steps one after another; the layer scan keeps each layer's
-    inputs for the backward pass)."""
+    inputs for the backward pass); per device of the mesh fl.devices."""
     lc = cfg.lora.to_lora_config()
     _, base, lora = abstract_model(model_config, lc)
     item = jnp.dtype(model_config.dtype).itemsize
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(model_config.dtype)), base)
     base_bytes = _nbytes(base, item)
+    rows, m = mesh_lib.mesh_shape(cfg.fl.devices)
     adapter = _nbytes(lora, 4)
     b, s = step_batch(cfg), cfg.data.seq_len
     h, f, heads, v = (
@@ -56,14 +65,17 @@ def estimate(cfg, model_config) -> dict:
     )
     # per layer and token: ~8 hidden-sized tensors (residual, norms, q/k/v/o), 3 MLP-sized ones,
     # and the attention probabilities (float32 softmax over s keys per head, kept for backward)
-    per_layer = b * s * (8 * h * item + 3 * f * item + 2 * heads * s * 4)
-    logits = 3 * b * s * v * 4  # logits, log-softmax and their gradient, float32
-    activations = model_config.num_layers * per_layer + logits
+    # (on a mesh the MLP-sized tensors, the attention heads and the logits are split over 'model')
+    per_layer = b * s * (8 * h * item + (3 * f * item + 2 * heads * s * 4) / m)
+    logits = 3 * b * s * v * 4 / m  # logits, log-softmax and their gradient, float32
+    activations = int(model_config.num_layers * per_layer + logits)
     per_client = ADAPTER_COPIES * adapter + activations
     if _record_level(cfg):  # one float32 gradient per example of the padded batch
         per_client += b * adapter
     return {
+        "mesh": [rows, m],
         "base_bytes": base_bytes,
+        "base_bytes_per_device": mesh_lib.per_device_bytes(base, m),
         "adapter_bytes": adapter,
         "activation_bytes_per_client": activations,
         "per_client_bytes": per_client,
@@ -71,30 +83,43 @@ def estimate(cfg, model_config) -> dict:
 
 
 def largest_chunk(est: dict, device_bytes: float, cohort: int, headroom: float = 0.9) -> int:
-    free = device_bytes * headroom - est["base_bytes"]
+    """The most clients per chunk that fit `device_bytes` per device (each 'clients' row of the mesh
+    holds chunk / rows of them)."""
+    rows = est.get("mesh", [1, 1])[0]
+    base = est.get("base_bytes_per_device", est["base_bytes"])
+    free = device_bytes * headroom - base
     if free < est["per_client_bytes"]:
+        where = "per device" if est.get("mesh", [1, 1]) != [1, 1] else ""
         raise UserError(
-            f"cannot fit one client: base {est['base_bytes'] / 2**30:.2f} GiB + one client "
+            f"cannot fit one client: base {base / 2**30:.2f} GiB {where}+ one client "
             f"{est['per_client_bytes'] / 2**30:.2f} GiB > {headroom:.0%} of {device_bytes / 2**30:.2f} GiB; "
-            "lower data.seq_len or fl.batch_size, use model.dtype bfloat16, or a larger device"
+            "lower data.seq_len or fl.batch_size, use model.dtype bfloat16, split the base over more "
+            "devices (fl.devices: [clients, model]), or a larger device"
         )
-    return int(min(cohort, free // est["per_client_bytes"]))
+    return int(min(cohort, rows * (free // est["per_client_bytes"])))
 
 
-def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int | None = None) -> dict:
+def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int | None = None, mesh=None) -> dict:
     """XLA's memory analysis of the compiled round for `cohort` clients (default: one chunk) run
-    in chunks of `chunk` (shapes only: no data, no execution)."""
+    in chunks of `chunk` (shapes only: no data, no execution); with a mesh, per device of the
+    partitioned program."""
     import dataclasses
 
     from .privacy import modes
     from .simulation import init_state, make_round
 
+    if mesh is not None:
+        base_shapes = jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+            base_shapes,
+            mesh_lib.base_shardings(base_shapes, mesh),
+        )
     k = cohort or chunk
     fl = dataclasses.replace(cfg.fl, num_clients=k, clients_per_round=k, clients_per_chunk=chunk)
     # the noise's value does not change the program's memory: every mechanism accepts a multiplier
     c = dataclasses.replace(cfg, fl=fl, dp=dataclasses.replace(cfg.dp, noise="multiplier"))
     mechanism = modes.build(c, lora_shapes, None)
-    fn = make_round(definition, c, mechanism, k)
+    fn = make_round(definition, c, mechanism, k, mesh=mesh)
     state = jax.eval_shape(lambda lo: init_state(c, lo, k, mechanism), lora_shapes)
     shp = (k, fl.local_steps, step_batch(cfg), cfg.data.seq_len)
     sds = jax.ShapeDtypeStruct
@@ -142,11 +167,15 @@ def plan(cfg, device_gib: float | None = None, do_measure: bool = False) -> dict
         definition, base, lora = abstract_model(mc, lc)
         base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(mc.dtype)), base)
         lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), lora)
-        m1, m2 = measure(cfg, definition, base, lora, 1), measure(cfg, definition, base, lora, 2)
+        mesh = mesh_lib.make_mesh(cfg.fl.devices)
+        rows = mesh_lib.clients_size(mesh)  # one, then two clients on every 'clients' row
+        m1 = measure(cfg, definition, base, lora, rows, mesh=mesh)
+        m2 = measure(cfg, definition, base, lora, 2 * rows, mesh=mesh)
         out["measured"] = {
             "chunk_1": m1,
             "chunk_2": m2,
             "per_client_temp_bytes": m2["temp_bytes"] - m1["temp_bytes"],
             "backend": jax.default_backend(),
+            "per_device": mesh is not None,
         }
     return out

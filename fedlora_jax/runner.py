@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,6 +19,7 @@ from .artifacts import load_for_eval  # noqa: F401  (re-exported: the loader of 
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .errors import UserError
+from .mesh import initialize_distributed, replicate, shard_base
 from .models.factory import build_model, build_model_config, build_tokenizer  # noqa: F401  (re-exported)
 from .outdir import prepare_out
 from .privacy import modes
@@ -100,6 +102,36 @@ class _StopOnSignal:
         return False
 
 
+def _secondary(cfg: RunConfig, out: Path, **kw) -> dict:
+    """A process other than 0 of a multi-host run: the same loop, its files in a private temporary
+    folder (removed at the end), the checkpoints in the shared run folder."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"fedlora_process{jax.process_index()}_"))
+    try:
+        if kw.get("resume"):  # the run's config, for the resume check
+            (scratch / "run").mkdir()
+            shutil.copy(out / "config.yaml", scratch / "run" / "config.yaml")
+        done = (
+            json.loads((out / "summary.json").read_text())
+            if kw.get("resume") and (out / "summary.json").exists()
+            else {}
+        )
+        if done.get("stop_reason") == "completed" and done.get("rounds") == cfg.fl.rounds:
+            return {**done, "already_finished": True}
+        s = run(cfg, scratch / "run", progress=False, checkpoints_dir=out / "checkpoints", **kw)
+        return {
+            "process": jax.process_index(),
+            "processes": jax.process_count(),
+            "run_folder": str(out),
+            "rounds": s["rounds"],
+            "stop_reason": s["stop_reason"],
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -108,6 +140,7 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    checkpoints_dir: Path | None = None,
 ) -> dict:
     """Run (or resume) a federated simulation; returns the summary (also written to summary.json).
 
@@ -122,6 +155,12 @@ def run(
     t_start = time.time()
     out = Path(out_dir)
     fl = cfg.fl
+    if fl.distributed:  # multi-host: every host runs this same call
+        initialize_distributed()
+    if jax.process_index() > 0 and checkpoints_dir is None:
+        # process 0 writes the run folder; the others compute with it (their orbax part writes the
+        # checkpoints with process 0's, into the shared folder) and write their own files nowhere
+        return _secondary(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after)
     if cfg.lora.client_ranks is not None and len(cfg.lora.client_ranks) != fl.num_clients:
         raise UserError(f"lora.client_ranks has {len(cfg.lora.client_ranks)} entries for {fl.num_clients} clients")
     aggregation.get(fl.aggregation).check(cfg)
@@ -132,7 +171,9 @@ def run(
             log.info("run %s already finished (%d rounds); nothing to do", out, fl.rounds)
             return {**done, "already_finished": True}
     writers.check(cfg)  # a chosen writer's package is missing: say so before loading anything
+    mesh = client_mesh(fl.devices)  # too few devices: say so before loading the model
     definition, base, lora, tokenizer, source = build_model(cfg)
+    base = shard_base(base, mesh)  # split over 'model' when the mesh has that axis
     data = prepare(cfg, tokenizer)
     mechanism = modes.build(cfg, lora, [len(p) for p in data.parts])
     ledger = mechanism.ledger
@@ -148,8 +189,12 @@ def run(
                 f"could run; raise dp.budget or the noise"
             )
     prepare_out(cfg, out, resume, overwrite)
-    state = init_state(cfg, lora, fl.num_clients, mechanism)
-    ckpt = Checkpointer(out / "checkpoints")
+    if jax.process_count() > 1:  # the other processes wait for process 0's run folder
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fedlora_jax: run folder ready")
+    state = replicate(init_state(cfg, lora, fl.num_clients, mechanism), mesh)
+    ckpt = Checkpointer(checkpoints_dir or out / "checkpoints")
     start = 0
     metrics_path = out / "metrics.jsonl"
     rows = []
@@ -177,7 +222,7 @@ def run(
     )
     if ledger is not None:
         ledger.participations = participations  # one array: the ledger's count is the batcher's
-    round_fn = make_round(definition, cfg, mechanism, fl.num_clients, donate=True, mesh=client_mesh(fl.devices))
+    round_fn = make_round(definition, cfg, mechanism, fl.num_clients, donate=True, mesh=mesh)
     ranks_all = np.asarray(cfg.lora.client_ranks or [cfg.lora.r] * fl.num_clients, np.int32)
 
     def run_eval(st):

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from . import aggregation as agg
+from . import mesh as mesh_lib
 from .algorithms import client_hook, server_optimizer
 from .client import client_update
-from .errors import UserError
 from .models import Definition
 from .privacy.modes import Mechanism
 
@@ -62,8 +60,8 @@ def make_round(
     Clients run in chunks of fl.clients_per_chunk (default: the whole cohort) under lax.scan,
     vmapped within a chunk; each chunk is folded into running sums, so memory grows with the
     chunk, not the cohort. A cohort that the chunk does not divide is padded with invalid clients.
-    mesh: a jax.sharding.Mesh with a 'clients' axis; each chunk's clients are spread over it
-    (base and adapter replicated)."""
+    mesh: a ('clients', 'model') jax.sharding.Mesh (fedlora_jax.mesh): each chunk's clients are
+    spread over 'clients', the base is split over 'model' (adapters replicated)."""
     fl = cfg.fl
     server_opt = server_optimizer(fl)
     hetero = cfg.lora.client_ranks is not None
@@ -109,22 +107,19 @@ def make_round(
 
     def round_fn(state, base, block, client_ids, ranks, valid, keys, lr):
         g = state["lora"]
+        if mesh_lib.model_size(mesh) > 1:  # the base stays split however the caller placed it
+            base = jax.lax.with_sharding_constraint(base, mesh_lib.base_shardings(base, mesh))
         base_eff = effective_base(base, state)
         cohort = client_ids.shape[0]
         c = min(fl.clients_per_chunk or cohort, cohort)
-        if mesh is not None:  # every device gets the same number of client slots (padding if needed)
-            c = -(-c // mesh.size) * mesh.size
+        spread = mesh_lib.clients_size(mesh)  # every 'clients' row gets as many slots (padding if needed)
+        c = -(-c // spread) * spread
         n_chunks = -(-cohort // c)
         pad = n_chunks * c - cohort
 
         def chunked(x, fill=0):  # [K, ...] -> [chunks, C, ...], padded with invalid clients
             x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-            x = x.reshape((n_chunks, c) + x.shape[1:])
-            if mesh is not None:  # the client axis of each chunk is spread over the devices
-                x = jax.lax.with_sharding_constraint(
-                    x, NamedSharding(mesh, PartitionSpec(None, "clients", *([None] * (x.ndim - 2))))
-                )
-            return x
+            return mesh_lib.client_axis(x.reshape((n_chunks, c) + x.shape[1:]), mesh)
 
         xs = {
             "batches": {key: chunked(block[key]) for key in ("tokens", "attention_mask", "loss_mask")},
@@ -182,6 +177,8 @@ def make_round(
             "client_loss": per["loss"],
             "mechanism": mechanism.round_values(state.get("mech", {})),
         }
+        if mesh is not None:  # every device (every host) holds the whole new state and the metrics
+            new_state, out = mesh_lib.replicate_constraint((new_state, out), mesh)
         return new_state, out
 
     return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
@@ -196,12 +193,6 @@ def cosine_lr(round_index: int, rounds: int, lr: float, lr_min: float) -> float:
     return float(schedule(round_index))
 
 
-def client_mesh(devices: int) -> jax.sharding.Mesh | None:
-    """A 1-D mesh with a 'clients' axis over the first `devices` devices (None for one device).
-    Multi-host: call jax.distributed.initialize() first; jax.devices() then lists every host's."""
-    if devices <= 1:
-        return None
-    available = jax.devices()
-    if devices > len(available):
-        raise UserError(f"fl.devices = {devices} but only {len(available)} device(s) are visible: {available}")
-    return jax.sharding.Mesh(np.array(available[:devices]), ("clients",))
+def client_mesh(devices) -> jax.sharding.Mesh | None:
+    """The ('clients', 'model') mesh for fl.devices (an int: clients only), None for one device."""
+    return mesh_lib.make_mesh(devices)

@@ -1,9 +1,9 @@
-"""Strict harness: 4 CPU devices (sharding is tested on CPU), rank promotion errors on.
+"""Strict harness: 8 CPU devices (sharding is tested on CPU), rank promotion errors on.
 Fixtures build tiny random Hugging Face checkpoints with a tiny trained tokenizer."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
