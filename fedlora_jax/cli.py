@@ -496,13 +496,8 @@ def _cmd_config(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.set)
-    print(config_yaml(cfg), end="")
+    print(cfg.to_yaml(), end="")  # every key with its value or default: what `run` writes to config.yaml
     return 0
-
-
-def config_yaml(cfg) -> str:
-    """The resolved config as YAML, every key with its value or default: what `run` writes to config.yaml."""
-    return cfg.to_yaml()
 
 
 def _cmd_generate(args) -> int:

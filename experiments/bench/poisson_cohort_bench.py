@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from cohort_timing import compiled_round, interleaved
 
-from fedlora_jax import randomness, sampling
+from fedlora_jax import sampling
 from fedlora_jax.config import load_config
 from fedlora_jax.models.factory import build_model
 from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import init_state, make_round
 
 
 def main():
@@ -47,41 +45,13 @@ def main():
     definition, base, lora, _, _ = build_model(cfg)
     mech = modes.build(cfg, lora)
     cap = sampling.cohort_slots(n, k, "poisson")
-    seq = cfg.data.seq_len
     rng = np.random.default_rng(0)
 
-    def setup(slots):
-        shape = (slots, cfg.fl.local_steps, cfg.fl.batch_size, seq)
-        block = {
-            "tokens": jnp.asarray(rng.integers(0, 200, shape), jnp.int32),
-            "attention_mask": jnp.ones(shape, jnp.int32),
-            "loss_mask": jnp.ones(shape, jnp.int32),
-            "num_examples": jnp.full((slots,), 10.0),
-        }
-        valid = np.zeros(slots, bool)
-        valid[:k] = True
-        fn = make_round(definition, cfg, mech, n)
-        args = (
-            base,
-            block,
-            jnp.arange(slots, dtype=jnp.int32),
-            jnp.full((slots,), cfg.lora.r, jnp.int32),
-            jnp.asarray(valid),
-            randomness.round_keys(0, 0),
-            jnp.float32(1e-3),
-        )
-        state = init_state(cfg, lora, n)
-        jax.block_until_ready(fn(state, *args))  # compile
-        return lambda: jax.block_until_ready(fn(state, *args))
-
-    calls = {"all_slots": setup(n), "capacity_slots": setup(cap)}
-    times = {name: [] for name in calls}
-    for _ in range(a.reps):  # interleaved
-        for name, call in calls.items():
-            t = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - t)
-    med = {name: float(np.median(v)) for name, v in times.items()}
+    calls = {
+        name: compiled_round(cfg, definition, base, lora, mech, n, slots, k, np.arange(slots), 10.0, rng)[0]
+        for name, slots in (("all_slots", n), ("capacity_slots", cap))
+    }
+    times, med = interleaved(calls, a.reps)
     res = {
         "clients": n,
         "expected_cohort": k,

@@ -10,51 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from cohort_timing import compiled_round, interleaved
 
-from fedlora_jax import randomness, sampling
+from fedlora_jax import sampling
 from fedlora_jax.config import load_config
 from fedlora_jax.models.factory import build_model
 from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import init_state, make_round
-
-
-def _round(cfg, definition, base, lora, mech, n, slots, k, rng):
-    shape = (slots, cfg.fl.local_steps, cfg.fl.batch_size, cfg.data.seq_len)
-    block = {
-        "tokens": jnp.asarray(rng.integers(0, 200, shape), jnp.int32),
-        "attention_mask": jnp.ones(shape, jnp.int32),
-        "loss_mask": jnp.ones(shape, jnp.int32),
-        "num_examples": jnp.full((slots,), 2.0),
-    }
-    valid = np.zeros(slots, bool)
-    valid[: min(k, slots)] = True
-    fn = make_round(definition, cfg, mech, n)
-    args = (
-        base,
-        block,
-        jnp.asarray(rng.choice(n, slots, replace=False), jnp.int32),
-        jnp.full((slots,), cfg.lora.r, jnp.int32),
-        jnp.asarray(valid),
-        randomness.round_keys(0, 0),
-        jnp.float32(1e-3),
-    )
-    state = init_state(cfg, lora, n, mech)
-    t = time.perf_counter()
-    compiled = fn.lower(state, *args).compile()
-    compile_s = time.perf_counter() - t
-    mem = compiled.memory_analysis()
-    mib = {
-        "arguments_mib": mem.argument_size_in_bytes / 2**20,
-        "temporaries_mib": mem.temp_size_in_bytes / 2**20,
-        "block_mib": sum(x.nbytes for x in block.values()) / 2**20,
-    }
-    return (lambda: jax.block_until_ready(compiled(state, *args))), mib, compile_s
 
 
 def main():
@@ -88,15 +53,11 @@ def main():
         cap = sampling.cohort_slots(n, k, "poisson")
         calls, mem, comp = {}, {}, {}
         for name, slots in (("poisson_capacity", cap), ("fixed_cohort", k)):
-            calls[name], mem[name], comp[name] = _round(cfg, definition, base, lora, mech, n, slots, k, rng)
-            calls[name]()  # warm
-        times = {name: [] for name in calls}
-        for _ in range(a.reps):  # interleaved
-            for name, call in calls.items():
-                t = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - t)
-        med = {name: float(np.median(v)) for name, v in times.items()}
+            ids = rng.choice(n, slots, replace=False)
+            calls[name], mem[name], comp[name] = compiled_round(
+                cfg, definition, base, lora, mech, n, slots, k, ids, 2.0, rng
+            )
+        times, med = interleaved(calls, a.reps)
         row = {
             "clients": n,
             "expected_cohort": k,
