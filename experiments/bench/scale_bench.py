@@ -82,6 +82,7 @@ def cfg_for(p, chunk):
             f"fl.local_steps={p['steps']}",
             f"fl.batch_size={p['batch']}",
             "fl.lr=1e-3",
+            "fl.lr_min=0",
             "dp.mode=local",
             f"dp.clip_a={CLIP}",
             f"dp.clip_b={CLIP}",
