@@ -1,0 +1,31 @@
+"""The accelerator check's correctness part runs on CPU at toy sizes in CI (the GPU run is the same
+script without --smoke): every check passes, and each one names its measurement and bound."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_accelerator_check_correctness_part_passes_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # one device, as on a single accelerator
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "experiments/bench/accelerator_check.py"), "--smoke", "--sections", "checks"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads((tmp_path / "smoke.json").read_text())
+    checks = res["checks"]
+    names = " | ".join(checks)
+    for needed in ("vmapped round == loop", "chunked", "bfloat16 base close to float32"):
+        assert needed in names
+    assert checks and all(c["result"] == "PASS" and c["measured"] and c["bound"] for c in checks.values())
+    assert not res["failed_checks"]
+    assert (tmp_path / "smoke.md").read_text().count("| PASS |") == len(checks)
