@@ -38,6 +38,16 @@ def _noise_seed(cfg: RunConfig, mechanism, meta: dict) -> int:
     return secrets.randbits(63) if mechanism.private else cfg.seed
 
 
+def _from_process_0(value: int) -> int:
+    """Process 0's 63-bit integer on every process (sent as two 32-bit halves: jax's default
+    integers are 32-bit)."""
+    from jax.experimental import multihost_utils
+
+    halves = np.array([value >> 32, value & 0xFFFFFFFF], np.uint32)
+    hi, lo = (int(x) for x in np.asarray(multihost_utils.broadcast_one_to_all(halves)))
+    return (hi << 32) | lo
+
+
 def _private(folder: Path) -> None:
     """checkpoints/ holds the server's private state (noise seed, participations): owner-only."""
     if folder.exists():
@@ -212,6 +222,8 @@ def run(
         # from these before the first new row, so a second kill cannot repeat them
         rows = reporting.read_rows(metrics_path, start)
     noise_seed = _noise_seed(cfg, mechanism, meta)
+    if jax.process_count() > 1:  # one secret for the whole multi-host run: process 0's
+        noise_seed = _from_process_0(noise_seed)
     # central DP's client draw and DP-SGD's batch draws come from the secret root too (amplification)
     sample_seed = noise_seed if mechanism.sampling_secret else cfg.seed
     batcher = data.batcher(

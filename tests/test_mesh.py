@@ -183,6 +183,70 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _launch_two(tmp_path, out, args, extra=()):
+    """Two processes x 4 CPU devices of one multi-host run; [(rc, stdout, stderr)] per process."""
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(
+            JAX_PLATFORMS="cpu",
+            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+            TMPDIR=str(tmp_path),
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+        )
+        cmd = [sys.executable, "-m", "fedlora_jax.cli", "run", "tiny", "--out", str(out), *extra, *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout=600), *p.communicate()) for p in procs]
+
+
+def test_a_multi_host_dp_run_uses_process_0s_secret_noise_seed_on_every_process(tmp_path):
+    """Under DP without dp.noise_seed each run draws a secret seed: all processes must use process
+    0's (else each host's devices add different noise and sample different cohorts). The run must
+    equal one process given that seed (read from the checkpoint, the server's private state)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    sets = [
+        "fl.rounds=2",
+        "fl.num_clients=4",
+        "fl.clients_per_round=2",
+        "fl.local_steps=2",
+        "eval_every=1",
+        "dp.mode=local",
+        "dp.noise=multiplier",
+        "dp.noise_multiplier=0.3",
+        "dp.clip_a=0.5",
+        "dp.clip_b=0.5",
+    ]
+    args = [x for s in [*sets, "fl.devices=[2,4]", "fl.distributed=true"] for x in ("--set", s)]
+    (rc0, _, err0), (rc1, _, err1) = _launch_two(tmp_path, tmp_path / "run", args, ["--no-progress"])
+    assert rc0 == 0 and rc1 == 0, err0[-2000:] + err1[-2000:]
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    seed = meta["noise_seed"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    one = subprocess.run(
+        [sys.executable, "-m", "fedlora_jax.cli", "run", "tiny", "--out", str(tmp_path / "one"), "--no-progress"]
+        + [x for s in [*sets, "fl.devices=[2,4]", f"dp.noise_seed={seed}"] for x in ("--set", s)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    rows = lambda p: [json.loads(line)["eval_loss"] for line in (p / "metrics.jsonl").read_text().splitlines()]
+    assert rows(tmp_path / "run") == pytest.approx(rows(tmp_path / "one"), rel=1e-6)
+
+
 def test_two_processes_of_a_multi_host_run_equal_one_process_on_the_same_mesh(tmp_path):
     """fl.distributed on one machine: 2 processes x 4 CPU devices (gloo collectives) form one 2x4
     mesh; process 0 writes the run folder, process 1 nothing of its own; the metrics equal a
@@ -195,24 +259,10 @@ def test_two_processes_of_a_multi_host_run_equal_one_process_on_the_same_mesh(tm
     sets = ["fl.rounds=2", "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=2", "eval_every=1"]
     args = [x for s in [*sets, "fl.devices=[2,4]", "fl.distributed=true"] for x in ("--set", s)]
     base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    base_env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", TMPDIR=str(tmp_path))
-    port = _free_port()
+    base_env.update(JAX_PLATFORMS="cpu")
 
     def launch(extra):
-        procs = []
-        for i in range(2):
-            env = {
-                **base_env,
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-                "JAX_NUM_PROCESSES": "2",
-                "JAX_PROCESS_ID": str(i),
-            }
-            cmd = [sys.executable, "-m", "fedlora_jax.cli", "run", "tiny", "--out", str(tmp_path / "run"), *extra]
-            procs.append(
-                subprocess.Popen(cmd + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            )
-        return [(p.wait(timeout=600), *p.communicate()) for p in procs]
+        return _launch_two(tmp_path, tmp_path / "run", args, extra)
 
     (rc0, out0, err0), (rc1, out1, err1) = launch(["--no-progress"])
     assert rc0 == 0 and rc1 == 0, err0[-2000:] + err1[-2000:]
@@ -233,6 +283,14 @@ def test_two_processes_of_a_multi_host_run_equal_one_process_on_the_same_mesh(tm
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_loss"] for r in multi] == pytest.approx([r["eval_loss"] for r in one], rel=1e-6)
     assert multi[-1]["eval_loss"] < multi[0]["eval_loss"]
-    port = _free_port()
     (rc0, out0, _), (rc1, out1, _) = launch(["--resume"])
     assert rc0 == 0 and rc1 == 0 and "already finished" in out0 and "already finished" in out1
+    # as if killed before the last round's checkpoint: both processes resume from the one before
+    import shutil
+
+    (tmp_path / "run" / "summary.json").unlink()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "2")
+    (rc0, _, err0), (rc1, out1, err1) = launch(["--resume", "--no-progress"])
+    assert rc0 == 0 and rc1 == 0, err0[-2000:] + err1[-2000:]
+    resumed = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_loss"] for r in resumed] == pytest.approx([r["eval_loss"] for r in one], rel=1e-6)
