@@ -164,3 +164,25 @@ def test_run_from_the_wheel_with_only_declared_dependencies(installed, tmp_path,
     if preset in ("default", "score"):
         assert any((home / ".cache" / "fedlora_jax" / "tokenizers").glob("*/tokenizer.json"))
     assert not any(cwd.iterdir())  # everything went under --out or the cache
+
+
+def test_score_default_works_where_torch_is_blocked_with_a_none_module_entry(tmp_path):
+    """`sys.modules["torch"] = None` is the usual way to make `import torch` fail. scipy (imported by
+    dp-accounting) then crashes on that entry ('NoneType' has no attribute 'Tensor'); the library
+    must still run, and torch must stay unimportable."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from fedlora_jax import cli\n"
+        "rc = cli.main(['score', 'default', '--text', 'Hello there, my friend.'])\n"
+        "try:\n"
+        "    import torch\n"
+        "    rc = 99\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "sys.exit(rc)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mean NLL" in r.stdout
