@@ -271,11 +271,8 @@ class FLSection:
             or len(self.devices) not in (1, 2)
             or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.devices)
         ):
-            raise UserError(
-                f"fl.devices must be N or [clients, model] (integers >= 1), got {list(self.devices)!r}"
-                if isinstance(self.devices, (tuple, list))
-                else f"fl.devices must be N or [clients, model] (integers >= 1), got {self.devices!r}"
-            )
+            shown = list(self.devices) if isinstance(self.devices, (tuple, list)) else self.devices
+            raise UserError(f"fl.devices must be N or [clients, model] (integers >= 1), got {shown!r}")
         if self.clients_per_round > self.num_clients:
             raise UserError(
                 f"fl.clients_per_round ({self.clients_per_round}) is larger than fl.num_clients ({self.num_clients})"

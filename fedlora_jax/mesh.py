@@ -105,9 +105,7 @@ def _split_axis(names: list[str], ndim: int) -> int | None:
     if len(names) < 2:
         return None
     module, leaf = names[-2], names[-1]
-    if leaf == "kernel" and module in COLUMN_PARALLEL:
-        return -1
-    if leaf == "bias" and module in COLUMN_PARALLEL:
+    if leaf in ("kernel", "bias") and module in COLUMN_PARALLEL:
         return -1
     if leaf == "kernel" and module in ROW_PARALLEL:
         return -2
@@ -116,29 +114,29 @@ def _split_axis(names: list[str], ndim: int) -> int | None:
     return None
 
 
+def _placements(base, model: int):
+    """(path, leaf, axis 'model' would split or None, whether `model` divides it) per base leaf."""
+    for path, x in jax.tree_util.tree_flatten_with_path(base)[0]:
+        names = _names(path)
+        axis = _split_axis(names, len(x.shape))
+        yield "/".join(names), x, axis, axis is not None and x.shape[axis] % model == 0
+
+
 def base_specs(base, model: int):
     """A PartitionSpec per base leaf for a 'model' axis of `model` devices."""
-
-    def spec(path, x):
-        axis = _split_axis(_names(path), len(x.shape))
+    specs = []
+    for _, x, axis, divides in _placements(base, model):
         parts = [None] * len(x.shape)
-        if model > 1 and axis is not None and x.shape[axis] % model == 0:
+        if model > 1 and divides:
             parts[axis] = "model"
-        return PartitionSpec(*parts)
-
-    return jax.tree_util.tree_map_with_path(spec, base)
+        specs.append(PartitionSpec(*parts))
+    return jax.tree.unflatten(jax.tree.structure(base), specs)
 
 
 def layout(base, model: int) -> dict:
     """Which base leaves are split over 'model', and which could not be (dimension not divisible)."""
-    split, replicated = [], []
-    for path, x in jax.tree_util.tree_flatten_with_path(base)[0]:
-        names = _names(path)
-        axis = _split_axis(names, len(x.shape))
-        if axis is None:
-            continue
-        (split if x.shape[axis] % model == 0 else replicated).append("/".join(names))
-    return {"split": split, "not_divisible": replicated}
+    placed = [(name, divides) for name, _, axis, divides in _placements(base, model) if axis is not None]
+    return {"split": [n for n, d in placed if d], "not_divisible": [n for n, d in placed if not d]}
 
 
 def base_shardings(base, mesh: Mesh):

@@ -19,11 +19,11 @@ from .artifacts import load_for_eval  # noqa: F401  (re-exported: the loader of 
 from .checkpoint import Checkpointer
 from .config import RunConfig
 from .errors import UserError
-from .mesh import initialize_distributed, replicate, shard_base
+from .mesh import initialize_distributed, make_mesh, replicate, shard_base
 from .models.factory import build_model, build_model_config, build_tokenizer  # noqa: F401  (re-exported)
 from .outdir import prepare_out
 from .privacy import modes
-from .simulation import client_mesh, cosine_lr, effective_base, init_state, make_round
+from .simulation import cosine_lr, effective_base, init_state, make_round
 
 log = logging.getLogger("fedlora_jax")
 
@@ -123,13 +123,6 @@ def _secondary(cfg: RunConfig, out: Path, **kw) -> dict:
         if kw.get("resume"):  # the run's config, for the resume check
             (scratch / "run").mkdir()
             shutil.copy(out / "config.yaml", scratch / "run" / "config.yaml")
-        done = (
-            json.loads((out / "summary.json").read_text())
-            if kw.get("resume") and (out / "summary.json").exists()
-            else {}
-        )
-        if done.get("stop_reason") == "completed" and done.get("rounds") == cfg.fl.rounds:
-            return {**done, "already_finished": True}
         s = run(cfg, scratch / "run", progress=False, checkpoints_dir=out / "checkpoints", **kw)
         return {
             "process": jax.process_index(),
@@ -167,10 +160,6 @@ def run(
     fl = cfg.fl
     if fl.distributed:  # multi-host: every host runs this same call
         initialize_distributed()
-    if jax.process_index() > 0 and checkpoints_dir is None:
-        # process 0 writes the run folder; the others compute with it (their orbax part writes the
-        # checkpoints with process 0's, into the shared folder) and write their own files nowhere
-        return _secondary(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after)
     if cfg.lora.client_ranks is not None and len(cfg.lora.client_ranks) != fl.num_clients:
         raise UserError(f"lora.client_ranks has {len(cfg.lora.client_ranks)} entries for {fl.num_clients} clients")
     aggregation.get(fl.aggregation).check(cfg)
@@ -180,8 +169,12 @@ def run(
             prepare_out(cfg, out, resume, overwrite)  # the config must still match
             log.info("run %s already finished (%d rounds); nothing to do", out, fl.rounds)
             return {**done, "already_finished": True}
+    if jax.process_index() > 0 and checkpoints_dir is None:
+        # process 0 writes the run folder; the others compute with it (their orbax part writes the
+        # checkpoints with process 0's, into the shared folder) and write their own files nowhere
+        return _secondary(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after)
     writers.check(cfg)  # a chosen writer's package is missing: say so before loading anything
-    mesh = client_mesh(fl.devices)  # too few devices: say so before loading the model
+    mesh = make_mesh(fl.devices)  # too few devices: say so before loading the model
     definition, base, lora, tokenizer, source = build_model(cfg)
     base = shard_base(base, mesh)  # split over 'model' when the mesh has that axis
     data = prepare(cfg, tokenizer)

@@ -191,8 +191,3 @@ def cosine_lr(round_index: int, rounds: int, lr: float, lr_min: float) -> float:
         return 0.0
     schedule = optax.cosine_decay_schedule(init_value=lr, decay_steps=rounds, alpha=lr_min / lr)
     return float(schedule(round_index))
-
-
-def client_mesh(devices) -> jax.sharding.Mesh | None:
-    """The ('clients', 'model') mesh for fl.devices (an int: clients only), None for one device."""
-    return mesh_lib.make_mesh(devices)

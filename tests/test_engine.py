@@ -363,7 +363,7 @@ def test_run_epsilon_agrees_with_the_privacy_calculator(tmp_path):
     [("fedavg", "mean", "local"), ("scaffold", "mean", "none"), ("fedavg", "stack", "none")],
 )
 def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation, dp_mode):
-    from fedlora_jax.runner import client_mesh
+    from fedlora_jax.mesh import make_mesh
 
     dp = LOCAL if dp_mode == "local" else []
     cfg, definition, base, lora, block = _setup(algorithm, aggregation, extra=dp)
@@ -402,9 +402,7 @@ def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation
         ],
     )
     assert len(jax.devices()) >= 4  # tests force 8 CPU devices (conftest)
-    out4, _ = make_round(definition, cfg4, noise, 5, mesh=client_mesh(4))(
-        init_state(cfg4, lora, 5), base, *_args(block)
-    )
+    out4, _ = make_round(definition, cfg4, noise, 5, mesh=make_mesh(4))(init_state(cfg4, lora, 5), base, *_args(block))
     _same_state(out4, ref)
 
 
