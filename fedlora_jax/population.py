@@ -156,7 +156,7 @@ def write_outputs(grid: dict, summaries: dict, out: Path, scale: str) -> dict:
 def plot_population(rows: list[dict], path, scale: str = "") -> Path:
     """Held-out loss against K (log axis), one panel per epsilon, a line per (mechanism, N)."""
     plt = ex._plt()
-    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
+    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}) or [None]  # no-DP runs only: one panel
     fig, axes = plt.subplots(1, len(epsilons), figsize=(6 * len(epsilons), 4.5), squeeze=False, sharey=True)
     for ax, eps in zip(axes[0], epsilons):
         for mech in ["none", *MECHANISMS]:
@@ -175,7 +175,7 @@ def plot_population(rows: list[dict], path, scale: str = "") -> Path:
         ax.set_xscale("log")
         ax.set_xlabel("clients per round K")
         ax.set_ylabel("held-out loss after the last round")
-        ax.set_title(f"honest epsilon {eps:g} (delta {DELTA:g})")
+        ax.set_title("without DP" if eps is None else f"honest epsilon {eps:g} (delta {DELTA:g})")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if scale:
         fig.suptitle(f"DP-FedLoRA against cohort size, {scale} scale")

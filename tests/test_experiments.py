@@ -133,3 +133,15 @@ def test_notebook_executes(path, tmp_path, shared_out, monkeypatch):
     NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+
+
+def test_population_figure_of_runs_without_dp_only_has_one_panel(tmp_path):
+    """A part of the grid with no DP run (epsilons=[]) still plots (it crashed on zero panels)."""
+    from fedlora_jax.population import plot_population
+
+    rows = [
+        {"N": 100, "K": k, "mechanism": "none", "epsilon": None, "eval_loss": loss}
+        for k, loss in ((10, 2.3), (50, 2.1))
+    ]
+    path = plot_population(rows, tmp_path / "p.png")
+    assert path.exists() and path.stat().st_size > 1000
