@@ -18,7 +18,7 @@ import numpy as np
 from .errors import UserError
 from .lora import modules
 from .models import Definition, LoRAConfig
-from .models.hub import hf_module_name
+from .models.hf_weights import hf_module_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -200,7 +200,7 @@ def export_adapter(folder: str | os.PathLike, definition: Definition, tree: dict
     """An adapter folder other tools load on their own: the PEFT files naming `base["name_or_path"]`
     (hub.base_reference), the tokenizer files (AutoTokenizer.from_pretrained(folder) works) and the
     base record our own loader prefers (BASE_RECORD)."""
-    from .models.hub import save_tokenizer
+    from .models.tokenizer_io import save_tokenizer
 
     folder = save_peft(folder, definition, tree, base.get("name_or_path"))
     base = {**base, "vocab_size": definition.config.vocab_size}

@@ -40,7 +40,7 @@ def build_model_config(cfg: "RunConfig") -> ModelConfig:
 
     path = resolve(m.source)
     if path.is_file():
-        from .hub import read_gguf  # dequantizes to read the shapes: a few seconds
+        from .gguf_weights import read_gguf  # dequantizes to read the shapes: a few seconds
 
         return read_gguf(path, m.dtype)[0]
     return folder_config(path, m.dtype)
