@@ -225,7 +225,7 @@ def test_smollm2_adapter_names_the_hub_id_and_our_eval_loads_it_offline(tmp_path
 def test_accuracy_norm_divides_by_characters_and_per_token_by_tokens(monkeypatch):
     """accuracy_norm is lm-eval's acc_norm (log-likelihood / characters of the choice), accuracy_bytes
     its acc_bytes (/ UTF-8 bytes), accuracy_per_token the log-likelihood per token."""
-    import fedlora_jax.evaluation as E
+    import fedlora_jax.evaluation.choices as E  # multiple_choice looks choice_logprobs up in its module
 
     lps = {"Q": (np.array([-3.0, -4.0, -5.5]), np.array([1, 3, 3]))}
     monkeypatch.setattr(E, "choice_logprobs", lambda *args: lps[args[4]])

@@ -1,0 +1,64 @@
+"""What the commands share: strict JSON output, option domain checks, and the OSErrors that are
+the user's environment rather than a bug."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+
+from ..errors import UserError
+
+# OSErrors that are the user's environment, not a bug: reported as one sentence naming the path
+_ENV_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+}
+
+
+def _plain(x):
+    """x with NaN and infinities as None (and numpy scalars as Python numbers), for strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # numpy / jax scalar
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def dumps(obj) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities become null."""
+    return json.dumps(_plain(obj), allow_nan=False)
+
+
+def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=False, what=None):
+    """A numeric option in its domain, or a UserError naming the flag (and `what` it is)."""
+    if value is None:
+        return
+    if what:
+        flag = f"{flag}: {what}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
+    )
+    if bad:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        allowed = (
+            f"in {lo}, {hi}"
+            if low is not None and high is not None
+            else f"{'>' if low_open else '>='} {low:g}"
+            if low is not None
+            else f"{'<' if high_open else '<='} {high:g}"
+        )
+        raise UserError(f"{flag} must be {allowed}, got {value:g}")
