@@ -1,0 +1,224 @@
+"""The mechanism base class and the table it registers in (see modes.py, the registry's front door).
+
+`Mechanism` is mode `none` (no DP) and defines every hook a round, the run loop, the planner and the
+CLI call; `_DP` holds what the DP modes share (accounted values only, uniform weights). The DP modes
+themselves live in modes_local.py, modes_central.py and modes_dpsgd.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import algorithms
+from ..errors import UserError
+from . import accounting as acc
+
+MECHANISMS: dict[str, type[Mechanism]] = {}
+
+# values of a metrics row that come from the clients' un-noised training (outside any guarantee)
+CLIENT_FIELDS = ("loss", "first_loss", "update_norm", "dropped")
+UNPROTECTED_PREFIX = "unprotected_"
+EPS_FLOOR = 1e-30  # guards a division by a zero weight sum
+
+
+def register(cls):
+    """Class decorator: add a mechanism to the table under cls.name."""
+    MECHANISMS[cls.name] = cls
+    return cls
+
+
+@dataclasses.dataclass
+class Mechanism:
+    """No DP (`none`): the release is the local adapter, aggregation weights are example counts,
+    every value may be published."""
+
+    name: ClassVar[str] = "none"
+    private: ClassVar[bool] = False
+    sums_updates: ClassVar[bool] = False  # True: the server sums clipped updates and noises the sum
+    participation_public: ClassVar[bool] = True  # who takes part may be published
+    controls_private: ClassVar[bool] = True  # SCAFFOLD controls are covered by the guarantee
+    record_level: ClassVar[bool] = False  # True: Poisson batches and per-example noise (DP-SGD)
+    adaptive_clipping: ClassVar[bool] = False  # dp.adaptive_clip is defined for this mode
+    sampling_secret: ClassVar[bool] = False  # the client draw must stay secret (amplification by sampling)
+
+    cfg: Any
+    lora: Any
+    client_sizes: Any = None
+    ledger: acc.Ledger | None = dataclasses.field(default=None, init=False)
+    info: dict = dataclasses.field(default_factory=dict, init=False)
+    sigma_a: float = dataclasses.field(default=0.0, init=False)
+    sigma_b: float = dataclasses.field(default=0.0, init=False)
+
+    def __post_init__(self):
+        self.check()
+        self.calibrate()
+
+    # ------------------------------------------------------------------ host side
+    def check(self) -> None:
+        """Cross-field checks of the config against what this mechanism can account for."""
+        fl = self.cfg.fl
+        if self.private and algorithms.client_hook(fl).keeps_client_state and not self.controls_private:
+            raise UserError(
+                f"fl.algorithm {fl.algorithm} with dp.mode {self.name}: its per-client state (for "
+                f"SCAFFOLD, the control variates) is computed from the clients' un-noised updates, "
+                f"which this mode's guarantee does not cover; use another algorithm, dp.mode dpsgd, "
+                f"or dp.mode none"
+            )
+        if self.cfg.dp.adaptive_clip and not self.adaptive_clipping:
+            raise UserError(f"dp.adaptive_clip is defined for dp.mode central, not {self.name}")
+        if self.private and self.cfg.data.eval_per_client:
+            raise UserError(
+                f"data.eval_per_client evaluates on held-out shares of the clients' own data, which "
+                f"dp.mode {self.name}'s guarantee does not cover (the published eval loss would "
+                f"leak them); use the shared held-out split (data.eval_per_client false)"
+            )
+
+    def calibrate(self) -> None:
+        self.info = {"mechanism": "no DP"}
+
+    @property
+    def publish_client_metrics(self) -> bool:
+        return not self.private or self.cfg.dp.publish_client_metrics
+
+    def published_name(self, field: str) -> str | None:
+        """The name under which a client-derived metric is published (None: not published).
+        Outside the guarantee in a DP mode, the name carries UNPROTECTED_PREFIX."""
+        if not self.private:
+            return field
+        if not self.cfg.dp.publish_client_metrics:
+            return None
+        return UNPROTECTED_PREFIX + field
+
+    def publishes_cohort(self) -> bool:
+        return self.participation_public or self.publish_client_metrics
+
+    def privacy_row(self, participations: np.ndarray) -> dict:
+        """The privacy columns of a metrics row after a round (empty without DP)."""
+        return {}
+
+    def budget_exceeded(self, next_ids) -> bool:
+        budget = self.cfg.dp.budget
+        return self.ledger is not None and budget is not None and self.ledger.worst_after(next_ids) > budget
+
+    def summary(self, participations: np.ndarray, last_row: dict | None) -> dict:
+        out = dict(self.info)
+        out["outside_guarantee"] = []
+        return out
+
+    # ------------------------------------------------------------------ jitted, per client
+    def dpsgd_args(self, key):
+        """(clip, sigma, key, expected batch) for record-level DP-SGD inside local training, or None."""
+        return None
+
+    def init_state(self) -> dict:
+        """The mechanism's own server state (arrays), carried in the round's state (e.g. the clip)."""
+        return {}
+
+    def release(self, local, global_, key, rank=None, mstate=None):
+        """What one client sends (its adapter, in weight space)."""
+        return local
+
+    def client_stat(self, local, global_, mstate):
+        """A per-client scalar the server sums (adaptive clipping: was the update within the clip?)."""
+        return jnp.zeros((), jnp.float32)
+
+    def update_state(self, mstate: dict, stat_sum, key, expected_cohort) -> dict:
+        """The mechanism's state for the next round (from privatized quantities only)."""
+        return mstate
+
+    def round_values(self, mstate: dict) -> dict:
+        """Accounted values of the round that a run may publish (e.g. the clip used)."""
+        return {}
+
+    def kept(self, released, loss):
+        """Which clients the server aggregates: finite releases (and, without DP, finite losses)."""
+        return _all_finite(released) & jnp.isfinite(loss)
+
+    def weight(self, num_examples):
+        """Aggregation weight of a kept client."""
+        return num_examples
+
+    # ------------------------------------------------------------------ jitted, server
+    def finalize_sum(self, total, global_, key, expected_cohort, mstate=None):
+        """Central-style aggregate from the sum of clipped updates (only when sums_updates)."""
+        raise NotImplementedError
+
+
+register(Mechanism)
+
+
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class _DP(Mechanism):
+    """Shared by the DP modes: publishes only accounted values by default; uniform weights unless
+    the example counts are declared public."""
+
+    private: ClassVar[bool] = True
+
+    def kept(self, released, loss):
+        # a function of the release only (post-processing); the un-noised loss plays no part
+        return _all_finite(released)
+
+    def weight(self, num_examples):
+        if self.cfg.dp.public_counts:
+            return num_examples
+        return jnp.ones_like(num_examples)
+
+    def summary(self, participations: np.ndarray, last_row: dict | None) -> dict:
+        out = dict(self.info)
+        led = self.ledger
+        out.update(
+            epsilon=led.worst(),
+            epsilon_mean=led.mean(),
+            epsilon_paper=(last_row or {}).get("epsilon_paper"),
+            epsilon_paper_tracker=(last_row or {}).get("epsilon_paper_tracker"),
+            delta=(last_row or {}).get("delta", self.cfg.dp.delta),
+            aggregation_weights=(
+                "example counts (dp.public_counts: the counts are assumed public)"
+                if self.cfg.dp.public_counts
+                else "uniform over kept clients"
+            ),
+        )
+        if self.participation_public:
+            out["max_participations"] = int(participations.max())
+        elif self.publish_client_metrics:
+            out[UNPROTECTED_PREFIX + "max_participations"] = int(participations.max())
+        out["outside_guarantee"] = (
+            [UNPROTECTED_PREFIX + f for f in CLIENT_FIELDS]
+            + ([] if self.participation_public else [UNPROTECTED_PREFIX + "clients"])
+            if self.cfg.dp.publish_client_metrics
+            else []
+        )
+        if self.cfg.dp.noise_seed is not None:
+            out["noise_seed"] = (
+                "fixed by dp.noise_seed in config.yaml: anyone with the config can reproduce and "
+                "remove the noise, so the guarantee does NOT hold against them"
+            )
+            out["outside_guarantee"].append("noise (dp.noise_seed is published in config.yaml)")
+        else:
+            out["noise_seed"] = (
+                "secret: drawn from OS entropy, kept only in checkpoints/ (the simulated server's "
+                "private state, with the participation counts): do not publish checkpoints/"
+            )
+        if self.record_level and not self.cfg.dp.public_counts:
+            out["outside_guarantee"].append(
+                "batch_sampling_rate, noise_multiplier and epsilon are functions of the "
+                "smallest client's example count (dp.public_counts: false)"
+            )
+        out["published"] = (
+            "held-out evaluation on the shared held-out split (server data, not any client's), "
+            "privatized aggregates, epsilon/delta"
+            + (
+                "; client training metrics marked 'unprotected_' are OUTSIDE the guarantee"
+                if self.cfg.dp.publish_client_metrics
+                else ""
+            )
+        )
+        return out

@@ -1,0 +1,159 @@
+"""Central DP (DP-FedAvg, user level): the server noises the sum of clipped updates; optional
+adaptive clipping."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from .. import sampling
+from ..errors import UserError
+from . import accounting as acc
+from . import mechanisms as prim
+from . import modes_local  # noqa: F401  (registers first, whichever module is imported first: the table's order)
+from .modes_base import _DP, register
+
+
+@register
+class CentralDP(_DP):
+    """DP-FedAvg (user level): each client's update is clipped to C; the trusted server adds
+    N(0, (zC)^2) to the sum in EVERY round (empty or all-dropped cohorts included) and divides by
+    the expected cohort; Poisson client sampling at rate q amplifies (the draw must be secret)."""
+
+    name: ClassVar[str] = "central"
+    sums_updates: ClassVar[bool] = True
+    participation_public: ClassVar[bool] = False
+    controls_private: ClassVar[bool] = False
+    adaptive_clipping: ClassVar[bool] = True
+    sampling_secret: ClassVar[bool] = True
+
+    def check(self) -> None:
+        super().check()
+        fl = self.cfg.fl
+        if self.cfg.dp.adaptive_clip and self.cfg.dp.scope != "global":
+            raise UserError(
+                f"dp.adaptive_clip clips each update as one vector: it needs dp.scope global, not {self.cfg.dp.scope}"
+            )
+        if fl.sampling != "poisson":
+            raise UserError(
+                "dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client sampling)"
+            )
+        if fl.aggregation == "stack":
+            raise UserError(
+                "dp.mode central with fl.aggregation stack is not supported: central noise is "
+                "added to the sum of clipped adapter updates, which stacking does not release; use "
+                "fl.aggregation mean, or dp.mode local with stack"
+            )
+
+    def calibrate(self) -> None:
+        dp, fl = self.cfg.dp, self.cfg.fl
+        self.clip_b = dp.clip_a if dp.scope == "global" else dp.clip_b
+        n_a, n_b, ca, cb = prim.clip_blocks(self.lora, dp.scope, dp.clip_a, dp.clip_b)
+        factor = 1.0 / prim.effective_noise_multiplier(n_a, n_b, ca, cb, ca, cb if n_b else 1.0, "add-remove")
+        q = fl.clients_per_round / fl.num_clients
+        if dp.noise == "classical":
+            z = prim.classical_noise_multiplier(dp.epsilon, dp.delta)
+        elif dp.noise == "analytic":
+            z = acc.gaussian_multiplier_for(dp.epsilon, 1, dp.delta)
+        elif dp.noise == "multiplier":
+            z = dp.noise_multiplier
+        else:
+            z = acc.sampled_multiplier_for(dp.epsilon, q, fl.rounds, dp.delta) * factor
+        self.z, self.z_eff = z, z / factor
+        self.adaptive = dp.adaptive_clip
+        self.z_update = z
+        if self.adaptive:  # Andrew et al. 2021: z^-2 = z_update^-2 + (2 sigma_count)^-2
+            self.count_noise = dp.clip_count_noise or fl.clients_per_round / 20.0
+            if z >= 2 * self.count_noise:
+                raise UserError(
+                    f"dp.adaptive_clip: the noise multiplier {z:.4g} leaves nothing for the update once "
+                    f"the count noise {self.count_noise:.4g} is paid (needs multiplier < 2 x "
+                    f"dp.clip_count_noise); raise dp.clip_count_noise (default K/20) or lower the noise"
+                )
+            self.z_update = (z**-2 - (2 * self.count_noise) ** -2) ** -0.5
+        self.sigma_a, self.sigma_b = self.z_update * dp.clip_a, self.z_update * self.clip_b
+        self.blocks = (n_a, n_b)
+        self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, "add-remove", sampling_rate=q)
+        self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round)
+        self.info = {
+            "noise_multiplier": z,
+            "effective_noise_multiplier": self.z_eff,
+            "sigma_a": self.sigma_a,
+            "sigma_b": self.sigma_b,
+            "clipped_blocks": [n_a, n_b],
+            "neighbouring": "add-remove",
+            "delta": dp.delta,
+            "epsilon_of": "every client (its whole data)",
+            "mechanism": (
+                f"central DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
+                f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g} on the sum in every "
+                f"round, add-remove, Poisson client sampling q={q:g}, PLD; cohorts padded to "
+                f"{self.capacity} slots (overflow probability {self.overflow:.2g} per round, "
+                f"added to delta)"
+            ),
+        }
+        if self.adaptive:
+            self.info.update(
+                adaptive_clip=True,
+                update_noise_multiplier=self.z_update,
+                clip_count_noise=self.count_noise,
+                target_quantile=dp.target_quantile,
+                clip_lr=dp.clip_lr,
+                initial_clip=dp.clip_a,
+            )
+            self.info["mechanism"] += (
+                f"; adaptive clipping toward the {dp.target_quantile:g} quantile (initial "
+                f"{dp.clip_a:g}, lr {dp.clip_lr:g}): update noise multiplier "
+                f"{self.z_update:.4g} x clip and count noise {self.count_noise:.4g}, "
+                f"accounted together as one Gaussian of multiplier {z:.4g}"
+            )
+
+    def init_state(self) -> dict:
+        return {"clip": jnp.asarray(self.cfg.dp.clip_a, jnp.float32)} if self.adaptive else {}
+
+    def _clips(self, mstate):
+        if self.adaptive:
+            return mstate["clip"], mstate["clip"]
+        return self.cfg.dp.clip_a, self.clip_b
+
+    def release(self, local, global_, key, rank=None, mstate=None):
+        clip_a, clip_b = self._clips(mstate)
+        upd, _ = prim.clip(jax.tree.map(jnp.subtract, local, global_), clip_a, clip_b, self.cfg.dp.scope)
+        return jax.tree.map(jnp.add, global_, upd)
+
+    def client_stat(self, local, global_, mstate):
+        if not self.adaptive:
+            return jnp.zeros((), jnp.float32)
+        upd = jax.tree.map(jnp.subtract, local, global_)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(upd)))
+        # centred: b - 1/2, so adding or removing a client moves the sum by 1/2 (the sensitivity the
+        # combined multiplier z^-2 = z_u^-2 + (2 sigma_count)^-2 assumes)
+        return (norm <= mstate["clip"]).astype(jnp.float32) - 0.5
+
+    def update_state(self, mstate, stat_sum, key, expected_cohort):
+        """C <- C exp(-lr (b - gamma)), b = (sum of (b_i - 1/2) + N(0, sigma_count^2)) / K + 1/2, an unbiased
+        estimate of the fraction of clients within the clip."""
+        if not self.adaptive:
+            return mstate
+        dp = self.cfg.dp
+        noisy = (stat_sum + self.count_noise * jax.random.normal(key, (), jnp.float32)) / expected_cohort + 0.5
+        return {"clip": mstate["clip"] * jnp.exp(-dp.clip_lr * (noisy - dp.target_quantile))}
+
+    def round_values(self, mstate):
+        return {"clip": mstate["clip"]} if self.adaptive else {}
+
+    def weight(self, num_examples):
+        return jnp.ones_like(num_examples)  # the sum's sensitivity is C only if every client counts once
+
+    def finalize_sum(self, total, global_, key, expected_cohort, mstate=None):
+        clip_a, clip_b = self._clips(mstate)  # the noise scales with the clip of this round
+        noisy = prim.add_noise(total, key, self.z_update * clip_a, self.z_update * clip_b)
+        return jax.tree.map(lambda x, t: x + t / expected_cohort, global_, noisy)
+
+    def privacy_row(self, participations):
+        eps = self.ledger.worst()
+        # a capped cohort is within total-variation distance rounds x overflow of the analysed one
+        delta = self.cfg.dp.delta + acc.tv_delta(eps, self.ledger.rounds * self.overflow)
+        return {"epsilon": eps, "epsilon_mean": self.ledger.mean(), "delta": delta}
