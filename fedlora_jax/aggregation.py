@@ -3,7 +3,8 @@
 
 An aggregator folds each chunk of released adapters into a running sum (`accumulate`), turns the
 sum into the new global adapter at the end of the round (`finalize`), may restart the adapters after
-the server step (`restart`), and may keep its own server state (`init_state`, `effective_base`).
+the server step (`restart`), and may keep its own server state (`init_state`: a dict of arrays,
+ServerState.agg, passed back to `zeros`, `finalize` and `effective_base`).
 A new aggregation is one subclass with `@register` (the config's fl.aggregation choices are this table).
 """
 
@@ -53,7 +54,7 @@ class Aggregator:
             )
 
     def init_state(self, lora) -> dict:
-        """Extra server-state entries (arrays) this aggregator keeps across rounds."""
+        """The server state (a dict of arrays) this aggregator keeps across rounds ({}: none)."""
         return {}
 
     def zeros(self, state: dict, global_lora):
@@ -64,7 +65,7 @@ class Aggregator:
         raise NotImplementedError
 
     def finalize(self, state: dict, total, weight_sum, any_kept, global_lora) -> tuple[Any, dict]:
-        """(aggregate adapter, updated server-state entries) at the end of a round."""
+        """(aggregate adapter, this aggregator's new state) at the end of a round."""
         raise NotImplementedError
 
     def restart(self, new_lora, global_lora, key):
@@ -91,7 +92,7 @@ class Mean(Aggregator):
 
     def finalize(self, state, total, weight_sum, any_kept, global_lora):
         wsum = jnp.maximum(weight_sum, WEIGHT_FLOOR)
-        return jax.tree.map(lambda s, x: jnp.where(any_kept, s / wsum, x), total, global_lora), {}
+        return jax.tree.map(lambda s, x: jnp.where(any_kept, s / wsum, x), total, global_lora), state
 
 
 @register
@@ -135,7 +136,7 @@ class Stack(Aggregator):
 
 
 def effective_base(base: dict, state: dict) -> dict:
-    """The base every registered aggregator's server state implies (identity for mean)."""
+    """The base an aggregator's state (ServerState.agg) implies (identity for mean)."""
     for a in AGGREGATORS.values():
         base = a.effective_base(base, state)
     return base

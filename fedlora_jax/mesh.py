@@ -178,3 +178,23 @@ def client_axis(x, mesh: Mesh | None):
         return x
     spec = PartitionSpec(None, "clients", *([None] * (x.ndim - 2)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def from_process_0(value: int) -> int:
+    """Process 0's 63-bit integer on every process of a multi-host run (sent as two 32-bit halves:
+    jax's default integers are 32-bit); the value itself with one process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    halves = np.array([value >> 32, value & 0xFFFFFFFF], np.uint32)
+    hi, lo = (int(x) for x in np.asarray(multihost_utils.broadcast_one_to_all(halves)))
+    return (hi << 32) | lo
+
+
+def sync(name: str) -> None:
+    """Every process waits here until all have arrived (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

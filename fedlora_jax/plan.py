@@ -106,7 +106,7 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     import dataclasses
 
     from .privacy import modes
-    from .simulation import init_state, make_round
+    from .simulation import Cohort, build_round, init_state
 
     if mesh is not None:
         base_shapes = jax.tree.map(
@@ -119,26 +119,18 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     # the noise's value does not change the program's memory: every mechanism accepts a multiplier
     c = dataclasses.replace(cfg, fl=fl, dp=dataclasses.replace(cfg.dp, noise="multiplier"))
     mechanism = modes.build(c, lora_shapes, None)
-    fn = make_round(definition, c, mechanism, k, mesh=mesh)
+    fn = build_round(definition, c, mechanism, k, mesh=mesh)
     state = jax.eval_shape(lambda lo: init_state(c, lo, k, mechanism), lora_shapes)
     shp = (k, fl.local_steps, step_batch(cfg), cfg.data.seq_len)
     sds = jax.ShapeDtypeStruct
-    block = {
-        "tokens": sds(shp, jnp.int32),
-        "attention_mask": sds(shp, jnp.int32),
-        "loss_mask": sds(shp, jnp.int32),
-        "num_examples": sds((k,), jnp.float32),
-    }
-    compiled = fn.lower(
-        state,
-        base_shapes,
-        block,
+    cohort = Cohort(
+        {key: sds(shp, jnp.int32) for key in ("tokens", "attention_mask", "loss_mask")},
+        sds((k,), jnp.float32),
         sds((k,), jnp.int32),
         sds((k,), jnp.int32),
         sds((k,), jnp.bool_),
-        randomness.round_keys(cfg.seed, 0),
-        sds((), jnp.float32),
-    ).compile()
+    )
+    compiled = fn.lower(state, base_shapes, cohort, randomness.round_keys(cfg.seed, 0), sds((), jnp.float32)).compile()
     ma = compiled.memory_analysis()
     return {
         "temp_bytes": ma.temp_size_in_bytes,

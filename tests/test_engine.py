@@ -17,7 +17,7 @@ from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
 from fedlora_jax.privacy import modes
 from fedlora_jax.runner import run
 from fedlora_jax.server import fedopt
-from fedlora_jax.simulation import init_state, make_round
+from fedlora_jax.simulation import Cohort, build_round, init_state
 
 K, STEPS, B, S = 3, 2, 2, 12
 
@@ -55,10 +55,7 @@ LOCAL = ["dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0.1"]
 
 def _args(block, ids=(0, 2, 4)):
     return (
-        block,
-        jnp.asarray(ids, jnp.int32),
-        jnp.full((K,), 4, jnp.int32),
-        jnp.ones((K,), bool),
+        Cohort.of(block, ids, np.full((K,), 4), np.ones((K,), bool)),
         randomness.round_keys(0, 3),
         jnp.float32(1e-2),
     )
@@ -75,7 +72,7 @@ def test_vmapped_round_equals_python_loop_and_does_not_recompile(dp_mode):
     from fedlora_jax.privacy import mechanisms as mech
 
     mechanism = modes.build(cfg, lora)
-    round_fn = make_round(definition, cfg, mechanism, 5)
+    round_fn = build_round(definition, cfg, mechanism, 5)
     state = init_state(cfg, lora, 5)
     new_state, m = round_fn(jax.tree.map(jnp.copy, state), base, *_args(block))
     ids, key = [0, 2, 4], randomness.round_keys(0, 3)["client_noise"]
@@ -98,7 +95,7 @@ def test_vmapped_round_equals_python_loop_and_does_not_recompile(dp_mode):
     # without DP the weights are example counts; under DP uniform (the counts are not declared public)
     p = np.array([10.0, 30.0, 20.0]) / 60.0 if dp_mode == "none" else np.full(3, 1 / 3)
     expect = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(p, xs)), *released)
-    _close(new_state["lora"], expect)
+    _close(new_state.lora, expect)
     # a second round with new values compiles nothing
     round_fn(new_state, base, *_args(block, (1, 2, 3)))
     assert round_fn._cache_size() == 1
@@ -108,21 +105,18 @@ def test_fedavg_one_client_without_dp_is_local_training():
     cfg, definition, base, lora, block = _setup()
     one = {k: v[:1] for k, v in block.items()}
     cfg1 = load_config("tiny", ["fl.num_clients=5", "fl.clients_per_round=1", f"fl.local_steps={STEPS}"])
-    round_fn = make_round(definition, cfg1, modes.build(cfg1, lora), 5)
+    round_fn = build_round(definition, cfg1, modes.build(cfg1, lora), 5)
     state, _ = round_fn(
         init_state(cfg1, lora, 5),
         base,
-        one,
-        jnp.asarray([2], jnp.int32),
-        jnp.asarray([4], jnp.int32),
-        jnp.ones((1,), bool),
+        Cohort.of(one, [2], [4], np.ones((1,), bool)),
         randomness.round_keys(0, 0),
         jnp.float32(1e-2),
     )
     local, _, _ = client_update(
         definition, base, lora, {k: one[k][0] for k in ("tokens", "attention_mask", "loss_mask")}, 1e-2
     )
-    _close(state["lora"], local)
+    _close(state.lora, local)
 
 
 def test_mean_of_identical_adapters_and_stacking_identity():
@@ -142,12 +136,12 @@ def test_mean_of_identical_adapters_and_stacking_identity():
 @pytest.mark.parametrize("alg, extra", [("fedprox", ["fl.prox_mu=0"]), ("scaffold", [])])
 def test_fedprox_mu0_and_scaffold_zero_controls_equal_fedavg(alg, extra):
     cfg, definition, base, lora, block = _setup()
-    ref, _ = make_round(definition, cfg, modes.build(cfg, lora), 5)(init_state(cfg, lora, 5), base, *_args(block))
+    ref, _ = build_round(definition, cfg, modes.build(cfg, lora), 5)(init_state(cfg, lora, 5), base, *_args(block))
     cfg2, *_ = _setup(alg, extra=extra)
-    out, _ = make_round(definition, cfg2, modes.build(cfg2, lora), 5)(init_state(cfg2, lora, 5), base, *_args(block))
-    _close(out["lora"], ref["lora"])
+    out, _ = build_round(definition, cfg2, modes.build(cfg2, lora), 5)(init_state(cfg2, lora, 5), base, *_args(block))
+    _close(out.lora, ref.lora)
     if alg == "scaffold":  # controls move after a round
-        assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(out["hook"]["global"]))
+        assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(out.hook["global"]))
 
 
 def test_server_optimizers_match_hand_computation():
@@ -181,19 +175,16 @@ def test_non_finite_client_is_dropped_not_averaged():
     mean = agg.weighted_mean(agg.zero_invalid(good, finite), w)
     _close(mean, jax.tree.map(lambda x: 0.25 * (x + 1.0) + 0.75 * (x - 1.0), lora), atol=1e-6)
     # a round whose every update is non-finite (NaN learning rate) drops all and keeps the global
-    round_fn = make_round(definition, cfg, modes.build(cfg, lora), 5)
+    round_fn = build_round(definition, cfg, modes.build(cfg, lora), 5)
     state, m = round_fn(
         init_state(cfg, lora, 5),
         base,
-        block,
-        jnp.asarray([0, 2, 4], jnp.int32),
-        jnp.full((K,), 4, jnp.int32),
-        jnp.ones((K,), bool),
+        Cohort.of(block, [0, 2, 4], np.full((K,), 4), np.ones((K,), bool)),
         randomness.round_keys(0, 0),
         jnp.float32(jnp.nan),
     )
     assert int(m["dropped"]) == K
-    _close(state["lora"], lora, atol=0)
+    _close(state.lora, lora, atol=0)
 
 
 def _tiny_cfg(tmp_path, *extra):
@@ -368,7 +359,7 @@ def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation
     dp = LOCAL if dp_mode == "local" else []
     cfg, definition, base, lora, block = _setup(algorithm, aggregation, extra=dp)
     noise = modes.build(cfg, lora)
-    ref, ref_m = make_round(definition, cfg, noise, 5)(init_state(cfg, lora, 5), base, *_args(block))
+    ref, ref_m = build_round(definition, cfg, noise, 5)(init_state(cfg, lora, 5), base, *_args(block))
     # chunks of 2 over a cohort of 3: one padded (invalid) slot
     cfg2 = load_config(
         "tiny",
@@ -383,7 +374,7 @@ def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation
             *dp,
         ],
     )
-    out, m = make_round(definition, cfg2, noise, 5)(init_state(cfg2, lora, 5), base, *_args(block))
+    out, m = build_round(definition, cfg2, noise, 5)(init_state(cfg2, lora, 5), base, *_args(block))
     _same_state(out, ref)
     assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-6) and int(m["dropped"]) == 0
     # the client axis over a 4-device mesh (chunk of 4 with one padded slot)
@@ -402,14 +393,14 @@ def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation
         ],
     )
     assert len(jax.devices()) >= 4  # tests force 8 CPU devices (conftest)
-    out4, _ = make_round(definition, cfg4, noise, 5, mesh=make_mesh(4))(init_state(cfg4, lora, 5), base, *_args(block))
+    out4, _ = build_round(definition, cfg4, noise, 5, mesh=make_mesh(4))(init_state(cfg4, lora, 5), base, *_args(block))
     _same_state(out4, ref)
 
 
 def _same_state(a, b):
-    _close(a["lora"], b["lora"])
+    _close(a.lora, b.lora)
     # SCAFFOLD controls divide the local change by K * lr (here 0.02): float noise grows 50x
-    _close({k: v for k, v in a.items() if k != "lora"}, {k: v for k, v in b.items() if k != "lora"}, atol=1e-3)
+    _close(a._replace(lora=None), b._replace(lora=None), atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["local", "dpsgd"])

@@ -156,4 +156,4 @@ def test_an_algorithm_registered_at_test_time_runs_end_to_end(tmp_path, monkeypa
     state, meta = ckpt.restore(template)
     ckpt.close()
     assert meta["round"] == 3 and sum(meta["participations"]) == 3 * cfg.fl.clients_per_round
-    np.testing.assert_array_equal(np.asarray(state["hook"]["count"]), meta["participations"])
+    np.testing.assert_array_equal(np.asarray(state.hook["count"]), meta["participations"])

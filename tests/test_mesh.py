@@ -14,7 +14,7 @@ from fedlora_jax.errors import UserError
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
 from fedlora_jax.plan import plan
 from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import init_state, make_round
+from fedlora_jax.simulation import Cohort, build_round, init_state
 
 K, STEPS, B, S, N = 3, 2, 2, 12, 5
 SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -57,10 +57,7 @@ def _setup(extra, mc=None):
         "num_examples": jnp.asarray([10.0, 30.0, 20.0]),
     }
     args = (
-        block,
-        jnp.asarray([0, 2, 4], jnp.int32),
-        jnp.full((K,), 4, jnp.int32),
-        jnp.ones((K,), bool),
+        Cohort.of(block, [0, 2, 4], np.full((K,), 4), np.ones((K,), bool)),
         randomness.round_keys(0, 3),
         jnp.float32(1e-2),
     )
@@ -76,8 +73,8 @@ def test_a_round_on_every_mesh_shape_equals_the_single_device_round(setting):
     assert len(jax.devices()) >= 8
     cfg, definition, base, lora, args = _setup(SETTINGS[setting])
     mech = modes.build(cfg, lora)
-    ref, ref_m = make_round(definition, cfg, mech, N)(init_state(cfg, lora, N, mech), base, *args)
-    moved = _max_diff(ref["lora"], lora)
+    ref, ref_m = build_round(definition, cfg, mech, N)(init_state(cfg, lora, N, mech), base, *args)
+    moved = _max_diff(ref.lora, lora)
     assert moved > 1e-3  # the round changed the adapter: equality below is not of two no-ops
     for shape in SHAPES:
         mesh = M.make_mesh(shape)
@@ -85,11 +82,10 @@ def test_a_round_on_every_mesh_shape_equals_the_single_device_round(setting):
         q = sharded["blocks"]["attn"]["q_proj"]["kernel"]
         # each device holds 1/model of a split kernel (here [layers, 32, 32 / model])
         assert {s.data.shape for s in q.addressable_shards} == {(2, 32, 32 // shape[1])}
-        out, m = make_round(definition, cfg, mech, N, mesh=mesh)(init_state(cfg, lora, N, mech), sharded, *args)
+        out, m = build_round(definition, cfg, mech, N, mesh=mesh)(init_state(cfg, lora, N, mech), sharded, *args)
         # the same function; only float sums inside split matmuls are reordered (float32: ~1e-7)
-        assert _max_diff(out["lora"], ref["lora"]) < 1e-5 * max(1.0, moved), shape
-        assert _max_diff({k: v for k, v in out.items() if k not in ("lora", "round")},
-                         {k: v for k, v in ref.items() if k not in ("lora", "round")}) < 1e-4, shape  # fmt: skip
+        assert _max_diff(out.lora, ref.lora) < 1e-5 * max(1.0, moved), shape
+        assert _max_diff(out._replace(lora=None, round=None), ref._replace(lora=None, round=None)) < 1e-4, shape
         assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-5)
         assert int(m["dropped"]) == int(ref_m["dropped"])
 
@@ -111,12 +107,12 @@ def test_a_dimension_the_model_axis_does_not_divide_is_replicated_and_named():
     )
     assert M.per_device_bytes(base, 8) == total - split + split // 8
     mech = modes.build(cfg, lora)
-    ref, _ = make_round(definition, cfg, mech, N)(init_state(cfg, lora, N, mech), base, *args)
+    ref, _ = build_round(definition, cfg, mech, N)(init_state(cfg, lora, N, mech), base, *args)
     mesh = M.make_mesh((1, 8))
-    out, _ = make_round(definition, cfg, mech, N, mesh=mesh)(
+    out, _ = build_round(definition, cfg, mech, N, mesh=mesh)(
         init_state(cfg, lora, N, mech), M.shard_base(base, mesh), *args
     )
-    assert _max_diff(out["lora"], ref["lora"]) < 1e-5
+    assert _max_diff(out.lora, ref.lora) < 1e-5
 
 
 @pytest.mark.parametrize("devices", ["[4,2]", "[2,4]", "[1,8]"])

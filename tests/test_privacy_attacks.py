@@ -185,7 +185,7 @@ def test_local_release_is_pure_noise_uncorrelated_with_every_public_array(tmp_pa
 
 @pytest.mark.parametrize("cohort", ["empty", "all_dropped"])
 def test_central_noise_is_added_when_no_client_is_aggregated(cohort):
-    from fedlora_jax.simulation import init_state, make_round
+    from fedlora_jax.simulation import Cohort, build_round, init_state
 
     cfg = load_config(
         "tiny",
@@ -211,20 +211,17 @@ def test_central_noise_is_added_when_no_client_is_aggregated(cohort):
     valid = jnp.zeros(n, bool) if cohort == "empty" else jnp.ones(n, bool)
     lr = jnp.float32(jnp.nan if cohort == "all_dropped" else 1e-2)  # NaN: every update is non-finite
     state = init_state(cfg, lora, n)
-    new, m = make_round(definition, cfg, mech, n)(
+    new, m = build_round(definition, cfg, mech, n)(
         state,
         base,
-        block,
-        jnp.arange(n, dtype=jnp.int32),
-        jnp.full((n,), cfg.lora.r, jnp.int32),
-        valid,
+        Cohort.of(block, np.arange(n), np.full((n,), cfg.lora.r), valid),
         randomness.round_keys(cfg.seed, 0),
         lr,
     )
     assert int(jnp.sum(valid & True)) - int(m["dropped"]) == 0  # nobody was aggregated
     # the accounted release: global + N(0, (z C)^2) / expected cohort, per entry
     std = mech.sigma_a / cfg.fl.clients_per_round
-    z = np.concatenate([np.asarray(b - a).ravel() for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new["lora"]))])
+    z = np.concatenate([np.asarray(b - a).ravel() for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(new.lora))])
     assert z.size > 2000
     p = stats.kstest(z / std, "norm").pvalue
     assert p > 1e-3, f"the released change is not N(0, {std:.3g}^2): KS p = {p:.2g}"

@@ -82,7 +82,7 @@ def test_a_capacity_round_equals_the_masked_all_slots_round_on_the_same_draw():
     from fedlora_jax import randomness
     from fedlora_jax.models.factory import build_model
     from fedlora_jax.privacy import modes
-    from fedlora_jax.simulation import init_state, make_round
+    from fedlora_jax.simulation import Cohort, build_round, init_state
 
     n, k = 80, 3
     cfg = load_config(
@@ -116,30 +116,24 @@ def test_a_capacity_round_equals_the_masked_all_slots_round_on_the_same_draw():
             "num_examples": jnp.full((len(slot_ids),), 5.0),
         }
 
-    fn = make_round(definition, cfg, mech, n)
+    fn = build_round(definition, cfg, mech, n)
     keys = randomness.round_keys(cfg.seed, 1)
     all_valid = np.isin(np.arange(n), taken)
     a, _ = fn(
         init_state(cfg, lora, n),
         base,
-        block(np.arange(n)),
-        jnp.arange(n, dtype=jnp.int32),
-        jnp.full((n,), cfg.lora.r, jnp.int32),
-        jnp.asarray(all_valid),
+        Cohort.of(block(np.arange(n)), np.arange(n), np.full((n,), cfg.lora.r), all_valid),
         keys,
         jnp.float32(1e-2),
     )
     b, _ = fn(
         init_state(cfg, lora, n),
         base,
-        block(ids),
-        jnp.asarray(ids, jnp.int32),
-        jnp.full((len(ids),), cfg.lora.r, jnp.int32),
-        jnp.asarray(valid),
+        Cohort.of(block(ids), ids, np.full((len(ids),), cfg.lora.r), valid),
         keys,
         jnp.float32(1e-2),
     )
-    for x, y in zip(jax.tree.leaves(a["lora"]), jax.tree.leaves(b["lora"])):
+    for x, y in zip(jax.tree.leaves(a.lora), jax.tree.leaves(b.lora)):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
 
 

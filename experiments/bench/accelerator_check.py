@@ -6,7 +6,7 @@ fit in what is left is skipped with a line, and a watchdog writes what was measu
 at budget + 45 s, so the whole run stays under 8 minutes):
 
 (a) checks, on the accelerator:
-    - the vmapped round (make_round, local DP) equals a Python loop of a jitted single-client
+    - the vmapped round (build_round, local DP) equals a Python loop of a jitted single-client
       update + the mechanism's release with the same keys, then the same mean and server step;
     - chunked (fl.clients_per_chunk=3, padded) equals unchunked;
     - a bfloat16 base is close to the float32 one (logits, loss, one round's update);
@@ -293,7 +293,7 @@ from fedlora_jax.client import client_update  # noqa: E402
 from fedlora_jax.config import load_config  # noqa: E402
 from fedlora_jax.models import LoRAConfig, ModelConfig, abstract_model, apply  # noqa: E402
 from fedlora_jax.privacy import modes  # noqa: E402
-from fedlora_jax.simulation import init_state, make_round  # noqa: E402
+from fedlora_jax.simulation import Cohort, build_round, init_state  # noqa: E402
 
 P = SMOKE if ARGS.smoke else FULL
 RES: dict = {
@@ -586,10 +586,7 @@ def run_config(p, chunk=None, mode="local", lr=1e-3):
 def round_args(cfg, base, block, k, lr):
     return (
         base,
-        block,
-        jnp.arange(k, dtype=jnp.int32),
-        jnp.full((k,), cfg.lora.r, jnp.int32),
-        jnp.ones(k, bool),
+        Cohort.of(block, np.arange(k), np.full((k,), cfg.lora.r), np.ones(k, bool)),
         randomness.round_keys(cfg.seed, 0),
         jnp.float32(lr),
     )
@@ -598,7 +595,7 @@ def round_args(cfg, base, block, k, lr):
 def compiled_round(definition, cfg, lora, base, block, k, lr=1e-3):
     """(call() -> (state, metrics) blocked, compile seconds, compiled) of our round."""
     mech = modes.build(cfg, lora, np.ones(k))
-    fn = make_round(definition, cfg, mech, k)
+    fn = build_round(definition, cfg, mech, k)
     state = init_state(cfg, lora, k, mech)
     args = round_args(cfg, base, block, k, lr)
     t = time.perf_counter()
@@ -828,9 +825,9 @@ def check_rounds():
             )
         if prec == "highest":
             unchunked = (state, metrics)
-        d, ref = max_abs_diff(state["lora"], loop_lora)
+        d, ref = max_abs_diff(state.lora, loop_lora)
         dl, refl = max_abs_diff(metrics["client_loss"], loop_losses)
-        moved, _ = max_abs_diff(state["lora"], lora)
+        moved, _ = max_abs_diff(state.lora, lora)
         bound = exact_bound(kind, ref)
         record_check(
             f"vmapped round == loop of client updates ({prec})",
@@ -843,7 +840,7 @@ def check_rounds():
     with matmul_precision("highest"):
         call, _, _ = compiled_round(definition, run_config(p, 3, lr=3e-3), lora, base, block, k, lr=3e-3)
         state, metrics = call()
-    d, ref = max_abs_diff(state["lora"], unchunked[0]["lora"])
+    d, ref = max_abs_diff(state.lora, unchunked[0].lora)
     dl, refl = max_abs_diff(metrics["client_loss"], unchunked[1]["client_loss"])
     bound = exact_bound("exact_f32", ref)
     record_check(
@@ -888,7 +885,7 @@ def check_bf16():
         with matmul_precision(prec):
             logits[name] = np.asarray(jax.jit(apply, static_argnums=0)(d, b, lora, tok, mask))
             call, _, _ = compiled_round(d, cfg, lora, b, block, k, lr=3e-3)
-            new = call()[0]["lora"]
+            new = call()[0].lora
         up[name] = np.concatenate(
             [np.ravel(np.asarray(x) - np.asarray(y)) for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(lora))]
         )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax import randomness
-from fedlora_jax.simulation import init_state, make_round
+from fedlora_jax.simulation import Cohort, build_round, init_state
 
 
 def compiled_round(cfg, definition, base, lora, mech, n, slots, k, ids, examples, rng):
@@ -27,16 +27,13 @@ def compiled_round(cfg, definition, base, lora, mech, n, slots, k, ids, examples
     valid[: min(k, slots)] = True
     args = (
         base,
-        block,
-        jnp.asarray(ids, jnp.int32),
-        jnp.full((slots,), cfg.lora.r, jnp.int32),
-        jnp.asarray(valid),
+        Cohort.of(block, ids, np.full((slots,), cfg.lora.r), valid),
         randomness.round_keys(0, 0),
         jnp.float32(1e-3),
     )
     state = init_state(cfg, lora, n, mech)
     t = time.perf_counter()
-    compiled = make_round(definition, cfg, mech, n).lower(state, *args).compile()
+    compiled = build_round(definition, cfg, mech, n).lower(state, *args).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     mib = {

@@ -29,7 +29,7 @@ from fedlora_jax.privacy import accounting as acc
 from fedlora_jax.privacy import mechanisms as mech
 from fedlora_jax.privacy import modes
 from fedlora_jax.runner import build_model
-from fedlora_jax.simulation import init_state, make_round
+from fedlora_jax.simulation import Cohort, build_round, init_state
 
 
 def timed(fn, n=5):
@@ -65,16 +65,13 @@ def main():
     ids = np.arange(64)
     parts = np.zeros(64, np.int64)
     block = {k: jnp.asarray(v) for k, v in batcher.block(ids, parts).items()}
-    round_fn = make_round(definition, cfg, noise, 64)
+    round_fn = build_round(definition, cfg, noise, 64)
     state = init_state(cfg, lora, 64)
     call = lambda: jax.block_until_ready(
         round_fn(
             state,
             base,
-            block,
-            jnp.asarray(ids, jnp.int32),
-            jnp.full((64,), cfg.lora.r, jnp.int32),
-            jnp.ones(64, bool),
+            Cohort.of(block, ids, np.full((64,), cfg.lora.r), np.ones(64, bool)),
             randomness.round_keys(0, 0),
             jnp.float32(1e-3),
         )

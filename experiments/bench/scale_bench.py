@@ -28,7 +28,7 @@ from fedlora_jax.config import load_config
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
 from fedlora_jax.privacy import mechanisms as mech
 from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import init_state, make_round
+from fedlora_jax.simulation import Cohort, build_round, init_state
 
 REGIMES = {
     "cross-device": dict(hidden=64, layers=2, heads=4, vocab=512, clients=256, steps=2, batch=2, seq=32, chunk=128),
@@ -111,14 +111,11 @@ def analytic_flops(p, base):
 
 def ours(p, definition, base, lora, block, chunk, reps=3):
     cfg = cfg_for(p, chunk)
-    fn = make_round(definition, cfg, modes.build(cfg, lora), p["clients"])
+    fn = build_round(definition, cfg, modes.build(cfg, lora), p["clients"])
     state = init_state(cfg, lora, p["clients"])
     args = (
         base,
-        {k: jnp.asarray(v) for k, v in block.items()},
-        jnp.arange(p["clients"], dtype=jnp.int32),
-        jnp.full((p["clients"],), 8, jnp.int32),
-        jnp.ones(p["clients"], bool),
+        Cohort.of(block, np.arange(p["clients"]), np.full((p["clients"],), 8), np.ones(p["clients"], bool)),
         randomness.round_keys(0, 0),
         jnp.float32(1e-3),
     )
