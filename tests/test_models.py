@@ -227,3 +227,45 @@ def test_bad_checkpoints(tiny_hf, tmp_path):
         load_model(str(tmp_path / "broken.gguf"))
     with pytest.raises(ValueError, match="could not download 'nobody/nothing'.*pass a local folder"):
         load_model("nobody/nothing")
+
+
+def _plain_nll(logits, targets):
+    """The loss as autodiff sees it unfused: log_softmax, then the target's entry."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0])
+def test_fused_softmax_nll_equals_log_softmax_in_value_and_gradient(spread):
+    from fedlora_jax.models.loss import softmax_nll
+
+    logits = spread * jax.random.normal(jax.random.key(0), (3, 7, 50))
+    targets = jax.random.randint(jax.random.key(1), (3, 7), 0, 50)
+    weights = jax.random.uniform(jax.random.key(2), (3, 7))  # a non-uniform cotangent
+    np.testing.assert_allclose(softmax_nll(logits, targets), _plain_nll(logits, targets), rtol=1e-6, atol=1e-5)
+    g = jax.grad(lambda x: jnp.sum(weights * softmax_nll(x, targets)))(logits)
+    g_ref = jax.grad(lambda x: jnp.sum(weights * _plain_nll(x, targets)))(logits)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    # the identity the backward pass is built on: each position's gradient sums to 0 over the vocabulary
+    np.testing.assert_allclose(jnp.sum(g, axis=-1), 0.0, atol=1e-6)
+
+
+def test_token_nll_gradient_in_the_adapter_equals_the_unfused_loss():
+    from fedlora_jax.models import mean_nll
+
+    mc = ModelConfig("llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    definition, base, lora = init_model(mc, LoRAConfig(r=4, alpha=8, target_modules=LLAMA_ALL))
+    lora = _perturbed(lora)
+    toks, mask = _tokens(vocab=64)
+    loss_mask = np.ones_like(mask)
+    loss_mask[0, :4] = 0  # a prompt that is not scored
+
+    def unfused(lo):
+        logits = apply(definition, base, lo, toks, mask)[:, :-1]
+        w = (loss_mask * mask)[:, 1:].astype(jnp.float32)
+        return jnp.sum(_plain_nll(logits, jnp.asarray(toks[:, 1:])) * w) / jnp.sum(w)
+
+    v, g = jax.value_and_grad(lambda lo: mean_nll(definition, base, lo, toks, mask, loss_mask))(lora)
+    v_ref, g_ref = jax.value_and_grad(unfused)(lora)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

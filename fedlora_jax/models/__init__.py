@@ -26,6 +26,7 @@ from .config import SUPPORTED_MODEL_TYPES, LoRAConfig, ModelConfig
 from .gpt2 import GPT2Model
 from .layers import LoRAParam
 from .llama import LlamaModel
+from .loss import softmax_nll
 
 Params = Any  # nested dict of arrays
 
@@ -124,10 +125,11 @@ def apply_cached(definition: Definition, base: Params, lora: Params, tokens, pos
 def token_nll(definition: Definition, base: Params, lora: Params, tokens, mask, loss_mask=None):
     """Per-position negative log-likelihood of token t+1 given tokens <= t: returns
     (nll [B, S-1], weights [B, S-1]) where weights = loss_mask[:, 1:] (default: mask[:, 1:])."""
-    logits = apply(definition, base, lora, tokens, mask)[:, :-1]
-    targets = tokens[:, 1:]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    logits = apply(definition, base, lora, tokens, mask)
+    # every position scores its next token (the last a dummy 0) and the last is dropped from the
+    # [B, S] result: slicing the [B, S, V] logits instead would copy them
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    nll = softmax_nll(logits, targets)[:, :-1]
     weights = (mask if loss_mask is None else loss_mask)[:, 1:].astype(jnp.float32)
     if loss_mask is not None:
         weights = weights * mask[:, 1:].astype(jnp.float32)

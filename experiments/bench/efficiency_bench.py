@@ -1,0 +1,192 @@
+"""Where a round's CPU time goes, and what a change to it buys (issue: CPU efficiency).
+
+For the cross-device and mid regimes of scale_bench.py:
+1. a per-op profile of our round: jax.profiler's trace, each XLA op's time joined to the compiled
+   HLO and put in a class (base / LoRA / attention / head matmuls, forward or backward; softmax
+   and exp; transposes and copies; other elementwise; reductions; the optimizer, clipping and
+   noise outside the local steps);
+2. before/after of the kept change, interleaved and repeated in one process: the language-model
+   loss unfused (log_softmax + take_along_axis under autodiff) against fused (models/loss.py);
+3. share of this machine's measured float32 matmul peak from the analytic FLOPs.
+
+    python experiments/bench/efficiency_bench.py [--reps 5]   # -> results/efficiency.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scale_bench as sb
+
+import fedlora_jax.models as models
+from fedlora_jax import randomness
+from fedlora_jax.privacy import modes
+from fedlora_jax.simulation import Cohort, build_round, init_state
+
+FUSED_TOKEN_NLL = models.token_nll
+
+
+def unfused_token_nll(definition, base, lora, tokens, mask, loss_mask=None):
+    """The loss before: log_softmax of the sliced logits and the target's entry, under autodiff."""
+    logits = models.apply(definition, base, lora, tokens, mask)[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    weights = (mask if loss_mask is None else loss_mask)[:, 1:].astype(jnp.float32)
+    if loss_mask is not None:
+        weights = weights * mask[:, 1:].astype(jnp.float32)
+    return nll, weights
+
+
+VARIANTS = {"unfused loss": unfused_token_nll, "fused loss": FUSED_TOKEN_NLL}
+
+
+def compiled_round(p, definition, base, lora, block, token_nll):
+    models.token_nll = token_nll  # mean_nll looks it up at trace time
+    try:
+        cfg = sb.cfg_for(p, p["chunk"])
+        fn = build_round(definition, cfg, modes.build(cfg, lora), p["clients"])
+        state = init_state(cfg, lora, p["clients"])
+        k = p["clients"]
+        cohort = Cohort.of(block, np.arange(k), np.full((k,), 8), np.ones(k, bool))
+        args = (state, base, cohort, randomness.round_keys(0, 0), jnp.float32(1e-3))
+        return fn.lower(*args).compile(), args
+    finally:
+        models.token_nll = FUSED_TOKEN_NLL
+
+
+def _hlo_ops(text):
+    """{instruction name: (its line, the lines of the computation it calls)} of compiled HLO."""
+    comps, cur = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m:
+            cur = comps.setdefault(m.group(1), [])
+        elif cur is not None:
+            cur.append(line)
+    ops = {}
+    for lines in comps.values():
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+            if m:
+                called = re.search(r"calls=%([\w.\-]+)", line)
+                ops[m.group(1)] = (line, comps.get(called.group(1), []) if called else [])
+    return ops
+
+
+def classify(line, body, p):
+    """The class of one XLA op from its HLO (see the module docstring)."""
+    named = re.search(r'op_name="([^"]+)"', line)
+    opn = named.group(1) if named else ""
+    if "vmap()/while/body" not in opn:  # outside the clients' local steps
+        return "optimizer, clip, noise, aggregation"
+    way = "backward" if "transpose(jvp" in opn else "forward"
+    dots = [x for x in body if " dot(" in x] or ([line] if " dot(" in line else [])
+    if dots:
+        dims = {int(d) for s in re.findall(r"f32\[([\d,]*)\]", " ".join(dots)) for d in s.split(",") if d}
+        batch = re.search(r"lhs_batch_dims=\{([\d,]*)\}", dots[0])
+        if batch and len(batch.group(1).split(",")) >= 3:
+            kind = "attention"
+        elif 8 in dims:  # the LoRA rank of scale_bench.setup
+            kind = "LoRA"
+        elif p["vocab"] in dims:
+            kind = "output head"
+        else:
+            kind = "base"
+        return f"matmul {kind} ({way})"
+    text = line + " ".join(body)
+    if " exponential(" in text:
+        return f"softmax/exp ({way})"
+    if " transpose(" in text or " copy(" in text or " concatenate(" in text:
+        return f"transpose/copy/concat ({way})"
+    if " reduce(" in text:
+        return f"reduction ({way})"
+    return f"other elementwise ({way})"
+
+
+def profile(compiled, args, p, rounds=2):
+    """Milliseconds per round by class, from a jax.profiler trace of `rounds` rounds."""
+    ops = _hlo_ops(compiled.as_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(rounds):
+                jax.block_until_ready(compiled(*args))
+        (trace,) = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
+        events = json.load(gzip.open(trace))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    ms = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in ops:
+            ms[classify(*ops[e["name"]], p)] += e["dur"] / 1e3 / rounds
+    total = sum(ms.values())
+    return {k: {"ms": v, "share": v / total} for k, v in ms.most_common()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--regimes", default="cross-device,mid")
+    ap.add_argument("--out", default="experiments/bench/results/efficiency.json")
+    a = ap.parse_args()
+    peak = sb.matmul_peak()
+    rows = []
+    for name in a.regimes.split(","):
+        p = sb.REGIMES[name]
+        _, definition, base, lora, block = sb.setup(p)
+        rounds = {v: compiled_round(p, definition, base, lora, block, f) for v, f in VARIANTS.items()}
+        out = {v: jax.block_until_ready(c(*args)) for v, (c, args) in rounds.items()}
+        diff = max(
+            float(jnp.max(jnp.abs(x - y)))
+            for x, y in zip(jax.tree.leaves(out["unfused loss"][0]), jax.tree.leaves(out["fused loss"][0]))
+        )
+        times = {v: [] for v in rounds}
+        for _ in range(a.reps):  # interleaved
+            for v, (c, args) in rounds.items():
+                t = time.perf_counter()
+                jax.block_until_ready(c(*args))
+                times[v].append(time.perf_counter() - t)
+        med = {v: float(np.median(t)) for v, t in times.items()}
+        flops = sb.analytic_flops(p, base)
+        row = {
+            "regime": name,
+            "median_round_s": med,
+            "speedup": med["unfused loss"] / med["fused loss"],
+            "share_of_peak": {v: flops / s / peak for v, s in med.items()},
+            "max_abs_state_difference": diff,
+            "profile_fused": profile(*rounds["fused loss"], p),
+            "times": times,
+        }
+        print(json.dumps({k: v for k, v in row.items() if k != "times"}, indent=1), flush=True)
+        rows.append(row)
+    res = {"matmul_peak_gflops": peak / 1e9, "cpus": jax.device_count(), "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    md = [f"Measured float32 matmul peak: {peak / 1e9:.0f} GFLOP/s.", ""]
+    for r in rows:
+        m, s = r["median_round_s"], r["share_of_peak"]
+        md += [
+            f"**{r['regime']}**: round {m['unfused loss']:.3f} s -> {m['fused loss']:.3f} s ({r['speedup']:.2f}x); "
+            f"share of peak {s['unfused loss']:.0%} -> {s['fused loss']:.0%}.",
+            "",
+            "| where the time goes (fused loss; ops run on 2 threads, so the sum exceeds the round) "
+            "| op-ms per round | share |",
+            "| --- | --- | --- |",
+        ]
+        md += [f"| {k} | {v['ms']:.1f} | {v['share']:.0%} |" for k, v in r["profile_fused"].items()]
+        md.append("")
+    Path(a.out).with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
