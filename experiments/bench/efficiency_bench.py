@@ -5,8 +5,9 @@ For the cross-device and mid regimes of scale_bench.py:
    HLO and put in a class (base / LoRA / attention / head matmuls, forward or backward; softmax
    and exp; transposes and copies; other elementwise; reductions; the optimizer, clipping and
    noise outside the local steps);
-2. before/after of the kept change, interleaved and repeated in one process: the language-model
-   loss unfused (log_softmax + take_along_axis under autodiff) against fused (models/loss.py);
+2. before/after of the kept changes, interleaved and repeated in one process: the language-model
+   loss unfused (log_softmax + take_along_axis under autodiff) against fused (models/loss.py), and
+   attention with a group axis of size 1 (when there is no GQA) against without;
 3. share of this machine's measured float32 matmul peak from the analytic FLOPs.
 
     python experiments/bench/efficiency_bench.py [--reps 5]   # -> results/efficiency.{json,md}
@@ -31,10 +32,12 @@ import scale_bench as sb
 
 import fedlora_jax.models as models
 from fedlora_jax import randomness
+from fedlora_jax.models import layers, llama
 from fedlora_jax.privacy import modes
 from fedlora_jax.simulation import Cohort, build_round, init_state
 
 FUSED_TOKEN_NLL = models.token_nll
+ATTENTION = layers.attention
 
 
 def unfused_token_nll(definition, base, lora, tokens, mask, loss_mask=None):
@@ -48,11 +51,28 @@ def unfused_token_nll(definition, base, lora, tokens, mask, loss_mask=None):
     return nll, weights
 
 
-VARIANTS = {"unfused loss": unfused_token_nll, "fused loss": FUSED_TOKEN_NLL}
+def grouped_attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale):
+    """The attention before: a group axis (of size 1 without GQA) in every einsum."""
+    b, s, h, d = q_bshd.shape
+    kv = k_bskd.shape[2]
+    q = q_bshd.reshape(b, s, kv, h // kv, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", q, k_bskd, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(allowed_bst[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+    return jnp.einsum("bkgst,btkd->bskgd", probs, v_bskd).reshape(b, s, h * d)
 
 
-def compiled_round(p, definition, base, lora, block, token_nll):
-    models.token_nll = token_nll  # mean_nll looks it up at trace time
+# each variant: (the loss, the attention); "before" is the code before this bench's changes
+VARIANTS = {
+    "before": (unfused_token_nll, grouped_attention),
+    "+ fused loss": (FUSED_TOKEN_NLL, grouped_attention),
+    "now (+ attention without a size-1 group axis)": (FUSED_TOKEN_NLL, ATTENTION),
+}
+BEFORE, NOW = "before", "now (+ attention without a size-1 group axis)"
+
+
+def compiled_round(p, definition, base, lora, block, variant):
+    models.token_nll, llama.attention = variant  # looked up at trace time
     try:
         cfg = sb.cfg_for(p, p["chunk"])
         fn = build_round(definition, cfg, modes.build(cfg, lora), p["clients"])
@@ -62,7 +82,7 @@ def compiled_round(p, definition, base, lora, block, token_nll):
         args = (state, base, cohort, randomness.round_keys(0, 0), jnp.float32(1e-3))
         return fn.lower(*args).compile(), args
     finally:
-        models.token_nll = FUSED_TOKEN_NLL
+        models.token_nll, llama.attention = FUSED_TOKEN_NLL, ATTENTION
 
 
 def _hlo_ops(text):
@@ -147,7 +167,7 @@ def main():
         out = {v: jax.block_until_ready(c(*args)) for v, (c, args) in rounds.items()}
         diff = max(
             float(jnp.max(jnp.abs(x - y)))
-            for x, y in zip(jax.tree.leaves(out["unfused loss"][0]), jax.tree.leaves(out["fused loss"][0]))
+            for x, y in zip(jax.tree.leaves(out[BEFORE][0]), jax.tree.leaves(out[NOW][0]))
         )
         times = {v: [] for v in rounds}
         for _ in range(a.reps):  # interleaved
@@ -160,10 +180,10 @@ def main():
         row = {
             "regime": name,
             "median_round_s": med,
-            "speedup": med["unfused loss"] / med["fused loss"],
+            "speedup_over_before": {v: med[BEFORE] / s for v, s in med.items()},
             "share_of_peak": {v: flops / s / peak for v, s in med.items()},
             "max_abs_state_difference": diff,
-            "profile_fused": profile(*rounds["fused loss"], p),
+            "profile_now": profile(*rounds[NOW], p),
             "times": times,
         }
         print(json.dumps({k: v for k, v in row.items() if k != "times"}, indent=1), flush=True)
@@ -173,16 +193,23 @@ def main():
     Path(a.out).write_text(json.dumps(res, indent=1))
     md = [f"Measured float32 matmul peak: {peak / 1e9:.0f} GFLOP/s.", ""]
     for r in rows:
-        m, s = r["median_round_s"], r["share_of_peak"]
         md += [
-            f"**{r['regime']}**: round {m['unfused loss']:.3f} s -> {m['fused loss']:.3f} s ({r['speedup']:.2f}x); "
-            f"share of peak {s['unfused loss']:.0%} -> {s['fused loss']:.0%}.",
+            f"**{r['regime']}**",
             "",
-            "| where the time goes (fused loss; ops run on 2 threads, so the sum exceeds the round) "
+            "| variant | round s (median) | vs before | share of peak |",
+            "| --- | --- | --- | --- |",
+        ]
+        md += [
+            f"| {v} | {m:.3f} | {r['speedup_over_before'][v]:.2f}x | {r['share_of_peak'][v]:.0%} |"
+            for v, m in r["median_round_s"].items()
+        ]
+        md += [
+            "",
+            "| where the time goes (now; ops run on 2 threads, so the sum exceeds the round) "
             "| op-ms per round | share |",
             "| --- | --- | --- |",
         ]
-        md += [f"| {k} | {v['ms']:.1f} | {v['share']:.0%} |" for k, v in r["profile_fused"].items()]
+        md += [f"| {k} | {v['ms']:.1f} | {v['share']:.0%} |" for k, v in r["profile_now"].items()]
         md.append("")
     Path(a.out).with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))

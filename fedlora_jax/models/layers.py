@@ -158,6 +158,11 @@ def attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale: float):
     """Grouped-query attention; softmax in float32 with masked logits at the dtype minimum."""
     b, s, h, d = q_bshd.shape
     kv = k_bskd.shape[2]
+    if kv == h:  # multi-head: no group axis of size 1 (measured 1.04-1.06x per round on CPU)
+        logits = jnp.einsum("bshd,bthd->bhst", q_bshd, k_bskd, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(allowed_bst[:, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+        return jnp.einsum("bhst,bthd->bshd", probs, v_bskd).reshape(b, s, h * d)
     q = q_bshd.reshape(b, s, kv, h // kv, d)
     logits = jnp.einsum("bskgd,btkd->bkgst", q, k_bskd, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(allowed_bst[:, None, None], logits, jnp.finfo(jnp.float32).min)

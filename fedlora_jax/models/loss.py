@@ -5,8 +5,8 @@ Written as log_softmax + take_along_axis, autodiff keeps the [..., V] log-probab
 the gradient from a scattered one-hot: several passes over the largest activation of a small
 model plus a scatter. Here the forward keeps the logits, their max and their sum of exponentials,
 and the backward is one fused pass, softmax - one_hot. Measured on CPU, interleaved in one process
-(experiments/bench/efficiency_bench.py): 1.13x per round in the cross-device regime, 1.23x in the
-mid regime. Values and gradients equal the plain formulation (tests/test_models.py).
+(experiments/bench/efficiency_bench.py), two runs: 1.13-1.16x per round in the cross-device
+regime, 1.15-1.23x in the mid regime. Values and gradients equal the plain formulation (tests/test_models.py).
 """
 
 from __future__ import annotations
