@@ -154,13 +154,17 @@ def write_outputs(grid: dict, summaries: dict, out: Path, scale: str) -> dict:
 
 
 def plot_population(rows: list[dict], path, scale: str = "") -> Path:
-    """Held-out loss against K (log axis), one panel per epsilon, a line per (mechanism, N)."""
+    """Held-out loss against K (log axis), one panel per epsilon, a line per (mechanism, N): the
+    mechanism is the colour, N the marker and line style (no DP dashed grey)."""
     plt = ex._plt()
     epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}) or [None]  # no-DP runs only: one panel
     fig, axes = plt.subplots(1, len(epsilons), figsize=(6 * len(epsilons), 4.5), squeeze=False, sharey=True)
+    colours = dict(zip(["none", *MECHANISMS], ["0.45", "tab:blue", "tab:green", "tab:orange", "tab:red"]))
+    populations = sorted({r["N"] for r in rows})
+    looks = {n: (m, ls) for n, m, ls in zip(populations, "osD^v", [":", "-.", "-", (0, (5, 1)), (0, (1, 1))])}
     for ax, eps in zip(axes[0], epsilons):
         for mech in ["none", *MECHANISMS]:
-            for n in sorted({r["N"] for r in rows}):
+            for n in populations:
                 pts = sorted(
                     (r["K"], r["eval_loss"])
                     for r in rows
@@ -170,8 +174,14 @@ def plot_population(rows: list[dict], path, scale: str = "") -> Path:
                     and r["eval_loss"] is not None
                 )
                 if pts:
-                    style = "--" if mech == "none" else "-"
-                    ax.plot(*zip(*pts), style, marker="o", label=f"{mech}, N={n}")
+                    marker, line = looks.get(n, ("o", "-"))
+                    ax.plot(
+                        *zip(*pts),
+                        color=colours.get(mech),
+                        marker=marker,
+                        linestyle="--" if mech == "none" else line,
+                        label=f"{mech}, N={n:,}",
+                    )
         ax.set_xscale("log")
         ax.set_xlabel("clients per round K")
         ax.set_ylabel("held-out loss after the last round")
