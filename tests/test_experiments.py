@@ -145,3 +145,22 @@ def test_population_figure_of_runs_without_dp_only_has_one_panel(tmp_path):
     ]
     path = plot_population(rows, tmp_path / "p.png")
     assert path.exists() and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_run_of_every_scale_has_a_valid_config(name, scale, tmp_path, monkeypatch):
+    """Every script builds all of its configs before the first run: stop at that first run. A
+    grid whose overrides contradict the scale's preset (the population grid set fl.lr_min=1e-3
+    above the paper preset's fl.lr=5e-5) fails here, not hours into an accelerator session."""
+    from fedlora_jax import experiments, runner
+
+    class Reached(Exception):
+        pass
+
+    def first_run(cfg, *a, **kw):
+        raise Reached(cfg)
+
+    monkeypatch.setattr(runner, "run", first_run)
+    with pytest.raises(Reached):
+        experiments.main(name, ["--scale", scale, "--out", str(tmp_path / "out")])
