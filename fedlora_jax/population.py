@@ -49,7 +49,7 @@ _LOCAL = {
     "smoke": ["fl.local_steps=1", "fl.batch_size=2", "fl.lr_min=1e-3"],
     "cpu": ["fl.local_steps=2", "fl.batch_size=4", "fl.clients_per_chunk=250", "eval_every=10", "fl.lr_min=1e-3"],
     "paper": [
-        "model.source=smollm2",
+        "model.source=default",  # SmolLM2-135M-Instruct, the offline GGUF
         "fl.local_steps=2",
         "fl.batch_size=4",
         "fl.clients_per_chunk=100",

@@ -154,6 +154,8 @@ def test_every_run_of_every_scale_has_a_valid_config(name, scale, tmp_path, monk
     grid whose overrides contradict the scale's preset (the population grid set fl.lr_min=1e-3
     above the paper preset's fl.lr=5e-5) fails here, not hours into an accelerator session."""
     from fedlora_jax import experiments, runner
+    from fedlora_jax.experiments import grid
+    from fedlora_jax.models import hub
 
     class Reached(Exception):
         pass
@@ -161,6 +163,18 @@ def test_every_run_of_every_scale_has_a_valid_config(name, scale, tmp_path, monk
     def first_run(cfg, *a, **kw):
         raise Reached(cfg)
 
+    built = []
+
+    def recorded(*a, **kw):
+        built.append(cfg := base_config(*a, **kw))
+        return cfg
+
+    base_config = grid.base_config
+    monkeypatch.setattr(grid, "base_config", recorded)
     monkeypatch.setattr(runner, "run", first_run)
     with pytest.raises(Reached):
         experiments.main(name, ["--scale", scale, "--out", str(tmp_path / "out")])
+    assert built
+    for cfg in built:  # a model source the loader would refuse (population's 'smollm2' was one)
+        if cfg.model.source != "tiny":
+            hub.check_source(cfg.model.source)

@@ -52,10 +52,11 @@ def default_gguf_path() -> Path:
     return path
 
 
-def resolve(source: str) -> Path:
-    """A local folder or GGUF file for `source`: a path, 'default', or a hub id (downloaded)."""
+def check_source(source: str) -> Path | None:
+    """The local path `source` names (None for 'default' or a hub id), or one sentence on why it
+    is none of: 'default', an existing folder or GGUF file, a hub id (org/name). Reads no network."""
     if source == "default":
-        return default_gguf_path()
+        return None
     p = Path(source).expanduser()
     if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise UserError(
@@ -66,6 +67,16 @@ def resolve(source: str) -> Path:
         return p
     if source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") != 1:
         raise UserError(f"model {source!r} is not an existing folder or GGUF file, nor a hub id (org/name)")
+    return None
+
+
+def resolve(source: str) -> Path:
+    """A local folder or GGUF file for `source`: a path, 'default', or a hub id (downloaded)."""
+    if source == "default":
+        return default_gguf_path()
+    local = check_source(source)
+    if local is not None:
+        return local
     from huggingface_hub import snapshot_download
 
     try:
