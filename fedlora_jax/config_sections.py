@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config_checks import _at_least, _check_types, _choice, _in_unit, _positive, _strings
+from .data.partition import PARTITIONS  # the registry of partitions (numpy only; no datasets)
 from .errors import UserError
 
 SYNTHETIC_TASKS = ("arithmetic", "reverse", "sort", "copy")  # data.synthetic generates these
@@ -92,7 +93,7 @@ class DataSection:
     max_examples: int | None = None
     eval_fraction: float = 0.1
     eval_per_client: bool = False
-    partition: str = "iid"  # iid | dirichlet | by_column
+    partition: str = "iid"  # iid | dirichlet | dirichlet_balanced | by_column
     dirichlet_alpha: float = 0.5
     synthetic_tasks: tuple[str, ...] = ("arithmetic", "reverse", "sort", "copy")
     synthetic_examples: int = 2000
@@ -130,7 +131,7 @@ class DataSection:
         if self.label_column is not None and not self.label_column:
             raise UserError("data.label_column is empty; name a column or leave it out")
         _choice("data.template", self.template, ("alpaca", "chat", "plain"))
-        _choice("data.partition", self.partition, ("iid", "dirichlet", "by_column"))
+        _choice("data.partition", self.partition, PARTITIONS)
         if self.seq_len < 4:
             raise UserError(f"data.seq_len must be >= 4, got {self.seq_len}")
         _at_least("data.max_examples", self.max_examples, 1)

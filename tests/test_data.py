@@ -8,6 +8,7 @@ import pytest
 from fedlora_jax import cli
 from fedlora_jax.data import RoundBatcher, load_examples, partition, synthetic, tokenize_examples
 from fedlora_jax.data.tokenize import render_prompt
+from fedlora_jax.errors import UserError
 
 
 def _ds(rows):
@@ -46,7 +47,7 @@ def test_truncation_and_drops_are_counted(tiny_tokenizer):
     assert list(data.kept_index) == [1, 2] and data.attention_mask[0].sum() == 32
 
 
-@pytest.mark.parametrize("method", ["iid", "dirichlet", "by_column"])
+@pytest.mark.parametrize("method", ["iid", "dirichlet", "dirichlet_balanced", "by_column"])
 def test_every_example_lands_in_exactly_one_client(method):
     labels = np.repeat(np.arange(6), [50, 30, 20, 80, 5, 15])
     parts = partition(len(labels), 7, method, labels, alpha=0.5, seed=3)
@@ -72,6 +73,41 @@ def test_dirichlet_limits():
     owner_share = np.array([[np.sum(labels[p] == v) for p in parts] for v in range(10)]) / 200
     # (the sampler redraws until no client is empty, which can keep a split label: allow a few)
     assert np.median(owner_share.max(axis=1)) > 0.99 and np.mean(owner_share.max(axis=1)) > 0.9
+
+
+def test_dirichlet_balanced_splits_few_examples_over_many_clients():
+    """1,000 clients of 2 examples each (the population study's size) with a label-skewed mix:
+    the label-wise dirichlet leaves clients empty there; the balanced one gives every client
+    its iid share of examples and draws only its label mix from Dirichlet(alpha)."""
+    labels = np.repeat(np.arange(4), [800, 600, 400, 200])
+    n, k = len(labels), 1000
+    with pytest.raises(UserError, match="dirichlet_balanced"):
+        partition(n, k, "dirichlet", labels, alpha=0.5, seed=0)
+    parts = partition(n, k, "dirichlet_balanced", labels, alpha=0.5, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+    assert [len(p) for p in parts] == [len(p) for p in np.array_split(np.arange(n), k)]
+    # label skew: a client of 2 examples under an iid split holds two labels with probability
+    # 1 - sum p_v^2 = 0.70; under q ~ Dirichlet(a) with a = 0.5 x 4 x prior = (.8, .6, .4, .2),
+    # E[sum q_v^2] = sum a_v (a_v + 1) / (A (A + 1)) = 3.2 / 6, so 0.47 of the clients hold two
+    # (sd 0.016 over 1,000 clients; the last clients draw from what is left, which mixes a little)
+    mixed = np.mean([len(set(labels[p])) > 1 for p in parts])
+    assert 0.35 < mixed < 0.6
+
+
+def test_dirichlet_balanced_limits():
+    labels = np.repeat(np.arange(4), 2000)
+    k = 5
+    # alpha -> inf: every client's label share -> the prior 1/4, within 5 multinomial sd (the
+    # last clients draw from what is left, which the first ones left in proportion)
+    parts = partition(len(labels), k, "dirichlet_balanced", labels, alpha=1e4, seed=0)
+    for p in parts:
+        share = np.bincount(labels[p], minlength=4) / len(p)
+        assert np.abs(share - 0.25).max() < 5 * (np.sqrt(0.25 * 0.75 / len(p)) + 0.002)
+    # alpha -> 0: one-hot mixes; 8 clients of 1,000 over 4 labels of 2,000: every client holds a
+    # single label, except where a label runs out under it (at most one split per label)
+    parts = partition(len(labels), 8, "dirichlet_balanced", labels, alpha=1e-3, seed=0)
+    held = [len(set(labels[p])) for p in parts]
+    assert sum(h == 1 for h in held) >= 4 and sum(h - 1 for h in held) <= 4
 
 
 def test_by_column_merges_and_splits():
@@ -142,7 +178,7 @@ def test_data_cli_json(capsys):
     [
         (["data.source=nobody/nothing"], "could not load dataset 'nobody/nothing'"),
         (["data.template=fancy"], "data.template = 'fancy' is not allowed; choose one of: alpaca, chat, plain"),
-        (["data.partition=random"], "choose one of: iid, dirichlet, by_column"),
+        (["data.partition=random"], "choose one of: iid, dirichlet, dirichlet_balanced, by_column"),
         (["data.seq_len=5"], "seq_len 5 is too short for every prompt"),
         (["fl.num_clients=5000", "fl.clients_per_round=2"], "5000 clients but only"),
         (["data.columns={instruction: question}"], "has no column 'question' (for instruction); columns found:"),

@@ -1,4 +1,5 @@
-"""Client partitions, deterministic by seed: iid, dirichlet over a label, by_column (natural)."""
+"""Client partitions, deterministic by seed: iid, dirichlet over a label (label-wise, or balanced:
+iid client sizes with a Dirichlet label mix per client), by_column (natural)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 from .. import randomness
 from ..errors import UserError
 
-PARTITIONS = ("iid", "dirichlet", "by_column")
+PARTITIONS = ("iid", "dirichlet", "dirichlet_balanced", "by_column")
 
 
 def partition(
@@ -27,9 +28,11 @@ def partition(
         raise UserError(f"partition {method!r} needs a label column (data.label_column)")
     labels = np.asarray(labels)
     values, inverse = np.unique(labels, return_inverse=True)
+    if method.startswith("dirichlet") and alpha <= 0:
+        raise UserError(f"dirichlet alpha must be > 0, got {alpha}")
+    if method == "dirichlet_balanced":
+        return _dirichlet_balanced(inverse, len(values), num_clients, alpha, rng)
     if method == "dirichlet":
-        if alpha <= 0:
-            raise UserError(f"dirichlet alpha must be > 0, got {alpha}")
         for _ in range(100):  # redraw until every client has at least one example
             parts = [[] for _ in range(num_clients)]
             for v in range(len(values)):
@@ -42,7 +45,8 @@ def partition(
                 return [np.sort(np.asarray(p, np.int64)) for p in parts]
         raise UserError(
             f"dirichlet alpha {alpha} leaves some of {num_clients} clients empty in 100 draws; "
-            "raise alpha or lower num_clients"
+            "raise alpha, lower num_clients, or use partition dirichlet_balanced (every client keeps "
+            "its iid share of the examples)"
         )
     # by_column: one group per value, then merge the smallest or split the largest
     groups = [np.nonzero(inverse == v)[0] for v in range(len(values))]
@@ -57,6 +61,39 @@ def partition(
         groups += [big[: len(big) // 2], big[len(big) // 2 :]]
     order = np.argsort([g.min() for g in groups])  # stable, seed-free order of clients
     return [np.sort(groups[i]) for i in order]
+
+
+def _dirichlet_balanced(inverse: np.ndarray, num_labels: int, num_clients: int, alpha: float, rng) -> list:
+    """Client-wise Dirichlet (Hsu et al., 2019): client sizes as iid (n / num_clients, +-1), and
+    each client's label mix q ~ Dirichlet(alpha x labels x prior), its labels drawn from q without
+    replacement from what the clients before it left. A label that runs out under a client
+    passes its share to the client's other labels in proportion to q (or, where q left nothing
+    available, to a fresh mix over the labels that remain). Every client is non-empty whenever
+    n >= num_clients, however few examples each holds; the label skew is the Dirichlet's."""
+    pools = [rng.permutation(np.nonzero(inverse == v)[0]) for v in range(num_labels)]
+    left = np.array([len(p) for p in pools], np.int64)
+    prior = left / left.sum()
+    sizes = [len(p) for p in np.array_split(np.arange(int(left.sum())), num_clients)]
+    parts: list = [None] * num_clients
+    for c in rng.permutation(num_clients):  # a random order: no client id is always served last
+        q = rng.dirichlet(alpha * num_labels * prior)
+        counts = np.minimum(rng.multinomial(sizes[c], q), left)
+        while (deficit := sizes[c] - counts.sum()) > 0:
+            avail = left - counts
+            w = q * (avail > 0)
+            if not w.sum() > 0:  # q (numerically) on exhausted labels only: a fresh mix
+                w = np.zeros(num_labels)
+                w[avail > 0] = rng.dirichlet(alpha * num_labels * prior[avail > 0])
+                if not w.sum() > 0:
+                    w = avail.astype(float)
+            counts += np.minimum(rng.multinomial(deficit, w / w.sum()), avail)
+        picked = []
+        for v in np.nonzero(counts)[0]:
+            start = len(pools[v]) - left[v]
+            picked.append(pools[v][start : start + counts[v]])
+        left -= counts
+        parts[c] = np.sort(np.concatenate(picked)).astype(np.int64)
+    return parts
 
 
 def partition_summary(parts: list[np.ndarray], attention_mask: np.ndarray, labels=None) -> list[dict]:
