@@ -55,7 +55,7 @@ _LOCAL = {
         "fl.clients_per_chunk=100",
         "fl.lr=5e-4",
         "fl.lr_min=1e-5",
-        "data.max_examples=null",  # the paper preset caps alpaca at 20,000; N = 10,000 needs 22,223
+        "data.max_examples=null",  # the paper preset caps the data at 20,000 examples; N = 10,000 needs 22,223
     ],
 }
 
