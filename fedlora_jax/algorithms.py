@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from .errors import UserError
-from .server import fedopt
+from .server import FEDOPT_RULES, fedopt
 
 Tree = Any
 
@@ -139,7 +139,7 @@ register("fedavg", _sgd)
 register("fedprox", _sgd, lambda fl: FedProx(fl.prox_mu))
 register("scaffold", _sgd, lambda fl: Scaffold())
 register("fedavgm", lambda fl: optax.sgd(fl.server_lr, momentum=fl.server_momentum))
-for _rule in ("adagrad", "yogi", "adam"):
+for _rule in FEDOPT_RULES:
     register(
         f"fed{_rule}",
         lambda fl, rule=_rule: fedopt(rule, fl.server_lr, fl.server_b1, fl.server_b2, fl.server_tau),

@@ -39,6 +39,16 @@ def _dp_modes() -> tuple[str, ...]:
     return modes.dp_names()
 
 
+def _registries() -> dict[str, tuple[str, ...]]:
+    """The CLI's choice lists, each from its registry (never a copy that could drift)."""
+    from .evaluation import TASKS
+    from .models.config import DTYPES
+    from .privacy.gaussian_accounting import NEIGHBOURING
+    from .sampling import SAMPLINGS
+
+    return {"dtype": DTYPES, "sampling": SAMPLINGS, "neighbouring": NEIGHBOURING, "task": TASKS}
+
+
 DESCRIPTION = (
     "Simulate differentially private federated LoRA fine-tuning of language models in JAX, with honest "
     "privacy accounting. Run 'fedlora-jax COMMAND --help' for a command's options."
@@ -107,6 +117,7 @@ JSON_HELP = "print one JSON line instead of text"
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedlora-jax", description=DESCRIPTION)
+    reg = _registries()
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
@@ -164,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--text", help="the text to score")
     g.add_argument("--file", help="a UTF-8 text file to score")
-    s.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default: float32)"
-    )
+    s.add_argument("--dtype", default="float32", choices=list(reg["dtype"]), help="compute dtype (default: float32)")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(fn=_cmd_score)
 
@@ -189,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="the run's seed: its client sampling schedule")
     s.add_argument(
         "--sampling",
-        choices=["uniform", "poisson"],
+        choices=list(reg["sampling"]),
         default="uniform",
         help="client sampling of the schedule (as fl.sampling)",
     )
@@ -200,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--delta", type=float, default=1e-5, help="the delta epsilon holds at (default: 1e-5)")
     s.add_argument(
         "--neighbouring",
-        choices=["replace-one", "add-remove"],
+        choices=list(reg["neighbouring"]),
         help="neighbouring relation (default: replace-one for local, add-remove for central and dpsgd)",
     )
     s.add_argument("--target-epsilon", type=float, help="print the noise multiplier that meets it")
@@ -221,9 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="evaluate a run folder or a PEFT adapter")
     s.add_argument("target", help="run folder (config.yaml + adapter/) or PEFT adapter folder")
-    s.add_argument(
-        "--task", action="append", choices=["loss", "exact_match", "multiple_choice"], help="repeatable; default: loss"
-    )
+    s.add_argument("--task", action="append", choices=list(reg["task"]), help="repeatable; default: loss")
     s.add_argument("--data", help="multiple_choice: question/choices/answer file or hub id, or 'synthetic'")
     s.add_argument("--model", help="base model of an adapter folder (default: its base_model_name_or_path)")
     s.add_argument("--limit", type=int, help="examples to evaluate (default: the task's)")

@@ -76,9 +76,11 @@ class RunConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed}")
+        from .evaluation import TASKS as EVAL_TASKS  # the registry of evaluation tasks
+
         _strings("eval_tasks", self.eval_tasks, empty_ok=True)
         for t in self.eval_tasks:
-            _choice("eval_tasks entry", t, ("loss", "exact_match", "multiple_choice"))
+            _choice("eval_tasks entry", t, EVAL_TASKS)
         _at_least("eval_every", self.eval_every, 0)
         _at_least("eval_batches", self.eval_batches, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 0)

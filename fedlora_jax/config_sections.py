@@ -8,6 +8,7 @@ import dataclasses
 from .config_checks import _at_least, _check_types, _choice, _in_unit, _positive, _strings
 from .data.partition import PARTITIONS  # the registry of partitions (numpy only; no datasets)
 from .errors import UserError
+from .models.config import DEFAULT_TARGETS  # LoRA's default target modules
 
 SYNTHETIC_TASKS = ("arithmetic", "reverse", "sort", "copy")  # data.synthetic generates these
 
@@ -30,7 +31,9 @@ class ModelSection:
             raise UserError(
                 "model.source is empty; give a Hugging Face folder, a hub id, a GGUF file, 'default' or 'tiny'"
             )
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        from .models.config import DTYPES
+
+        _choice("model.dtype", self.dtype, DTYPES)
         for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _at_least(f"model.{k}", getattr(self, k), 1)
         if self.hidden_size % self.num_heads:
@@ -52,7 +55,7 @@ class ModelSection:
 class LoRASection:
     r: int = 8
     alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
     use_rslora: bool = False
     freeze_a: bool = False  # FFA-LoRA: train B only
     client_ranks: tuple[int, ...] | None = None  # per-client ranks (<= r) for heterogeneous clients
@@ -95,7 +98,7 @@ class DataSection:
     eval_per_client: bool = False
     partition: str = "iid"  # iid | dirichlet | dirichlet_balanced | by_column
     dirichlet_alpha: float = 0.5
-    synthetic_tasks: tuple[str, ...] = ("arithmetic", "reverse", "sort", "copy")
+    synthetic_tasks: tuple[str, ...] = SYNTHETIC_TASKS
     synthetic_examples: int = 2000
     # chat template: system turn of conversations without one; None = the template's default; "" = none
     system_prompt: str | None = None
@@ -130,7 +133,9 @@ class DataSection:
                 raise UserError(f"data.{k} is empty")
         if self.label_column is not None and not self.label_column:
             raise UserError("data.label_column is empty; name a column or leave it out")
-        _choice("data.template", self.template, ("alpaca", "chat", "plain"))
+        from .data.tokenize import TEMPLATES  # the registry of templates
+
+        _choice("data.template", self.template, TEMPLATES)
         _choice("data.partition", self.partition, PARTITIONS)
         if self.seq_len < 4:
             raise UserError(f"data.seq_len must be >= 4, got {self.seq_len}")
@@ -244,13 +249,15 @@ class DPSection:
 
     def __post_init__(self):
         _check_types(self, "dp.")
+        from .privacy.gaussian_accounting import NEIGHBOURING
+        from .privacy.mechanisms import SCOPES, TARGETS
         from .privacy.modes import names as dp_modes  # the registry of mechanisms is the list of modes
 
         _choice("dp.mode", self.mode, dp_modes())
-        _choice("dp.scope", self.scope, ("per_matrix", "per_factor", "global"))
-        _choice("dp.target", self.target, ("weights", "update"))
+        _choice("dp.scope", self.scope, SCOPES)
+        _choice("dp.target", self.target, TARGETS)
         _choice("dp.noise", self.noise, ("classical", "analytic", "multiplier", "calibrate"))
-        _choice("dp.neighbouring", self.neighbouring, ("replace-one", "add-remove"))
+        _choice("dp.neighbouring", self.neighbouring, NEIGHBOURING)
         _positive("dp.clip_a", self.clip_a)
         _positive("dp.clip_b", self.clip_b)
         _positive("dp.epsilon", self.epsilon)

@@ -106,7 +106,7 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     import dataclasses
 
     from .privacy import modes
-    from .simulation import Cohort, build_round, init_state
+    from .simulation import BATCH_KEYS, Cohort, build_round, init_state
 
     if mesh is not None:
         base_shapes = jax.tree.map(
@@ -124,7 +124,7 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     shp = (k, fl.local_steps, step_batch(cfg), cfg.data.seq_len)
     sds = jax.ShapeDtypeStruct
     cohort = Cohort(
-        {key: sds(shp, jnp.int32) for key in ("tokens", "attention_mask", "loss_mask")},
+        {key: sds(shp, jnp.int32) for key in BATCH_KEYS},
         sds((k,), jnp.float32),
         sds((k,), jnp.int32),
         sds((k,), jnp.int32),

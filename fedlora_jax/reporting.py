@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+from .config_sections import WRITERS
 from .errors import UserError
 from .privacy import modes
 from .writers import write_csv
@@ -193,7 +194,7 @@ def write_outputs(
         "checkpoints": str(out / "checkpoints"),
         "config": str(out / "config.yaml"),
     }
-    outputs.update({name: str(out / name) for name in ("tensorboard", "wandb") if (out / name).is_dir()})
+    outputs.update({name: str(out / name) for name in WRITERS if (out / name).is_dir()})
     outputs.update(artifacts)
     last = lambda k: next((x[k] for x in reversed(rows) if x.get(k) is not None), None)
     summary = {

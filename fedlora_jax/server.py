@@ -24,9 +24,12 @@ class FedOptState(NamedTuple):
     v: optax.Updates
 
 
+FEDOPT_RULES = ("adagrad", "yogi", "adam")  # the adaptive server optimizers of Reddi et al. (2021)
+
+
 def fedopt(kind: str, lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3):
-    if kind not in ("adagrad", "yogi", "adam"):
-        raise UserError(f"unknown FedOpt rule {kind!r}; allowed: adagrad, yogi, adam")
+    if kind not in FEDOPT_RULES:
+        raise UserError(f"unknown FedOpt rule {kind!r}; allowed: {', '.join(FEDOPT_RULES)}")
 
     def init(params):
         return FedOptState(

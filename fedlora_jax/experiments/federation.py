@@ -11,6 +11,8 @@ from .. import algorithms as algorithms_lib
 from .grid import _ADAPTIVE_SERVER_LR, _FL_DEFAULTS, _PAPER_DP, ADAPTIVE, ALGORITHMS, run_grid
 from .results import _plt, plot_curves, read_metrics, save_figure, tail_mean, write_table
 
+ARMS = ("no_dp", "dp")  # each algorithm's two runs: without DP, and with the paper's local DP
+
 
 def _dp_allows(algorithm: str) -> bool:
     """Whether the paper's local DP accepts this algorithm (the mechanism object decides)."""
@@ -57,7 +59,7 @@ def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
     score_rows.append(
         {
             "algorithm": "base model (no fine-tuning)",
-            **{f"{m.replace('eval_', '')}_{t}": v for m, v in base_scores.items() for t in ("no_dp", "dp")},
+            **{f"{m.replace('eval_', '')}_{t}": v for m, v in base_scores.items() for t in ARMS},
         }
     )
     files = list(
@@ -76,7 +78,7 @@ def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
             if k != "algorithm"
         }
     )
-    score_cols = ["algorithm"] + [f"{m}_{t}" for m in metrics_seen for t in ("no_dp", "dp")]
+    score_cols = ["algorithm"] + [f"{m}_{t}" for m in metrics_seen for t in ARMS]
     files += list(
         write_table(
             score_rows,

@@ -8,6 +8,9 @@ from typing import Any
 
 from ..errors import UserError
 
+DTYPES = ("float32", "bfloat16")  # compute dtypes
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # LoRA's target modules unless told (as PEFT's default for Llama)
+
 # The families we implement; each Hugging Face `model_type` maps onto one of them.
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 GPT2_TYPES = ("gpt2",)
@@ -62,8 +65,8 @@ class ModelConfig:
             raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.kv_heads:
             raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     @property
     def family(self) -> str:
@@ -91,7 +94,7 @@ class LoRAConfig:
 
     r: int = 8
     alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
     use_rslora: bool = False
 
     def __post_init__(self):
