@@ -10,19 +10,24 @@ A new aggregation is one subclass with `@register` (the config's fl.aggregation 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from . import lora as lora_lib
 from .errors import UserError
+from .numerics import DIVISION_FLOOR
+from .pytypes import Array, Key, Tree
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .models import Definition
 
 AGGREGATORS: dict[str, Aggregator] = {}
-WEIGHT_FLOOR = 1e-30  # a zero weight sum (nothing kept) never divides
 
 
-def register(cls):
+def register(cls: type[Aggregator]) -> type[Aggregator]:
     """Class decorator: add an aggregator to the table under cls.name."""
     AGGREGATORS[cls.name] = cls()
     return cls
@@ -43,7 +48,7 @@ class Aggregator:
     algorithms: ClassVar[tuple[str, ...] | None] = None  # the FL algorithms it runs with (None: all)
     mixed_ranks: ClassVar[bool] = False  # clients of different ranks can be combined
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: RunConfig) -> None:
         fl = cfg.fl
         if self.algorithms is not None and fl.algorithm not in self.algorithms:
             raise UserError(f"fl.aggregation {self.name} runs with {' or '.join(self.algorithms)}, not {fl.algorithm}")
@@ -53,22 +58,24 @@ class Aggregator:
                 f"mixed client ranks need an aggregation that combines them (stack); fl.aggregation {self.name} cannot"
             )
 
-    def init_state(self, lora) -> dict:
+    def init_state(self, lora: Tree) -> dict:
         """The server state (a dict of arrays) this aggregator keeps across rounds ({}: none)."""
         return {}
 
-    def zeros(self, state: dict, global_lora):
+    def zeros(self, state: dict, global_lora: Tree) -> Tree:
         raise NotImplementedError
 
-    def accumulate(self, total, definition, released, weights):
+    def accumulate(self, total: Tree, definition: Definition, released: Tree, weights: Array) -> Tree:
         """total + the weighted contribution of one chunk of released adapters [clients, ...]."""
         raise NotImplementedError
 
-    def finalize(self, state: dict, total, weight_sum, any_kept, global_lora) -> tuple[Any, dict]:
+    def finalize(
+        self, state: dict, total: Tree, weight_sum: Array, any_kept: Array, global_lora: Tree
+    ) -> tuple[Tree, dict]:
         """(aggregate adapter, this aggregator's new state) at the end of a round."""
         raise NotImplementedError
 
-    def restart(self, new_lora, global_lora, key):
+    def restart(self, new_lora: Tree, global_lora: Tree, key: Key) -> Tree:
         """The global adapter after the server step (restarted for stacking)."""
         return new_lora
 
@@ -84,14 +91,16 @@ class Mean(Aggregator):
 
     name: ClassVar[str] = "mean"
 
-    def zeros(self, state, global_lora):
+    def zeros(self, state: dict, global_lora: Tree) -> Tree:
         return jax.tree.map(jnp.zeros_like, global_lora)
 
-    def accumulate(self, total, definition, released, weights):
+    def accumulate(self, total: Tree, definition: Definition, released: Tree, weights: Array) -> Tree:
         return jax.tree.map(jnp.add, total, weighted_mean(released, weights))
 
-    def finalize(self, state, total, weight_sum, any_kept, global_lora):
-        wsum = jnp.maximum(weight_sum, WEIGHT_FLOOR)
+    def finalize(
+        self, state: dict, total: Tree, weight_sum: Array, any_kept: Array, global_lora: Tree
+    ) -> tuple[Tree, dict]:
+        wsum = jnp.maximum(weight_sum, DIVISION_FLOOR)
         return jax.tree.map(lambda s, x: jnp.where(any_kept, s / wsum, x), total, global_lora), state
 
 
@@ -104,7 +113,7 @@ class Stack(Aggregator):
     algorithms: ClassVar[tuple[str, ...]] = ("fedavg", "fedprox")
     mixed_ranks: ClassVar[bool] = True
 
-    def init_state(self, lora):
+    def init_state(self, lora: Tree) -> dict:
         return {
             "delta_w": {
                 "/".join(p): jnp.zeros(
@@ -114,22 +123,26 @@ class Stack(Aggregator):
             }
         }
 
-    def zeros(self, state, global_lora):
+    def zeros(self, state: dict, global_lora: Tree) -> dict[str, Array]:
         return jax.tree.map(jnp.zeros_like, state["delta_w"])
 
-    def accumulate(self, total, definition, released, weights):
+    def accumulate(
+        self, total: dict[str, Array], definition: Definition, released: Tree, weights: Array
+    ) -> dict[str, Array]:
         part = stacked_product(definition, released, weights)
         return {k: total[k] + part[k] for k in part}
 
-    def finalize(self, state, total, weight_sum, any_kept, global_lora):
-        wsum = jnp.maximum(weight_sum, WEIGHT_FLOOR)
+    def finalize(
+        self, state: dict, total: dict[str, Array], weight_sum: Array, any_kept: Array, global_lora: Tree
+    ) -> tuple[Tree, dict]:
+        wsum = jnp.maximum(weight_sum, DIVISION_FLOOR)
         # the product goes into the base; the adapter itself is restarted after the server step
         return global_lora, {"delta_w": {k: state["delta_w"][k] + total[k] / wsum for k in total}}
 
-    def restart(self, new_lora, global_lora, key):
+    def restart(self, new_lora: Tree, global_lora: Tree, key: Key) -> Tree:
         return lora_lib.reinit(global_lora, key)
 
-    def effective_base(self, base, state):
+    def effective_base(self, base: dict, state: dict) -> dict:
         if "delta_w" not in state:
             return base
         return lora_lib.add_to_kernels(base, ((k.split("/"), d) for k, d in state["delta_w"].items()))
@@ -145,18 +158,18 @@ def effective_base(base: dict, state: dict) -> dict:
 # ----------------------------------------------------------------------------- reductions
 
 
-def normalized_weights(num_examples, valid):
+def normalized_weights(num_examples: Array, valid: Array) -> Array:
     """p_k proportional to example counts over the valid (finite, participating) clients."""
     w = jnp.where(valid, num_examples, 0.0)
-    return w / jnp.maximum(jnp.sum(w), WEIGHT_FLOOR)
+    return w / jnp.maximum(jnp.sum(w), DIVISION_FLOOR)
 
 
-def weighted_mean(stacked, weights):
+def weighted_mean(stacked: Tree, weights: Array) -> Tree:
     """sum_k p_k x_k over the leading client axis (A and B averaged separately: the paper's code)."""
     return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), stacked)
 
 
-def stacked_product(definition, stacked, weights):
+def stacked_product(definition: Definition, stacked: Tree, weights: Array) -> dict[str, Array]:
     """sum_k p_k scale B_k A_k per module: the paper's text (stacking [B_1..B_K][A_1;..;A_K],
     FLoRA). Returns {'a/b/module': kernel delta [layers, in, out]} (our kernel layout)."""
     scale = definition.lora.scale
@@ -167,17 +180,17 @@ def stacked_product(definition, stacked, weights):
     }
 
 
-def zero_invalid(stacked, valid):
+def zero_invalid(stacked: Tree, valid: Array) -> Tree:
     """Replace non-finite or non-participating clients' trees by zeros (so 0 * NaN never enters)."""
 
-    def fn(x):
+    def fn(x: Array) -> Array:
         v = valid.reshape((-1,) + (1,) * (x.ndim - 1))
         return jnp.where(v, x, jnp.zeros_like(x))
 
     return jax.tree.map(fn, stacked)
 
 
-def all_finite(stacked):
+def all_finite(stacked: Tree) -> Array:
     """Per client: is every entry of its tree finite?"""
     leaves = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(stacked)]
     return jnp.all(jnp.stack(leaves), axis=0)

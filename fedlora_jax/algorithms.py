@@ -9,7 +9,7 @@ A hook's life in a round (all inside jit; `hstate` is state["hook"], a dict of a
   context(hstate, cid)                 -> what client `cid` needs (vmapped over the cohort)
   correct(grads, lora, start, ctx)     -> the gradient of one local step, after DP-SGD's noise
   finish(ctx, start, local, steps, lr) -> the client's new per-client state (or None)
-  carry(hstate, g) / accumulate(hcarry, new, kept, ids) / finalize(hstate, hcarry, num_clients)
+  carry(hstate, global_lora) / accumulate(hcarry, new, kept, ids) / finalize(hstate, hcarry, num_clients)
                                        -> fold the kept clients' new states into the server state
 A new algorithm is `register(name, server_step, hook)`; nothing else needs editing.
 """
@@ -18,16 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from .errors import UserError
+from .pytypes import Tree
 from .server import FEDOPT_RULES, fedopt
 
-Tree = Any
+if TYPE_CHECKING:
+    from .config_sections import FLSection
 
 
 class ClientHook:
@@ -46,10 +48,10 @@ class ClientHook:
     def correct(self, grads: Tree, lora: Tree, start: Tree, ctx: Any) -> Tree:
         return grads
 
-    def finish(self, ctx: Any, start: Tree, local: Tree, steps: int, lr: jax.Array) -> Tree | None:
+    def finish(self, ctx: Any, start: Tree, local: Tree, steps: int, lr: jax.Array | float) -> Tree | None:
         return None
 
-    def carry(self, hstate: dict, g: Tree) -> dict:
+    def carry(self, hstate: dict, global_lora: Tree) -> dict:
         return {}
 
     def accumulate(self, hcarry: dict, new: Tree | None, kept: jax.Array, ids: jax.Array) -> dict:
@@ -63,10 +65,10 @@ class FedProx(ClientHook):
     """FedProx (Li et al., 2020): the gradient of mu/2 ||w - w_global||^2 joins each local step.
     It depends on no example, so under DP-SGD it is added after the noise."""
 
-    def __init__(self, mu: float):
+    def __init__(self, mu: float) -> None:
         self.mu = mu
 
-    def correct(self, grads, lora, start, ctx):
+    def correct(self, grads: Tree, lora: Tree, start: Tree, ctx: Any) -> Tree:
         if not self.mu:
             return grads
         return jax.tree.map(lambda gr, x, s: gr + self.mu * (x - s), grads, lora, start)
@@ -79,27 +81,27 @@ class Scaffold(ClientHook):
 
     keeps_client_state = True
 
-    def init_state(self, lora, num_clients):
+    def init_state(self, lora: Tree, num_clients: int) -> dict:
         return {
             "global": jax.tree.map(jnp.zeros_like, lora),
             "clients": jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora),
         }
 
-    def context(self, hstate, cid):
+    def context(self, hstate: dict, cid: jax.Array) -> tuple[Tree, Tree]:
         return hstate["global"], jax.tree.map(lambda c: c[cid], hstate["clients"])
 
-    def correct(self, grads, lora, start, ctx):
+    def correct(self, grads: Tree, lora: Tree, start: Tree, ctx: tuple[Tree, Tree]) -> Tree:
         c, ci = ctx
         return jax.tree.map(lambda gr, c_, ci_: gr + c_ - ci_, grads, c, ci)
 
-    def finish(self, ctx, start, local, steps, lr):
+    def finish(self, ctx: tuple[Tree, Tree], start: Tree, local: Tree, steps: int, lr: jax.Array | float) -> Tree:
         c, ci = ctx
         return jax.tree.map(lambda ci_, c_, x, y: ci_ - c_ + (x - y) / (steps * lr), ci, c, start, local)
 
-    def carry(self, hstate, g):
-        return {"clients": hstate["clients"], "dc": jax.tree.map(jnp.zeros_like, g)}
+    def carry(self, hstate: dict, global_lora: Tree) -> dict:
+        return {"clients": hstate["clients"], "dc": jax.tree.map(jnp.zeros_like, global_lora)}
 
-    def accumulate(self, hcarry, new, kept, ids):
+    def accumulate(self, hcarry: dict, new: Tree, kept: jax.Array, ids: jax.Array) -> dict:
         old = hcarry["clients"]
         cur = jax.tree.map(lambda c: c.at[ids].get(mode="fill", fill_value=0), old)
         keep = lambda n, o: jnp.where(kept.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)  # noqa: E731
@@ -109,7 +111,7 @@ class Scaffold(ClientHook):
             "clients": jax.tree.map(lambda o, n: o.at[ids].set(n, mode="drop"), old, new),
         }
 
-    def finalize(self, hstate, hcarry, num_clients):
+    def finalize(self, hstate: dict, hcarry: dict, num_clients: int) -> dict:
         return {
             "global": jax.tree.map(lambda c0, d: c0 + d / num_clients, hstate["global"], hcarry["dc"]),
             "clients": hcarry["clients"],
@@ -123,14 +125,18 @@ class Algorithm:
     hook: Callable[[Any], ClientHook]  # FLSection -> the client hook
 
 
-def _sgd(fl):
+def _sgd(fl: FLSection) -> optax.GradientTransformation:
     return optax.sgd(fl.server_lr)
 
 
 _REGISTRY: dict[str, Algorithm] = {}
 
 
-def register(name: str, server_step: Callable, hook: Callable = lambda fl: ClientHook()) -> None:
+def register(
+    name: str,
+    server_step: Callable[[FLSection], optax.GradientTransformation],
+    hook: Callable[[FLSection], ClientHook] = lambda fl: ClientHook(),
+) -> None:
     """Add an algorithm: `server_step(fl)` an optax transformation, `hook(fl)` a ClientHook."""
     _REGISTRY[name] = Algorithm(name, server_step, hook)
 
@@ -156,10 +162,10 @@ def get(name: str) -> Algorithm:
     return _REGISTRY[name]
 
 
-def server_optimizer(fl) -> optax.GradientTransformation:
+def server_optimizer(fl: FLSection) -> optax.GradientTransformation:
     """The server step for an FLSection (its algorithm and server hyper-parameters)."""
     return get(fl.algorithm).server_step(fl)
 
 
-def client_hook(fl) -> ClientHook:
+def client_hook(fl: FLSection) -> ClientHook:
     return get(fl.algorithm).hook(fl)

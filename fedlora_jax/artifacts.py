@@ -5,6 +5,7 @@ evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import peft_io
 from .config import load_config
@@ -12,10 +13,25 @@ from .errors import UserError
 from .model_card import write_model_card  # noqa: F401  (called by the runner once the summary is known)
 from .models.factory import build_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .config import RunConfig
+    from .models import Definition
+    from .pytypes import Tree
+
 TINY_BASE = "base_model"
 
 
-def save_final(cfg, out: Path, definition, base_eff, state_lora, tokenizer, source) -> dict:
+def save_final(
+    cfg: RunConfig,
+    out: Path,
+    definition: Definition,
+    base_eff: Tree,
+    state_lora: Tree,
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+) -> dict:
     """The final global adapter (PEFT format, with the tokenizer files and the base record) or, under
     stacking, the base with the stacked products merged in. The random `tiny` base exists nowhere else,
     so it is saved beside the adapter (base_model/, a Hugging Face folder) and the adapter names it.
@@ -47,7 +63,9 @@ def save_final(cfg, out: Path, definition, base_eff, state_lora, tokenizer, sour
     return {"adapter": str(out / "adapter"), **saved}
 
 
-def load_for_eval(target: str, model: str | None = None):
+def load_for_eval(
+    target: str, model: str | None = None
+) -> tuple[Definition, Tree, Tree, PreTrainedTokenizerBase | None, RunConfig | None]:
     """(definition, base, lora, tokenizer, run config or None) for a run folder (its final
     adapter, or its merged model for stacking) or a PEFT adapter folder (with --model, or the base
     its fedlora_jax.json record or its base_model_name_or_path names: peft_io.adapter_base)."""

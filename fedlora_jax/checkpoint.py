@@ -10,6 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from .errors import UserError
+from .pytypes import Tree
 
 
 class Checkpointer:
@@ -18,7 +19,7 @@ class Checkpointer:
             Path(folder).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
         )
 
-    def save(self, round_done: int, state, meta: dict) -> None:
+    def save(self, round_done: int, state: Tree, meta: dict) -> None:
         self.manager.save(
             round_done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         )
@@ -27,7 +28,7 @@ class Checkpointer:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, state_template, step: int | None = None):
+    def restore(self, state_template: Tree, step: int | None = None) -> tuple[Tree, dict]:
         step = self.latest() if step is None else step
         if step is None:
             raise UserError("no checkpoint to resume from in this run folder")
@@ -37,5 +38,5 @@ class Checkpointer:
         )
         return r.state, r.meta
 
-    def close(self):
+    def close(self) -> None:
         self.manager.close()

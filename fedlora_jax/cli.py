@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 # transformers prints "PyTorch was not found" on every torch-free start; torch is not needed here
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -21,7 +22,7 @@ from .errors import UserError
 class _CurrentStderr(logging.StreamHandler):
     """A handler that writes to whatever sys.stderr is at the time (not the one of the first call)."""
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
 
@@ -29,7 +30,7 @@ class _CurrentStderr(logging.StreamHandler):
 class _Parser(argparse.ArgumentParser):
     """Command-line mistakes as one line (`fedlora-jax CMD: error: ...`) and exit status 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 

@@ -12,10 +12,8 @@ import optax
 from . import lora as lora_lib
 from .algorithms import ClientHook
 from .models import Definition, mean_nll
-
-Tree = Any  # a pytree of arrays (an adapter: {module path: {lora_a, lora_b}})
-Array = jax.Array
-CLIP_FLOOR = 1e-30  # a zero-norm gradient is left as it is (no division by zero)
+from .numerics import DIVISION_FLOOR
+from .pytypes import Array, Tree
 
 
 def tree_sq_norm(tree: Tree) -> Array:
@@ -40,15 +38,17 @@ def dpsgd_grads(
     summed, plus N(0, sigma^2) per entry (leaf i uses fold_in(key, i)), divided by `expected`.
     Examples with an all-zero loss_mask (padding) have a zero gradient."""
 
-    def one(t, a, m):
+    def one(t: Array, a: Array, m: Array) -> tuple[Array, Tree]:
         return jax.value_and_grad(lambda x: mean_nll(definition, base, mask(x), t[None], a[None], m[None]))(lora)
 
-    losses, g = jax.vmap(one)(batch["tokens"], batch["attention_mask"], batch["loss_mask"])
+    losses, per_example_grads = jax.vmap(one)(batch["tokens"], batch["attention_mask"], batch["loss_mask"])
     if freeze_a:  # a frozen A is not trained: its gradient is neither clipped nor released
-        g = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), g)
-    norms = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(g)))
-    scale = jnp.minimum(1.0, clip / jnp.maximum(norms, CLIP_FLOOR))
-    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1), g))
+        per_example_grads = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), per_example_grads)
+    norms = jnp.sqrt(
+        sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example_grads))
+    )
+    scale = jnp.minimum(1.0, clip / jnp.maximum(norms, DIVISION_FLOOR))
+    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1), per_example_grads))
     noisy = [
         (x + sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)) / expected
         for i, x in enumerate(leaves)
@@ -88,7 +88,7 @@ def client_update(
     the hook's new client state or None).
     """
 
-    def mask(t):
+    def mask(t: Tree) -> Tree:
         return t if rank is None else lora_lib.rank_mask(t, rank)
 
     start = mask(global_lora)
@@ -97,13 +97,15 @@ def client_update(
 
     hook = hook or ClientHook()
 
-    def loss_fn(lo, batch):
+    def loss_fn(lo: Tree, batch: dict[str, Array]) -> Array:
         return mean_nll(definition, base, mask(lo), batch["tokens"], batch["attention_mask"], batch["loss_mask"])
 
     if dpsgd is not None:
         clip, sigma, dp_key, expected = dpsgd
 
-    def step(carry, batch):
+    def step(
+        carry: tuple[Tree, optax.OptState, Array], batch: dict[str, Array]
+    ) -> tuple[tuple[Tree, optax.OptState, Array], Array]:
         lo, opt_state, i = carry
         if dpsgd is None:
             loss, grads = jax.value_and_grad(loss_fn)(lo, batch)

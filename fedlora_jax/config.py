@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -90,7 +91,7 @@ class RunConfig:
             raise UserError("eval_choices is empty; give 'synthetic', a local file or a hub id")
 
     def to_dict(self) -> dict:
-        def conv(x):
+        def conv(x: object) -> object:
             if dataclasses.is_dataclass(x):
                 return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
             if isinstance(x, tuple):
@@ -165,10 +166,10 @@ def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) ->
         raise
 
 
-def config_diff(a: RunConfig, b: RunConfig, ignore=("fl.rounds",)) -> list[str]:
+def config_diff(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ("fl.rounds",)) -> list[str]:
     """Dotted keys whose values differ between two configs (for resume checks)."""
 
-    def flat(d, prefix=""):
+    def flat(d: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
         for k, v in d.items():
             if isinstance(v, dict) and not (k == "columns"):
                 yield from flat(v, f"{prefix}{k}.")

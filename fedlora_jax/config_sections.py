@@ -8,7 +8,7 @@ import dataclasses
 from .config_checks import _at_least, _check_types, _choice, _in_unit, _positive, _strings
 from .data.partition import PARTITIONS  # the registry of partitions (numpy only; no datasets)
 from .errors import UserError
-from .models.config import DEFAULT_TARGETS  # LoRA's default target modules
+from .models.config import DEFAULT_TARGETS, LoRAConfig  # LoRA's default target modules; the model's LoRA config
 
 SYNTHETIC_TASKS = ("arithmetic", "reverse", "sort", "copy")  # data.synthetic generates these
 
@@ -60,10 +60,8 @@ class LoRASection:
     freeze_a: bool = False  # FFA-LoRA: train B only
     client_ranks: tuple[int, ...] | None = None  # per-client ranks (<= r) for heterogeneous clients
 
-    def to_lora_config(self):
+    def to_lora_config(self) -> LoRAConfig:
         """The model's LoRAConfig (what the adapters look like): the one conversion from this section."""
-        from .models import LoRAConfig
-
         return LoRAConfig(r=self.r, alpha=self.alpha, target_modules=self.target_modules, use_rslora=self.use_rslora)
 
     def __post_init__(self):

@@ -18,6 +18,7 @@ import functools
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,14 @@ import numpy as np
 from . import randomness
 from .errors import UserError
 from .models import apply, apply_cached, init_cache
+from .pytypes import Tree
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from transformers import PreTrainedTokenizerBase
+
+    from .models import Definition
 
 
 @dataclasses.dataclass
@@ -86,17 +95,17 @@ def _full_step(definition, sample, base, lora, buf, lengths, step, key, temperat
 
 
 def generate_ids(
-    definition,
-    base,
-    lora,
+    definition: Definition,
+    base: Tree,
+    lora: Tree,
     prompts: list[list[int]],
     max_new_tokens: int,
     *,
-    eos_ids=(),
+    eos_ids: Iterable[int | None] = (),
     temperature: float = 0.0,
     seed: int = 0,
     use_cache: bool = True,
-    on_token=None,
+    on_token: Callable[[list[list[int]]], object] | None = None,
 ) -> Generated:
     """Continue each token-id prompt by up to `max_new_tokens` tokens, stopping a row at its first
     token in `eos_ids` (and decoding when every row has stopped). `on_token(tokens)` is called with
@@ -124,7 +133,7 @@ def generate_ids(
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(b, bool)
 
-    def record(nxt):
+    def record(nxt: np.ndarray) -> None:
         for r, t in enumerate(nxt.tolist()):
             if not done[r]:
                 if t in eos:
@@ -167,7 +176,7 @@ def generate_ids(
     return Generated(out, stopped, steps, t1 - t0, t_first - t1, t2 - t_first)
 
 
-def prompt_ids(tokenizer, text: str, chat_template: bool = True) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool = True) -> list[int]:
     """The prompt's token ids: as one user turn of the tokenizer's chat template (with the assistant's
     turn opened) when it has one and `chat_template`, else the text with the tokenizer's special tokens."""
     if chat_template and getattr(tokenizer, "chat_template", None):
@@ -178,11 +187,11 @@ def prompt_ids(tokenizer, text: str, chat_template: bool = True) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def eos_ids(tokenizer) -> tuple[int, ...]:
+def eos_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
 
 
-def load(model: str, adapter: str | None = None):
+def load(model: str, adapter: str | None = None) -> tuple[Definition, Tree, Tree, PreTrainedTokenizerBase, str]:
     """(definition, base, lora, tokenizer, description) for `generate`'s MODEL: a run folder (its final
     adapter or merged model), a PEFT adapter folder (on its base model), a config file or preset (its
     model), or a model source (HF folder, GGUF file, hub id, 'default'); plus an optional --adapter."""
@@ -240,7 +249,7 @@ def load(model: str, adapter: str | None = None):
     return definition, base, lora, tok, f"{source} + adapter {adapter}"
 
 
-def summary(result: Generated, tokenizer, prompt_tokens: int, description: str) -> dict:
+def summary(result: Generated, tokenizer: PreTrainedTokenizerBase, prompt_tokens: int, description: str) -> dict:
     """The JSON record of one generation (one prompt)."""
     return {
         "model": description,

@@ -7,16 +7,22 @@ PEFT's file format (reading and writing adapter folders) lives in `peft_io`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
 
 from .models import Definition
+from .pytypes import Array, Key
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
 # PEFT I/O moved to peft_io; these names stay importable from here for existing callers
 _PEFT_IO = ("ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "save_peft", "read_peft_config", "check_peft_weights", "load_peft")
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _PEFT_IO:  # resolved lazily: peft_io imports this module
         from . import peft_io
 
@@ -24,7 +30,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def modules(tree: dict, prefix: tuple = ()):
+def modules(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:
     """Yield (module path, {'lora_a': A, 'lora_b': B}) for every adapted module."""
     for k, v in tree.items():
         if isinstance(v, dict) and "lora_a" in v:
@@ -33,10 +39,10 @@ def modules(tree: dict, prefix: tuple = ()):
             yield from modules(v, prefix + (k,))
 
 
-def map_modules(fn, *trees):
+def map_modules(fn: Callable[..., tuple[Array, Array]], *trees: dict) -> dict:
     """Rebuild adapter trees applying fn(A_1, ..., A_n, B_1, ..., B_n) -> (A, B) per module."""
 
-    def rec(*nodes):
+    def rec(*nodes: dict) -> dict:
         if "lora_a" in nodes[0]:
             a, b = fn(*[n["lora_a"] for n in nodes], *[n["lora_b"] for n in nodes])
             return {"lora_a": a, "lora_b": b}
@@ -50,12 +56,12 @@ def rank_of(tree: dict) -> int:
     return next(modules(tree))[1]["lora_a"].shape[-2]
 
 
-def rank_mask(tree: dict, rank) -> dict:
+def rank_mask(tree: dict, rank: Array | int) -> dict:
     """Zero rows >= rank of every A and columns >= rank of every B. `rank` may be a traced scalar,
     so clients of different ranks share one padded shape under vmap; multiplying by the mask
     also makes the gradient of the masked entries exactly zero."""
 
-    def fn(a, b):
+    def fn(a: Array, b: Array) -> tuple[Array, Array]:
         keep = jnp.arange(a.shape[-2]) < rank
         keep_a = keep.reshape((1,) * (a.ndim - 2) + (-1, 1)).astype(a.dtype)
         keep_b = keep.reshape((1,) * (b.ndim - 1) + (-1,)).astype(b.dtype)
@@ -64,14 +70,14 @@ def rank_mask(tree: dict, rank) -> dict:
     return map_modules(fn, tree)
 
 
-def delta_weights(definition: Definition, tree: dict):
+def delta_weights(definition: Definition, tree: dict) -> Iterator[tuple[tuple[str, ...], Array]]:
     """Yield (module path, scale * B @ A) with a leading layer axis: the update each module adds."""
     scale = definition.lora.scale
     for path, m in modules(tree):
         yield path, scale * jnp.einsum("lor,lri->loi", m["lora_b"], m["lora_a"])
 
 
-def add_to_kernels(base: dict, deltas) -> dict:
+def add_to_kernels(base: dict, deltas: Iterable[tuple[Sequence[str], Array]]) -> dict:
     """Base parameters with each (module path, delta [layers, in, out]) added to that module's
     kernel (our kernel layout is [in, out]); the kernel keeps its dtype."""
     out = jax.tree.map(lambda x: x, base)
@@ -88,12 +94,12 @@ def merge(definition: Definition, base: dict, tree: dict) -> dict:
     return add_to_kernels(base, ((p, jnp.swapaxes(d, -1, -2)) for p, d in delta_weights(definition, tree)))
 
 
-def reinit(tree: dict, key) -> dict:
+def reinit(tree: dict, key: Key) -> dict:
     """Fresh factors of the same shapes: A ~ U(-1/sqrt(in), 1/sqrt(in)) as PEFT (and
     models.layers.Linear) initialise it, B = 0. Jittable; used when stacking restarts adapters."""
     i = 0
 
-    def rec(node, k):
+    def rec(node: dict, k: Key) -> dict:
         nonlocal i
         if "lora_a" in node:
             a = node["lora_a"]

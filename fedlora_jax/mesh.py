@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .errors import UserError
+from .pytypes import Array, Tree
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 AXES = ("clients", "model")
 # the module names whose kernel (in, out) is split along `out` (column) or `in` (row)
@@ -38,7 +43,7 @@ ROW_PARALLEL = frozenset({"o_proj", "down_proj", "c_proj"})
 EMBEDDINGS = frozenset({"embed", "wte"})  # [vocab, hidden]: split along the vocab
 
 
-def mesh_shape(devices) -> tuple[int, int]:
+def mesh_shape(devices: int | Sequence[int]) -> tuple[int, int]:
     """(clients, model) from fl.devices: an int or [clients] (model 1), or [clients, model]."""
     shape = (int(devices),) if isinstance(devices, (int, np.integer)) else tuple(int(d) for d in devices)
     if len(shape) == 1:
@@ -48,7 +53,7 @@ def mesh_shape(devices) -> tuple[int, int]:
     return shape
 
 
-def make_mesh(devices) -> Mesh | None:
+def make_mesh(devices: int | Sequence[int]) -> Mesh | None:
     """The ('clients', 'model') mesh over the first clients x model devices (None for one device)."""
     shape = mesh_shape(devices)
     n = math.prod(shape)
@@ -122,7 +127,7 @@ def _placements(base, model: int):
         yield "/".join(names), x, axis, axis is not None and x.shape[axis] % model == 0
 
 
-def base_specs(base, model: int):
+def base_specs(base: Tree, model: int) -> Tree:
     """A PartitionSpec per base leaf for a 'model' axis of `model` devices."""
     specs = []
     for _, x, axis, divides in _placements(base, model):
@@ -133,17 +138,17 @@ def base_specs(base, model: int):
     return jax.tree.unflatten(jax.tree.structure(base), specs)
 
 
-def layout(base, model: int) -> dict:
+def layout(base: Tree, model: int) -> dict:
     """Which base leaves are split over 'model', and which could not be (dimension not divisible)."""
     placed = [(name, divides) for name, _, axis, divides in _placements(base, model) if axis is not None]
     return {"split": [n for n, d in placed if d], "not_divisible": [n for n, d in placed if not d]}
 
 
-def base_shardings(base, mesh: Mesh):
+def base_shardings(base: Tree, mesh: Mesh) -> Tree:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), base_specs(base, model_size(mesh)))
 
 
-def shard_base(base, mesh: Mesh | None):
+def shard_base(base: Tree, mesh: Mesh | None) -> Tree:
     """The base placed on the mesh (split over 'model', replicated over 'clients'); unchanged
     without a mesh. Host (numpy) leaves go straight to their shards."""
     if mesh is None:
@@ -151,19 +156,19 @@ def shard_base(base, mesh: Mesh | None):
     return jax.device_put(base, base_shardings(base, mesh))
 
 
-def replicate(tree, mesh: Mesh | None):
+def replicate(tree: Tree, mesh: Mesh | None) -> Tree:
     """Every leaf whole on every device of the mesh (the server state); unchanged without a mesh."""
     if mesh is None:
         return tree
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def replicate_constraint(tree, mesh: Mesh):
+def replicate_constraint(tree: Tree, mesh: Mesh) -> Tree:
     """Inside jit: every leaf whole on every device of the mesh."""
     return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def per_device_bytes(base, model: int) -> int:
+def per_device_bytes(base: Tree, model: int) -> int:
     """Bytes of the base that one device holds when split over `model` devices."""
     total = 0
     for s, x in zip(jax.tree.leaves(base_specs(base, model)), jax.tree.leaves(base)):
@@ -172,7 +177,7 @@ def per_device_bytes(base, model: int) -> int:
     return total
 
 
-def client_axis(x, mesh: Mesh | None):
+def client_axis(x: Array, mesh: Mesh | None) -> Array:
     """Constrain axis 1 (clients within a chunk) of x to the 'clients' axis of the mesh."""
     if mesh is None:
         return x

@@ -10,6 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,9 @@ from .errors import UserError
 from .lora import modules
 from .models import Definition, LoRAConfig
 from .models.hf_weights import hf_module_name
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -196,7 +200,9 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
 # ----------------------------------------------------------------------------- the exported folder
 
 
-def export_adapter(folder: str | os.PathLike, definition: Definition, tree: dict, tokenizer, base: dict) -> Path:
+def export_adapter(
+    folder: str | os.PathLike, definition: Definition, tree: dict, tokenizer: PreTrainedTokenizerBase | None, base: dict
+) -> Path:
     """An adapter folder other tools load on their own: the PEFT files naming `base["name_or_path"]`
     (hub.base_reference), the tokenizer files (AutoTokenizer.from_pretrained(folder) works) and the
     base record our own loader prefers (BASE_RECORD)."""

@@ -13,6 +13,8 @@ the 'clients' rows, so the largest chunk is `clients` times what one row holds.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,13 @@ from . import mesh as mesh_lib
 from . import randomness
 from .errors import UserError
 from .models import abstract_model
+from .pytypes import Tree
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from .config import RunConfig
+    from .models import Definition, ModelConfig
 
 ADAPTER_COPIES = 6  # local factors, start point, gradient, two AdamW moments, the release
 
@@ -29,7 +38,7 @@ def _nbytes(tree, dtype_bytes=None):
     return sum(int(np.prod(x.shape)) * (dtype_bytes or jnp.dtype(x.dtype).itemsize) for x in jax.tree.leaves(tree))
 
 
-def step_batch(cfg) -> int:
+def step_batch(cfg: RunConfig) -> int:
     """Examples per local step: fl.batch_size, or under dpsgd the padded Poisson capacity (an
     upper bound that needs no data)."""
     if _record_level(cfg):
@@ -45,7 +54,7 @@ def _record_level(cfg) -> bool:
     return MECHANISMS[cfg.dp.mode].record_level
 
 
-def estimate(cfg, model_config) -> dict:
+def estimate(cfg: RunConfig, model_config: ModelConfig) -> dict:
     """Bytes of the base (shared), and per client in a chunk: adapter copies and activations of
     one local step (lax.scan runs steps one after another; the layer scan keeps each layer's
     inputs for the backward pass); per device of the mesh fl.devices."""
@@ -99,7 +108,15 @@ def largest_chunk(est: dict, device_bytes: float, cohort: int, headroom: float =
     return int(min(cohort, rows * (free // est["per_client_bytes"])))
 
 
-def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int | None = None, mesh=None) -> dict:
+def measure(
+    cfg: RunConfig,
+    definition: Definition,
+    base_shapes: Tree,
+    lora_shapes: Tree,
+    chunk: int,
+    cohort: int | None = None,
+    mesh: Mesh | None = None,
+) -> dict:
     """XLA's memory analysis of the compiled round for `cohort` clients (default: one chunk) run
     in chunks of `chunk` (shapes only: no data, no execution); with a mesh, per device of the
     partitioned program."""
@@ -139,7 +156,7 @@ def measure(cfg, definition, base_shapes, lora_shapes, chunk: int, cohort: int |
     }
 
 
-def plan(cfg, device_gib: float | None = None, do_measure: bool = False) -> dict:
+def plan(cfg: RunConfig, device_gib: float | None = None, do_measure: bool = False) -> dict:
     from .models.factory import build_model_config
 
     mc = build_model_config(cfg)

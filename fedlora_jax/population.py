@@ -18,8 +18,12 @@ round; the figure plots held-out loss against K, one panel per epsilon.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import experiments as ex
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 # (N, K) pairs per scale; cpu: the tiny model, minutes to an hour; paper: SmolLM2 on an accelerator
 GRIDS = {
@@ -80,7 +84,10 @@ def _population(n: int, k: int, rounds: int, examples_per_client: int, scale: st
 
 
 def runs_of(
-    scale: str, examples_per_client: int = 2, populations=None, epsilons=None
+    scale: str,
+    examples_per_client: int = 2,
+    populations: Sequence[tuple[int, int]] | None = None,
+    epsilons: Sequence[float] | None = None,
 ) -> dict[str, tuple[dict, list[str]]]:
     """{run name: (its coordinates, its overrides)} of a scale's grid (or the given part of it)."""
     grid = GRIDS[scale]
@@ -103,7 +110,13 @@ def runs_of(
 
 
 def population(
-    scale: str, out, overrides=(), examples_per_client: int = 2, populations=None, epsilons=None, **kw
+    scale: str,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    examples_per_client: int = 2,
+    populations: Sequence[tuple[int, int]] | None = None,
+    epsilons: Sequence[float] | None = None,
+    **kw: Any,
 ) -> dict:
     """Utility against cohort size K at fixed honest epsilon, for populations N up to 10,000:
     central DP-FedAvg (fixed and adaptive clip), FFA-LoRA under central DP, the paper's local
@@ -163,7 +176,7 @@ def write_outputs(grid: dict, summaries: dict, out: Path, scale: str) -> dict:
     return {"rows": rows, "files": [str(f) for f in files]}
 
 
-def plot_population(rows: list[dict], path, scale: str = "") -> Path:
+def plot_population(rows: list[dict], path: str | Path, scale: str = "") -> Path:
     """Held-out loss against K (log axis), one panel per epsilon, a line per (mechanism, N): the
     mechanism is the colour, N the marker and line style (no DP dashed grey)."""
     plt = ex._plt()

@@ -4,15 +4,31 @@ the DP mechanism allows, the mechanism's accounted values, and the privacy ledge
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .privacy import modes
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .config import RunConfig
+    from .privacy.modes import Mechanism
+    from .pytypes import Tree
+
 log = logging.getLogger("fedlora_jax")
 
 
-def round_row(r: int, lr: float, m: dict, ids: np.ndarray, valid: np.ndarray, mechanism, participations) -> dict:
+def round_row(
+    r: int,
+    lr: float,
+    m: dict,
+    ids: np.ndarray,
+    valid: np.ndarray,
+    mechanism: Mechanism,
+    participations: np.ndarray,
+) -> dict:
     """The row of round r (0-based) from the round's metrics m, before evaluation."""
     row = {"round": r + 1, "lr": lr}
     for name in modes.CLIENT_FIELDS:
@@ -40,7 +56,7 @@ def round_row(r: int, lr: float, m: dict, ids: np.ndarray, valid: np.ndarray, me
     return row
 
 
-def write_dp_stats(cfg, out, mechanism, lora, r: int) -> None:
+def write_dp_stats(cfg: RunConfig, out: Path, mechanism: Mechanism, lora: Tree, r: int) -> None:
     """dp.stats_every: the noise-variance analysis of the global adapter after round r (0-based)."""
     from . import randomness
     from .privacy.analysis import round_stats, write_stats_csv

@@ -20,6 +20,8 @@ import hashlib
 import jax
 import numpy as np
 
+from .pytypes import ArrayLike, Key
+
 # every domain a run draws from; add a name here to add a use of randomness
 DOMAINS = (
     "model_init",  # the random base model (source: tiny) and its LoRA factors
@@ -55,7 +57,7 @@ _IDS = {d: domain_id(d) for d in DOMAINS}
 assert len(set(_IDS.values())) == len(DOMAINS), "two randomness domains hash to one id"
 
 
-def key(seed: int, domain: str, *ids):
+def key(seed: int, domain: str, *ids: ArrayLike) -> Key:
     """The JAX key of one use: root(seed) -> domain -> ids (ints or traced int scalars)."""
     k = jax.random.fold_in(jax.random.key(seed), _IDS[domain] if domain in _IDS else domain_id(domain))
     for i in ids:

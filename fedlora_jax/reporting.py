@@ -7,11 +7,18 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config_sections import WRITERS
 from .errors import UserError
 from .privacy import modes
 from .writers import write_csv
+
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from .privacy.modes import Mechanism
 
 
 def _points(rows: list[dict], key: str, positive: bool = False) -> list[tuple]:
@@ -41,7 +48,7 @@ def _legend_below(ax) -> None:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, fontsize="small", frameon=False)
 
 
-def metrics_figure(rows: list[dict], *, initial_eval=None, title: str | None = None):
+def metrics_figure(rows: list[dict], *, initial_eval: float | None = None, title: str | None = None) -> Figure:
     """The metrics figure: losses (with the round-0 eval), epsilon (log axis when positive), scores.
     Rounds are integer ticks; None, NaN and (on a log axis) non-positive values are left out."""
     import matplotlib
@@ -92,7 +99,7 @@ def metrics_figure(rows: list[dict], *, initial_eval=None, title: str | None = N
     return fig
 
 
-def plot_metrics(rows: list[dict], path: Path, *, initial_eval=None, title: str | None = None) -> None:
+def plot_metrics(rows: list[dict], path: Path, *, initial_eval: float | None = None, title: str | None = None) -> None:
     """metrics.png (see metrics_figure)."""
     import matplotlib.pyplot as plt
 
@@ -101,7 +108,7 @@ def plot_metrics(rows: list[dict], path: Path, *, initial_eval=None, title: str 
     plt.close(fig)
 
 
-def finite_or_none(x):
+def finite_or_none(x: object) -> object:
     """Strict JSON: NaN and infinities become null."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -136,7 +143,7 @@ def rewrite_rows(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def postfix(row: dict, rows: list[dict], initial_eval=None) -> dict:
+def postfix(row: dict, rows: list[dict], initial_eval: float | None = None) -> dict:
     """The progress bar shows the latest held-out loss (before the first eval round: the round-0 one),
     epsilon and (marked) client loss."""
     out = {}
@@ -167,12 +174,12 @@ def data_line(stats: dict) -> str:
 def write_outputs(
     out: Path,
     rows: list[dict],
-    mechanism,
-    participations,
+    mechanism: Mechanism,
+    participations: np.ndarray,
     *,
     source: str,
     artifacts: dict,
-    initial_eval,
+    initial_eval: float | None,
     initial_scores: dict,
     done: int,
     stop_reason: str,

@@ -7,12 +7,18 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import reporting
 from .checkpoint import Checkpointer
 from .config import RunConfig
+
+if TYPE_CHECKING:
+    from .privacy.ledger import Ledger
+    from .privacy.modes import Mechanism
+    from .pytypes import Tree
 
 
 @dataclass
@@ -33,7 +39,9 @@ class Progress:
         return self.wall_before + time.time() - self.t_start
 
 
-def restore(ckpt: Checkpointer, state, ledger, metrics_path: Path, num_clients: int, resume: bool):
+def restore(
+    ckpt: Checkpointer, state: Tree, ledger: Ledger | None, metrics_path: Path, num_clients: int, resume: bool
+) -> tuple[Tree, Progress]:
     """(state, Progress): the latest checkpoint's when resuming (a run killed before its first
     checkpoint logged nothing and starts afresh), else the fresh state at round 0."""
     progress = Progress(0, [], np.zeros(num_clients, np.int64))
@@ -51,7 +59,7 @@ def restore(ckpt: Checkpointer, state, ledger, metrics_path: Path, num_clients: 
     return state, Progress(start, reporting.read_rows(metrics_path, start), participations, meta, progress.t_start)
 
 
-def noise_seed(cfg: RunConfig, mechanism, meta: dict) -> int:
+def noise_seed(cfg: RunConfig, mechanism: Mechanism, meta: dict) -> int:
     """The secret root of the noise: restored on resume; else dp.noise_seed if the config fixes it;
     else (in a DP mode) fresh OS entropy, kept only in the checkpoints (the server's private state)."""
     if meta.get("noise_seed") is not None:
@@ -61,7 +69,9 @@ def noise_seed(cfg: RunConfig, mechanism, meta: dict) -> int:
     return secrets.randbits(63) if mechanism.private else cfg.seed
 
 
-def checkpoint_meta(cfg: RunConfig, done: int, progress: Progress, ledger, seed: int, initial: dict) -> dict:
+def checkpoint_meta(
+    cfg: RunConfig, done: int, progress: Progress, ledger: Ledger | None, seed: int, initial: dict
+) -> dict:
     """The metadata saved beside the state (initial: the initial held-out loss and scores)."""
     return {
         "round": done,

@@ -12,10 +12,14 @@ clients; central DP accounts that event in its delta.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import randomness
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 SAMPLINGS = ("uniform", "poisson")
 POISSON_TAIL = 1e-12  # per-round probability that a Poisson cohort overflows its static capacity
@@ -44,7 +48,9 @@ def cohort_slots(num_clients: int, clients_per_round: int, sampling: str) -> int
     return clients_per_round
 
 
-def sample_round(seed: int, num_clients: int, clients_per_round: int, sampling: str, round_index: int):
+def sample_round(
+    seed: int, num_clients: int, clients_per_round: int, sampling: str, round_index: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(client slots, valid mask) of one round. uniform: K sorted ids, all valid; poisson: the
     sampled ids, sorted, padded to the capacity with the out-of-range id N (valid False there)."""
     rng = randomness.np_rng(seed, "client_sampling", round_index)
@@ -73,7 +79,7 @@ def participation_counts(
     return counts
 
 
-def for_config(cfg, round_index: int, seed: int | None = None):
+def for_config(cfg: RunConfig, round_index: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A round's cohort; seed: the sampling seed when it must stay secret (central DP), else cfg.seed."""
     fl = cfg.fl
     return sample_round(
@@ -81,6 +87,6 @@ def for_config(cfg, round_index: int, seed: int | None = None):
     )
 
 
-def config_counts(cfg) -> np.ndarray:
+def config_counts(cfg: RunConfig) -> np.ndarray:
     fl = cfg.fl
     return participation_counts(cfg.seed, fl.num_clients, fl.clients_per_round, fl.sampling, fl.rounds)

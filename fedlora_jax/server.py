@@ -27,16 +27,18 @@ class FedOptState(NamedTuple):
 FEDOPT_RULES = ("adagrad", "yogi", "adam")  # the adaptive server optimizers of Reddi et al. (2021)
 
 
-def fedopt(kind: str, lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3):
+def fedopt(kind: str, lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> optax.GradientTransformation:
     if kind not in FEDOPT_RULES:
         raise UserError(f"unknown FedOpt rule {kind!r}; allowed: {', '.join(FEDOPT_RULES)}")
 
-    def init(params):
+    def init(params: optax.Params) -> FedOptState:
         return FedOptState(
             jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda p: jnp.full_like(p, tau**2), params)
         )
 
-    def update(grads, state, params=None):
+    def update(
+        grads: optax.Updates, state: FedOptState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, FedOptState]:
         d = jax.tree.map(jnp.negative, grads)
         m = jax.tree.map(lambda m_, d_: b1 * m_ + (1 - b1) * d_, state.m, d)
         if kind == "adagrad":

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,13 @@ from .algorithms import ClientHook, client_hook, server_optimizer
 from .client import client_update
 from .models import Definition
 from .privacy.modes import Mechanism
+from .pytypes import Array, ArrayLike, Key, Tree
 
-Tree = Any
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .config import RunConfig
+
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
 
 
@@ -55,7 +60,13 @@ class Cohort(NamedTuple):
     valid: jax.Array  # [K] bool
 
     @classmethod
-    def of(cls, block: dict, ids, ranks, valid) -> Cohort:
+    def of(
+        cls,
+        block: dict,
+        ids: ArrayLike | Sequence[int],
+        ranks: ArrayLike | Sequence[int],
+        valid: ArrayLike | Sequence[bool],
+    ) -> Cohort:
         """From a host block (data.batches: the batch arrays and num_examples) and the draw."""
         return cls(
             {k: jnp.asarray(block[k]) for k in BATCH_KEYS},
@@ -66,11 +77,11 @@ class Cohort(NamedTuple):
         )
 
 
-def split_chunks(tree: Tree, n_chunks: int, size: int, fills: Tree, mesh=None) -> Tree:
+def split_chunks(tree: Tree, n_chunks: int, size: int, fills: Tree, mesh: jax.sharding.Mesh | None = None) -> Tree:
     """[K, ...] leaves -> [n_chunks, size, ...], padded at the end with `fills` (a tree of scalars
     matching `tree`'s top level, or one scalar); each chunk's slots spread over the mesh's 'clients'."""
 
-    def one(x, fill):
+    def one(x: Array, fill: int | float | bool) -> Array:
         pad = n_chunks * size - x.shape[0]
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
         return mesh_lib.client_axis(x.reshape((n_chunks, size) + x.shape[1:]), mesh)
@@ -104,7 +115,9 @@ class RoundParts:
         )
 
 
-def round_parts(definition: Definition | None, cfg, mechanism: Mechanism | None, num_clients: int) -> RoundParts:
+def round_parts(
+    definition: Definition | None, cfg: RunConfig, mechanism: Mechanism | None, num_clients: int
+) -> RoundParts:
     """The one place a round reads its RunConfig."""
     fl = cfg.fl
     return RoundParts(
@@ -121,19 +134,19 @@ def round_parts(definition: Definition | None, cfg, mechanism: Mechanism | None,
     )
 
 
-def init_state(cfg, lora: Tree, num_clients: int, mechanism: Mechanism | None = None) -> ServerState:
+def init_state(cfg: RunConfig, lora: Tree, num_clients: int, mechanism: Mechanism | None = None) -> ServerState:
     """The server state of a run config's round (mechanism None: no mechanism state)."""
     return round_parts(None, cfg, mechanism, num_clients).init(lora)
 
 
 def build_round(
     definition: Definition,
-    cfg,
+    cfg: RunConfig,
     mechanism: Mechanism,
     num_clients: int,
     donate: bool = False,
     mesh: jax.sharding.Mesh | None = None,
-):
+) -> Callable[[ServerState, dict, Cohort, dict[str, Key], Array | float], tuple[ServerState, dict]]:
     """The jitted round of a run config and its DP mechanism (make_round of round_parts)."""
     return make_round(round_parts(definition, cfg, mechanism, num_clients), donate=donate, mesh=mesh)
 
@@ -143,7 +156,9 @@ def effective_base(base: dict, state: ServerState) -> dict:
     return agg.effective_base(base, state.agg)
 
 
-def make_round(parts: RoundParts, *, donate: bool = False, mesh: jax.sharding.Mesh | None = None):
+def make_round(
+    parts: RoundParts, *, donate: bool = False, mesh: jax.sharding.Mesh | None = None
+) -> Callable[[ServerState, dict, Cohort, dict[str, Key], Array | float], tuple[ServerState, dict]]:
     """The jitted round of its parts. Nothing in it depends on values that change per round, so
     the second call compiles nothing. donate=True lets XLA reuse the old state's buffers (the
     caller must not touch the state it passed in again).
@@ -156,12 +171,20 @@ def make_round(parts: RoundParts, *, donate: bool = False, mesh: jax.sharding.Me
     mechanism, aggregator, hook, server_opt = parts.mechanism, parts.aggregator, parts.hook, parts.server_opt
     num_clients, hetero = parts.num_clients, parts.hetero
 
-    def one_client(state: ServerState, base, batches, cid, rank, keys, lr):
-        g = state.lora
+    def one_client(
+        state: ServerState,
+        base: dict,
+        batches: dict[str, Array],
+        cid: Array,
+        rank: Array,
+        keys: dict[str, Key],
+        lr: Array,
+    ) -> tuple[Tree, dict[str, Array], Tree | None, Array]:
+        global_lora = state.lora
         rank = rank if hetero else None
         local, metrics, new_c = parts.client_fn(
             base,
-            g,
+            global_lora,
             batches,
             lr,
             rank=rank,
@@ -169,17 +192,21 @@ def make_round(parts: RoundParts, *, donate: bool = False, mesh: jax.sharding.Me
             ctx=hook.context(state.hook, cid),
             dpsgd=mechanism.dpsgd_args(jax.random.fold_in(keys["dpsgd_noise"], cid)),
         )
-        released = mechanism.release(local, g, jax.random.fold_in(keys["client_noise"], cid), rank, state.mech)
+        released = mechanism.release(
+            local, global_lora, jax.random.fold_in(keys["client_noise"], cid), rank, state.mech
+        )
         kept = mechanism.kept(released, metrics["loss"])
-        return released, {**metrics, "stat": mechanism.client_stat(local, g, state.mech)}, new_c, kept
+        return released, {**metrics, "stat": mechanism.client_stat(local, global_lora, state.mech)}, new_c, kept
 
-    def accumulate(carry, g, released, kept, n_ex, ids, new_c):
+    def accumulate(
+        carry: dict, global_lora: Tree, released: Tree, kept: Array, n_ex: Array, ids: Array, new_c: Tree | None
+    ) -> dict:
         """Fold one chunk of released adapters into the running sums (never all clients at once)."""
         carry = dict(carry)
         if mechanism.sums_updates:  # sum of clipped updates; the mechanism noises it in finalize
             f = kept.astype(jnp.float32)
             carry["sum"] = jax.tree.map(
-                lambda s, r, x: s + jnp.tensordot(f, r - x[None], axes=1), carry["sum"], released, g
+                lambda s, r, x: s + jnp.tensordot(f, r - x[None], axes=1), carry["sum"], released, global_lora
             )
         else:
             w = jnp.where(kept, mechanism.weight(n_ex), 0.0)
@@ -188,8 +215,10 @@ def make_round(parts: RoundParts, *, donate: bool = False, mesh: jax.sharding.Me
         carry["hook"] = hook.accumulate(carry["hook"], new_c, kept, ids)
         return carry
 
-    def round_fn(state: ServerState, base: dict, cohort: Cohort, keys: dict, lr: jax.Array):
-        g = state.lora
+    def round_fn(
+        state: ServerState, base: dict, cohort: Cohort, keys: dict[str, Key], lr: Array | float
+    ) -> tuple[ServerState, dict]:
+        global_lora = state.lora
         if mesh_lib.model_size(mesh) > 1:  # the base stays split however the caller placed it
             base = jax.lax.with_sharding_constraint(base, mesh_lib.base_shardings(base, mesh))
         base_eff = effective_base(base, state)
@@ -201,16 +230,20 @@ def make_round(parts: RoundParts, *, donate: bool = False, mesh: jax.sharding.Me
         fills = Cohort({k: 0 for k in cohort.batches}, 0, num_clients, 1, False)
         xs = split_chunks(cohort, n_chunks, c, fills, mesh)
         carry = {"wsum": jnp.zeros((), jnp.float32), "stat": jnp.zeros((), jnp.float32)}
-        carry["sum"] = jax.tree.map(jnp.zeros_like, g) if mechanism.sums_updates else aggregator.zeros(state.agg, g)
-        carry["hook"] = hook.carry(state.hook, g)
+        carry["sum"] = (
+            jax.tree.map(jnp.zeros_like, global_lora)
+            if mechanism.sums_updates
+            else aggregator.zeros(state.agg, global_lora)
+        )
+        carry["hook"] = hook.carry(state.hook, global_lora)
 
-        def body(carry, x: Cohort):
+        def body(carry: dict, x: Cohort) -> tuple[dict, dict]:
             released, metrics, new_c, kept = jax.vmap(lambda b, i, r: one_client(state, base_eff, b, i, r, keys, lr))(
                 x.batches, x.ids, x.ranks
             )
             kept = kept & x.valid
             released = agg.zero_invalid(released, kept)
-            carry = accumulate(carry, g, released, kept, x.num_examples, x.ids, new_c)
+            carry = accumulate(carry, global_lora, released, kept, x.num_examples, x.ids, new_c)
             carry["stat"] = carry["stat"] + jnp.sum(jnp.where(kept, metrics["stat"], 0.0))
             return carry, {**metrics, "kept": kept}
 
@@ -220,13 +253,17 @@ def make_round(parts: RoundParts, *, donate: bool = False, mesh: jax.sharding.Me
         agg_state = state.agg
         if mechanism.sums_updates:
             # the noise is added in every round, empty or all-dropped cohorts included
-            aggregate = mechanism.finalize_sum(carry["sum"], g, keys["server_noise"], parts.expected_cohort, state.mech)
+            aggregate = mechanism.finalize_sum(
+                carry["sum"], global_lora, keys["server_noise"], parts.expected_cohort, state.mech
+            )
         else:  # a function of the releases only (post-processing), empty rounds included
-            aggregate, agg_state = aggregator.finalize(state.agg, carry["sum"], carry["wsum"], jnp.any(kept), g)
-        pseudo_grad = jax.tree.map(jnp.subtract, g, aggregate)
-        updates, opt_state = server_opt.update(pseudo_grad, state.opt, g)
+            aggregate, agg_state = aggregator.finalize(
+                state.agg, carry["sum"], carry["wsum"], jnp.any(kept), global_lora
+            )
+        pseudo_grad = jax.tree.map(jnp.subtract, global_lora, aggregate)
+        updates, opt_state = server_opt.update(pseudo_grad, state.opt, global_lora)
         new_state = ServerState(
-            lora=aggregator.restart(optax.apply_updates(g, updates), g, keys["lora_reinit"]),
+            lora=aggregator.restart(optax.apply_updates(global_lora, updates), global_lora, keys["lora_reinit"]),
             opt=opt_state,
             round=state.round + 1,
             agg=agg_state,

@@ -34,8 +34,12 @@ import math
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 # writer name -> (module imported, pip package, pip extra of fedlora-jax)
 OPTIONAL = {
@@ -56,7 +60,7 @@ def _import(name: str):
         ) from None
 
 
-def check(cfg) -> None:
+def check(cfg: RunConfig) -> None:
     """Each chosen optional writer's package imports (a UserError naming the package and extra if not)."""
     for name in cfg.logging.writers:
         _import(name)
@@ -79,7 +83,7 @@ class Writer:
     name = "writer"
     every_round = False  # True: gets every round (not thinned by logging.log_every)
 
-    def open(self, out: Path, cfg, rows: list[dict], start: int) -> None:
+    def open(self, out: Path, cfg: RunConfig, rows: list[dict], start: int) -> None:
         pass
 
     def write(self, row: dict, step: int) -> None:
@@ -94,13 +98,13 @@ class JsonlWriter(Writer):
 
     name, every_round = "jsonl", True
 
-    def open(self, out, cfg, rows, start):
+    def open(self, out: Path, cfg: RunConfig, rows: list[dict], start: int) -> None:
         from .reporting import rewrite_rows
 
         self.path = out / "metrics.jsonl"
         rewrite_rows(self.path, rows)  # drops rows logged after the checkpoint: they rerun
 
-    def write(self, row, step):
+    def write(self, row: dict, step: int) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
 
@@ -110,12 +114,12 @@ class CsvWriter(Writer):
 
     name, every_round = "csv", True
 
-    def open(self, out, cfg, rows, start):
+    def open(self, out: Path, cfg: RunConfig, rows: list[dict], start: int) -> None:
         self.path, self.rows = out / "metrics.csv", list(rows)
         self.fields = _fields(self.rows)
         write_csv(self.path, self.rows)
 
-    def write(self, row, step):
+    def write(self, row: dict, step: int) -> None:
         self.rows.append(row)
         if set(row) - set(self.fields):
             self.fields = _fields(self.rows)
@@ -144,18 +148,18 @@ class TensorBoardWriter(Writer):
 
     name = "tensorboard"
 
-    def open(self, out, cfg, rows, start):
+    def open(self, out: Path, cfg: RunConfig, rows: list[dict], start: int) -> None:
         tbx = _import("tensorboard")
         # purge_step: readers drop this folder's earlier events of steps >= start + 1 (logged after
         # the checkpoint by a killed session, rerun now); in a fresh folder there is nothing to drop
         self.w = tbx.SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
 
-    def write(self, row, step):
+    def write(self, row: dict, step: int) -> None:
         for k, v in scalars(row).items():
             self.w.add_scalar(k, v, step)
         self.w.flush()  # on disk before the next checkpoint: a kill -9 must not lose logged rounds
 
-    def close(self):
+    def close(self) -> None:
         self.w.close()
 
 
@@ -165,7 +169,7 @@ class WandbWriter(Writer):
 
     name = "wandb"
 
-    def open(self, out, cfg, rows, start):
+    def open(self, out: Path, cfg: RunConfig, rows: list[dict], start: int) -> None:
         wandb = _import("wandb")
         folder = out / "wandb"
         folder.mkdir(exist_ok=True)
@@ -198,18 +202,18 @@ class WandbWriter(Writer):
         tmp.write_text(json.dumps(self.state))
         os.replace(tmp, self.state_path)
 
-    def write(self, row, step):
+    def write(self, row: dict, step: int) -> None:
         if step <= self.state["last_step"]:
             return  # sent by an earlier session of this run (a resume reruns it to the same values)
         self.run.log(scalars(row), step=step)
         self.state["last_step"] = step
         self._save()
 
-    def close(self):
+    def close(self) -> None:
         self.run.finish()
 
 
-def logs(cfg, step: int) -> bool:
+def logs(cfg: RunConfig, step: int) -> bool:
     """Whether round `step` (1-based) goes to the thinned writers and the progress bar: every
     logging.log_every-th round, evaluation rounds and the last round (and, see Writers.flush_stop,
     the round where a run stops)."""

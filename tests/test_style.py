@@ -47,3 +47,16 @@ def test_every_choice_list_has_one_home():
             seen[key].append(f"{path.relative_to(ROOT)}:{line}")
     copies = {k: v for k, v in seen.items() if len(v) > 1}
     assert not copies, f"choice lists written more than once (import the registry instead): {copies}"
+
+
+def test_the_division_floor_has_one_home():
+    """The guard against dividing by a zero norm, weight sum or sigma is numerics.DIVISION_FLOOR:
+    a tiny float literal elsewhere is a copy of it (there were seven, under three names)."""
+    tiny = []
+    for path in sorted((ROOT / "fedlora_jax").rglob("*.py")):
+        if path.name == "numerics.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, float) and 0 < node.value < 1e-20:
+                tiny.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not tiny, f"import numerics.DIVISION_FLOOR instead of a literal: {tiny}"

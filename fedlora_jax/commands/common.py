@@ -35,7 +35,7 @@ def _plain(x):
     return x
 
 
-def dumps(obj) -> str:
+def dumps(obj: object) -> str:
     """Strict JSON (RFC 8259): NaN and infinities become null."""
     return json.dumps(_plain(obj), allow_nan=False)
 

@@ -9,12 +9,16 @@ participations, blocks are reproducible after a resume and independent of chunki
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import randomness
 from ..errors import UserError
 from .tokenize import TokenizedData
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 class RoundBatcher:
@@ -42,7 +46,7 @@ class RoundBatcher:
             out[sel] = self._perm(client, int(e))[pos[sel]]
         return out
 
-    def block(self, client_ids, participations) -> dict:
+    def block(self, client_ids: Sequence[int] | np.ndarray, participations: np.ndarray) -> dict:
         """Arrays for the sampled clients; `participations[c]` = rounds client c took part in
         before this one. Shapes never change between rounds."""
         ids = np.asarray(client_ids, np.int64)
@@ -74,7 +78,7 @@ def binomial_tail(n: int, q: float, c: int) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
-def poisson_capacity(sizes, batch_size: int, tail: float = 1e-15) -> tuple[int, float]:
+def poisson_capacity(sizes: Sequence[int] | np.ndarray, batch_size: int, tail: float = 1e-15) -> tuple[int, float]:
     """(capacity, worst per-step overflow probability): the smallest static batch capacity c >=
     batch_size such that a client of n examples sampled at rate min(1, batch_size / n) overflows
     c with probability <= tail (c = the largest client's size if that is smaller)."""
@@ -135,7 +139,7 @@ class PoissonBatcher(RoundBatcher):
             ok[s, : len(sel)] = True
         return idx, ok
 
-    def block(self, client_ids, participations) -> dict:
+    def block(self, client_ids: Sequence[int] | np.ndarray, participations: np.ndarray) -> dict:
         ids = np.asarray(client_ids, np.int64)
         pairs = [self.poisson_indices(int(c), int(participations[c])) for c in ids]
         idx = np.stack([p[0] for p in pairs])

@@ -33,7 +33,14 @@ defaults (the fallback template renders nothing for it, ChatML templates an empt
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
@@ -45,7 +52,7 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def chat_template(tokenizer) -> str:
+def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
     """The tokenizer's own chat template, else FALLBACK_CHAT_TEMPLATE."""
     return getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
 
@@ -63,7 +70,7 @@ def _json_type(v) -> str:
     return json_type(v)
 
 
-def normalize_conversation(value, where: str) -> list[dict]:
+def normalize_conversation(value: object, where: str) -> list[dict]:
     """A conversation as [{"role", "content"}] from {role, content} or ShareGPT {from, value} turns
     (from: system/human/gpt); a UserError naming `where`, the turn and the value when it is not one."""
     if not isinstance(value, (list, tuple)):
@@ -129,7 +136,12 @@ def _common(a: list, b: list) -> int:
     return n
 
 
-def encode_conversations(conversations, tokenizer, system_prompt: str | None = None, names=None):
+def encode_conversations(
+    conversations: Sequence[list[dict]],
+    tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None = None,
+    names: Sequence[str] | None = None,
+) -> list[tuple[list[int], list[int]]]:
     """[(token ids, loss mask)] of normalized conversations (see the module doc); the ids equal
     `apply_chat_template(conversation, tokenize=True)`. `names[k]` names conversation k in errors."""
     template = chat_template(tokenizer)
@@ -170,7 +182,9 @@ def encode_conversations(conversations, tokenizer, system_prompt: str | None = N
     return out
 
 
-def encode_conversation(messages, tokenizer, system_prompt: str | None = None):
+def encode_conversation(
+    messages: Sequence[dict], tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None
+) -> tuple[list[int], list[int]]:
     """(token ids, loss mask) of one conversation ([{"role", "content"}] or ShareGPT turns)."""
     conv = normalize_conversation(messages, "the conversation")
     return encode_conversations([conv], tokenizer, system_prompt, ["the conversation"])[0]

@@ -17,6 +17,7 @@ import importlib.util
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 
@@ -24,6 +25,9 @@ from .. import randomness
 from ..errors import UserError
 from . import synthetic
 from .chat import normalize_conversation
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 STANDARD = ("instruction", "input", "output")
 COLUMN_KEYS = (*STANDARD, "messages")  # what data.columns may map
@@ -39,7 +43,7 @@ _JSON_TYPES = {
 }
 
 
-def json_type(v) -> str:
+def json_type(v: object) -> str:
     return _JSON_TYPES.get(type(v).__name__, type(v).__name__)
 
 
@@ -178,11 +182,11 @@ def load_examples(
     split: str = "train",
     columns: dict | None = None,
     label_column: str | None = None,
-    synthetic_tasks=synthetic.TASKS,
+    synthetic_tasks: Sequence[str] = synthetic.TASKS,
     synthetic_examples: int = 2000,
     max_examples: int | None = None,
     seed: int = 0,
-):
+) -> datasets.Dataset:
     """A Dataset with instruction/input/output (input may be empty), or with `messages`
     (conversations as [{role, content}]), and, when given, the label column. `columns` maps our
     names to the dataset's (e.g. Dolly: instruction->instruction, input->context,

@@ -3,16 +3,26 @@ iid client sizes with a Dirichlet label mix per client), by_column (natural)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .. import randomness
 from ..errors import UserError
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 PARTITIONS = ("iid", "dirichlet", "dirichlet_balanced", "by_column")
 
 
 def partition(
-    n: int, num_clients: int, method: str = "iid", labels=None, alpha: float = 0.5, seed: int = 0
+    n: int,
+    num_clients: int,
+    method: str = "iid",
+    labels: Sequence | np.ndarray | None = None,
+    alpha: float = 0.5,
+    seed: int = 0,
 ) -> list[np.ndarray]:
     """Index arrays, one per client; every example lands in exactly one client."""
     if method not in PARTITIONS:
@@ -96,7 +106,9 @@ def _dirichlet_balanced(inverse: np.ndarray, num_labels: int, num_clients: int, 
     return parts
 
 
-def partition_summary(parts: list[np.ndarray], attention_mask: np.ndarray, labels=None) -> list[dict]:
+def partition_summary(
+    parts: list[np.ndarray], attention_mask: np.ndarray, labels: Sequence | np.ndarray | None = None
+) -> list[dict]:
     """Examples, tokens and label counts per client."""
     out = []
     lengths = attention_mask.sum(axis=1)

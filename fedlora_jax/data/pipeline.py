@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,12 +16,17 @@ from .loading import load_examples
 from .partition import partition, partition_summary
 from .tokenize import TokenizedData, tokenize_examples
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    from ..config import RunConfig
+
 DEFAULT_LABELS = {"chatterbot": "topic", "synthetic": "task"}
 DROPPED_WARNING = 0.05  # warn when more than this share of the examples is dropped
 log = logging.getLogger("fedlora_jax")
 
 
-def byte_tokenizer():
+def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer built in code (256 byte tokens + <|endoftext|> <|im_start|>
     <|im_end|>, no merges): the tokenizer of the random `tiny` models. Its chat template is
     data.chat.FALLBACK_CHAT_TEMPLATE, which with EOS <|im_end|> is ChatML."""
@@ -61,7 +67,7 @@ class ClientData:
         return cls(self.train, self.parts, local_steps, batch_size, seed)
 
 
-def prepare(cfg, tokenizer) -> ClientData:
+def prepare(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> ClientData:
     """cfg: a RunConfig (data, fl.num_clients and seed are used)."""
     d = cfg.data
     label = d.label_column or (
@@ -147,7 +153,15 @@ def _split_stats(data, parts) -> dict:
     }
 
 
-def data_stats(data, train, parts, eval_data, eval_parts, seq_len: int, examples: int) -> dict:
+def data_stats(
+    data: TokenizedData,
+    train: TokenizedData,
+    parts: list[np.ndarray],
+    eval_data: TokenizedData | None,
+    eval_parts: list[np.ndarray] | None,
+    seq_len: int,
+    examples: int,
+) -> dict:
     """Plain-JSON statistics of prepared data: rows read (`examples`), `kept`, `dropped` (=
     `dropped_too_long`: no response token within seq_len, + `dropped_no_assistant_tokens`: none at
     all), `truncated` (kept but cut at seq_len), and per split (`train`, `eval`): examples,

@@ -3,11 +3,16 @@ evaluation and tests of non-IID splits."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .. import randomness
 from ..config import SYNTHETIC_TASKS as TASKS
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def _word(rng, lo=3, hi=7):
@@ -35,7 +40,7 @@ def make_example(task: str, rng: np.random.Generator) -> dict:
     raise UserError(f"unknown synthetic task {task!r}; allowed: {', '.join(TASKS)}")
 
 
-def generate(n: int, tasks=TASKS, seed: int = 0, domain: str = "synthetic_data") -> list[dict]:
+def generate(n: int, tasks: Sequence[str] = TASKS, seed: int = 0, domain: str = "synthetic_data") -> list[dict]:
     """n examples, tasks in equal shares (round-robin), deterministic by (seed, randomness domain)."""
     for t in tasks:
         if t not in TASKS:

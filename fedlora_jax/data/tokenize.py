@@ -7,11 +7,18 @@ the tokenizer's chat template, loss on the assistant turns (see data/chat.py).""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import UserError
 from .chat import chat_template, encode_conversations, with_system
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import datasets
+    from transformers import PreTrainedTokenizerBase
 
 TEMPLATES = ("alpaca", "chat", "plain")
 ALPACA = (
@@ -30,7 +37,13 @@ def chat_user_turn(instruction: str, input_: str) -> str:
     return f"{instruction}\n\n{input_}" if input_ else instruction
 
 
-def render_prompt(template: str, instruction: str, input_: str, tokenizer=None, system_prompt=None) -> str:
+def render_prompt(
+    template: str,
+    instruction: str,
+    input_: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    system_prompt: str | None = None,
+) -> str:
     """The prompt text of an instruction row (for `chat`: the conversation up to the assistant's turn)."""
     if template == "alpaca":
         return (ALPACA_INPUT if input_ else ALPACA).format(instruction=instruction, input=input_)
@@ -76,7 +89,7 @@ class TokenizedData:
     def dropped_too_long(self) -> int:
         return self.dropped - self.dropped_no_assistant_tokens
 
-    def select(self, idx) -> "TokenizedData":
+    def select(self, idx: Sequence[int] | np.ndarray) -> "TokenizedData":
         """The examples at `idx` (drop counts are those of the whole input, so they are reset)."""
         idx = np.asarray(idx, np.int64)
         return TokenizedData(
@@ -129,8 +142,8 @@ def _chat_examples(ds, tokenizer, start, stop, system_prompt, names):
 
 
 def tokenize_examples(
-    ds,
-    tokenizer,
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
     template: str = "alpaca",
     seq_len: int = 512,
     batch_size: int = 1000,

@@ -8,6 +8,7 @@ is importable from here."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,16 +17,23 @@ from .choices import LOCAL_SUFFIXES, choice_logprobs, lm_eval_pair, load_multipl
 from .greedy import exact_match, greedy_answers, greedy_generate, held_out_prompts, split_prompt_answer  # noqa: F401  (re-exported)
 from .loss import heldout_loss, score_ids  # noqa: F401  (re-exported)
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import RunConfig
+    from ..models import Definition
+    from ..pytypes import Tree
+
 TASKS = ("loss", "exact_match", "multiple_choice")
 
 
 def run_task(
     task: str,
-    definition,
-    base,
-    lora,
-    tokenizer,
-    cfg=None,
+    definition: Definition,
+    base: Tree,
+    lora: Tree,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: RunConfig | None = None,
     data: str | None = None,
     limit: int | None = None,
     max_new_tokens: int = 16,
@@ -58,7 +66,7 @@ def run_task(
     return {"task": task, "n": n, "exact_match": float(np.mean(hits))}
 
 
-def run_eval_examples(cfg, available: int) -> int:
+def run_eval_examples(cfg: RunConfig, available: int) -> int:
     """How many held-out examples a run's loss evaluation scores: eval_batches x batch_size."""
     return min(cfg.eval_batches * cfg.fl.batch_size, available)
 

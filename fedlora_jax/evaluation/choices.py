@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,12 @@ import numpy as np
 
 from .. import randomness
 from ..errors import UserError
-from ..models import token_nll
+from ..models import Definition, token_nll
+from ..pytypes import Tree
 from .greedy import _pad_rows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -22,7 +27,7 @@ def _choice_nll(definition, base, lora, tokens, mask, loss_mask):
     return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)
 
 
-def lm_eval_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def lm_eval_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-evaluation-harness (0.4) encodes a loglikelihood request
     for a causal model, so that our log-likelihoods are its log-likelihoods: trailing whitespace of the
     context moves to the continuation, the whole text is encoded once (the tokenizer's special tokens
@@ -37,7 +42,7 @@ def lm_eval_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
 
-    def encode(text):
+    def encode(text: str) -> list[int]:
         # lm-eval does not add special tokens twice when the text already starts with the prefix token
         bos = tokenizer.decode([prefix]) if prefix is not None else None
         return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
@@ -46,7 +51,9 @@ def lm_eval_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     return ctx, whole[len(ctx) :]
 
 
-def choice_logprobs(definition, base, lora, tokenizer, prompt: str, choices: list[str]):
+def choice_logprobs(
+    definition: Definition, base: Tree, lora: Tree, tokenizer: PreTrainedTokenizerBase, prompt: str, choices: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(sum of log p(choice tokens | prompt), number of choice tokens) for each choice, the prompt and
     choice tokenized as lm-evaluation-harness does (lm_eval_pair)."""
     rows, spans = [], []
@@ -66,7 +73,13 @@ def choice_logprobs(definition, base, lora, tokenizer, prompt: str, choices: lis
 
 
 def multiple_choice(
-    definition, base, lora, tokenizer, questions: list[str], choices: list[list[str]], answers: list[int]
+    definition: Definition,
+    base: Tree,
+    lora: Tree,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    choices: list[list[str]],
+    answers: list[int],
 ) -> dict:
     """Accuracy of picking the choice with the highest log-likelihood, the way MMLU/BBH/CRASS-style
     benchmarks are scored, with lm-evaluation-harness's names and definitions: `accuracy` (its acc),
@@ -129,7 +142,9 @@ def _choice_rows(rows: list[dict], where: str):
     return qs, cs, ans
 
 
-def load_multiple_choice(source: str, limit: int | None = None, seed: int = 0):
+def load_multiple_choice(
+    source: str, limit: int | None = None, seed: int = 0
+) -> tuple[list[str], list[list[str]], list[int]]:
     """(questions, choices, answer indices) from a dataset with question / choices / answer
     columns (answer: an index or the text of the right choice): a local json/jsonl/csv/parquet
     file, a hub id with its test split (ID or ID:CONFIG, e.g. cais/mmlu:all), or 'synthetic'."""

@@ -4,12 +4,20 @@ exact match of the greedy answers against references, such as a run's held-out r
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..errors import UserError
+from ..pytypes import Tree
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..data.tokenize import TokenizedData
+    from ..models import Definition
 
 
 def _pad_rows(rows: list[list[int]], width: int, pad: int):
@@ -40,9 +48,9 @@ def _greedy(definition, base, lora, tokens, lengths, max_new):
 
 
 def greedy_generate(
-    definition,
-    base,
-    lora,
+    definition: Definition,
+    base: Tree,
+    lora: Tree,
     prompts: list[list[int]],
     max_new_tokens: int,
     eos_id: int,
@@ -70,7 +78,14 @@ def greedy_generate(
     return out
 
 
-def greedy_answers(definition, base, lora, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 16):
+def greedy_answers(
+    definition: Definition,
+    base: Tree,
+    lora: Tree,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int = 16,
+) -> list[str]:
     """The decoded, whitespace-stripped greedy continuation of each token-id prompt."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gens = greedy_generate(definition, base, lora, prompt_ids, max_new_tokens, tokenizer.eos_token_id, pad)
@@ -78,7 +93,13 @@ def greedy_answers(definition, base, lora, tokenizer, prompt_ids: list[list[int]
 
 
 def exact_match(
-    definition, base, lora, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 16
+    definition: Definition,
+    base: Tree,
+    lora: Tree,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    answers: list[str],
+    max_new_tokens: int = 16,
 ) -> dict:
     """Share of prompts whose greedy answer equals the reference (whitespace-stripped)."""
     ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -87,7 +108,9 @@ def exact_match(
     return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(hits), "predictions": texts}
 
 
-def held_out_prompts(tokenizer, data, limit: int):
+def held_out_prompts(
+    tokenizer: PreTrainedTokenizerBase, data: TokenizedData, limit: int
+) -> tuple[list[list[int]], list[str]]:
     """(prompt ids, reference answer texts) of the first `limit` tokenized held-out examples."""
     n = min(limit, len(data))
     prompts, answers = split_prompt_answer(
@@ -96,7 +119,9 @@ def held_out_prompts(tokenizer, data, limit: int):
     return prompts, [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 
-def split_prompt_answer(tokens, attention_mask, loss_mask, eos_id):
+def split_prompt_answer(
+    tokens: np.ndarray, attention_mask: np.ndarray, loss_mask: np.ndarray, eos_id: int
+) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, answer ids without EOS) of tokenized examples (response = the loss-masked part)."""
     prompts, answers = [], []
     for t, a, m in zip(tokens, attention_mask, loss_mask):

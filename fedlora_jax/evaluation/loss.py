@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,10 @@ import numpy as np
 
 from ..errors import UserError
 from ..models import Definition, token_nll
+from ..pytypes import Tree
+
+if TYPE_CHECKING:
+    from ..data.tokenize import TokenizedData
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -21,7 +26,9 @@ def _masked_sum(definition, base, lora, tokens, attn, loss_mask=None):
     return jnp.sum(nll * w), jnp.sum(w)
 
 
-def heldout_loss(definition: Definition, base, lora, data, n: int, batch_size: int = 16) -> float:
+def heldout_loss(
+    definition: Definition, base: Tree, lora: Tree, data: TokenizedData, n: int, batch_size: int = 16
+) -> float:
     """THE held-out loss (one definition, used by the run and by `fedlora-jax eval`): mean NLL per
     response token over the first n examples of `data` (token-weighted, every example once).
     Batches have one static shape; the last is padded with loss-masked rows."""
@@ -46,7 +53,7 @@ def heldout_loss(definition: Definition, base, lora, data, n: int, batch_size: i
     return total / max(count, 1.0)
 
 
-def score_ids(definition: Definition, base, lora, ids: list[int]) -> dict:
+def score_ids(definition: Definition, base: Tree, lora: Tree, ids: list[int]) -> dict:
     """Mean NLL and perplexity of each token given the ones before it (all tokens but the first
     are scored). The sequence is padded to a power of two so similar lengths share one compile."""
     n = len(ids)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .federation import aggregation, algorithms
 from .grid import ADAPTIVE, ALGORITHMS, SCALES, base_config, enable_compilation_cache, run_grid  # noqa: F401  (re-exported)
@@ -26,8 +27,11 @@ from .noise_variance import model_size, rank_variance
 from .privacy_utility import dp_modes, eps_clip
 from .results import _plt, plot_curves, read_metrics, save_figure, tail_mean, write_table  # noqa: F401  (re-exported)
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def population(scale: str, out, overrides=(), **kw) -> dict:
+
+def population(scale: str, out: str | Path, overrides: Sequence[str] = (), **kw: Any) -> dict:
     """Utility against cohort size at fixed honest epsilon for populations up to 10,000 clients
     (fedlora_jax.population)."""
     from ..population import population as run_population  # it builds on this package's helpers
@@ -46,7 +50,7 @@ EXPERIMENTS = {
 }
 
 
-def main(name: str, argv=None) -> int:
+def main(name: str, argv: Sequence[str] | None = None) -> int:
     """The command line of the experiments/ scripts: --scale, --out, --set, --fresh."""
     import argparse
     import sys

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import algorithms as algorithms_lib
 from .grid import _ADAPTIVE_SERVER_LR, _FL_DEFAULTS, _PAPER_DP, ADAPTIVE, ALGORITHMS, run_grid
 from .results import _plt, plot_curves, read_metrics, save_figure, tail_mean, write_table
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 ARMS = ("no_dp", "dp")  # each algorithm's two runs: without DP, and with the paper's local DP
 
@@ -23,7 +27,9 @@ def _dp_allows(algorithm: str) -> bool:
     )
 
 
-def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
+def algorithms(
+    scale: str, out: str | Path, overrides: Sequence[str] = (), algos: Sequence[str] = ALGORITHMS, **kw: Any
+) -> dict:
     """Seven FL algorithms with and without the paper's local DP (epsilon 25 per release by the
     paper's convention, clip 0.1): Table I (training loss) and Table II (benchmark scores)."""
     out = Path(out)
@@ -99,7 +105,7 @@ def algorithms(scale: str, out, overrides=(), algos=ALGORITHMS, **kw) -> dict:
     return {"loss_rows": loss_rows, "score_rows": score_rows, "files": [str(f) for f in files], "summaries": s}
 
 
-def aggregation(scale: str, out, overrides=(), **kw) -> dict:
+def aggregation(scale: str, out: str | Path, overrides: Sequence[str] = (), **kw: Any) -> dict:
     """Mean of A and B (the paper) vs stacking (the exact product sum, merged into the base each
     round) vs frozen A (FFA-LoRA: only B trained and released), each without and with the
     paper's local DP noise."""

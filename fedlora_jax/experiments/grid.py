@@ -7,10 +7,14 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import algorithms as algorithms_lib
 from ..config import FLSection, RunConfig, config_diff, load_config
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 SCALES = ("smoke", "cpu", "paper")
 ALGORITHMS = algorithms_lib.names()  # the seven of the paper, from the registry
@@ -63,7 +67,7 @@ _ADAPTIVE_SERVER_LR = {"smoke": 1e-2, "cpu": 1e-2, "paper": 1e-3}
 _PAPER_DP = ["dp.mode=local", "dp.noise=classical", "dp.epsilon=25", "dp.clip_a=0.1", "dp.clip_b=0.1"]
 
 
-def base_config(scale: str, overrides=()) -> RunConfig:
+def base_config(scale: str, overrides: Sequence[str] = ()) -> RunConfig:
     """The base run config of a scale, with `a.b=value` overrides."""
     if scale not in SCALES:
         raise UserError(f"scale {scale!r} is not allowed; choose one of: {', '.join(SCALES)}")
@@ -73,7 +77,7 @@ def base_config(scale: str, overrides=()) -> RunConfig:
     return load_config(preset, [*ov, "dp.publish_client_metrics=true", *overrides])
 
 
-def enable_compilation_cache(path=None) -> None:
+def enable_compilation_cache(path: str | Path | None = None) -> None:
     """Turn on JAX's persistent compilation cache (default ~/.cache/fedlora_jax/xla) unless one is
     set already: runs of one experiment share most programs (model init, evaluation), and a rerun
     compiles nothing."""
@@ -88,7 +92,14 @@ def enable_compilation_cache(path=None) -> None:
 
 
 def run_grid(
-    runs: dict, scale: str, out, overrides=(), reuse: bool = True, progress: bool = False, log=print, cache: bool = True
+    runs: dict,
+    scale: str,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    reuse: bool = True,
+    progress: bool = False,
+    log: Callable[[str], object] = print,
+    cache: bool = True,
 ) -> dict:
     """Run each named list of overrides on the scale's base config into OUT/runs/NAME; returns
     {name: summary} (with `seconds`). A finished run whose saved config equals the new one is

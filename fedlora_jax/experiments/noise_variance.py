@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .grid import _PAPER_DP, base_config, run_grid
 from .results import _plt, save_figure, write_table
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def _stats_summary(folder) -> dict:
@@ -71,7 +75,9 @@ _RANKS = {
 }
 
 
-def rank_variance(scale: str, out, overrides=(), ranks=None, **kw) -> dict:
+def rank_variance(
+    scale: str, out: str | Path, overrides: Sequence[str] = (), ranks: Sequence[int] | None = None, **kw: Any
+) -> dict:
     """Paper Table III / Fig. 5: train with the paper's local DP at each LoRA rank, then measure
     the expectation and variance of the noisy product (B + beta)(A + alpha) of the final global
     factors by Monte Carlo beside the exact formula (per module and layer, averaged)."""
@@ -129,7 +135,7 @@ _SIZES = {
 }
 
 
-def model_size(scale: str, out, overrides=(), rank: int = 8, **kw) -> dict:
+def model_size(scale: str, out: str | Path, overrides: Sequence[str] = (), rank: int = 8, **kw: Any) -> dict:
     """Paper Table IV: two model sizes at the same rank; the noise variance grows with the
     projection's m and n (the exact formula's m s_b^2 ||A||^2, n s_a^2 ||B||^2 and m n r terms)."""
     out = Path(out)

@@ -4,12 +4,23 @@ DP-SGD) calibrated to one honest epsilon."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .grid import _dp_overrides, _privacy_columns, run_grid
 from .results import plot_curves, read_metrics, tail_mean, write_table
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def eps_clip(scale: str, out, overrides=(), epsilons=(5, 10, 15, 25), clips=(0.1, 1.0), **kw) -> dict:
+
+def eps_clip(
+    scale: str,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    epsilons: Sequence[float] = (5, 10, 15, 25),
+    clips: Sequence[float] = (0.1, 1.0),
+    **kw: Any,
+) -> dict:
     """The paper's epsilon x clip ablation: local DP with the paper's classical noise
     (sigma = C sqrt(2 ln(1.25/delta)) / epsilon per release) for each pair, plus no DP; training
     loss curves per clip, and a table with the honest epsilon of each noise level beside the
@@ -60,7 +71,7 @@ def eps_clip(scale: str, out, overrides=(), epsilons=(5, 10, 15, 25), clips=(0.1
     return {"rows": rows, "files": [str(f) for f in files], "summaries": s}
 
 
-def dp_modes(scale: str, out, overrides=(), epsilon: float = 8.0, **kw) -> dict:
+def dp_modes(scale: str, out: str | Path, overrides: Sequence[str] = (), epsilon: float = 8.0, **kw: Any) -> dict:
     """Local (the paper) vs central (DP-FedAvg) vs record-level DP-SGD, each calibrated to the
     same honest epsilon at the same delta. They protect different units (a client's whole data
     under replace-one; a client's whole data under add/remove; one record), which the table says."""

@@ -7,11 +7,17 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def read_metrics(folder) -> list[dict]:
+    from matplotlib.figure import Figure
+
+
+def read_metrics(folder: str | Path) -> list[dict]:
     """The per-round metrics a run wrote (metrics.jsonl). A DP run's client training metrics are
     published as 'unprotected_*' (outside the guarantee); the tables read them under the plain name."""
     rows = [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -39,7 +45,9 @@ def _fmt(v):
     return str(v)
 
 
-def write_table(rows: list[dict], path_stem, columns=None, title: str | None = None) -> tuple[Path, Path]:
+def write_table(
+    rows: list[dict], path_stem: str | Path, columns: Sequence[str] | None = None, title: str | None = None
+) -> tuple[Path, Path]:
     """rows -> PATH.csv and PATH.md (floats to 4 significant digits in the markdown)."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +74,7 @@ def _plt():
     return plt
 
 
-def save_figure(fig, path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """tight_layout, write a PNG, close the figure."""
     plt = _plt()
     fig.tight_layout()
@@ -76,7 +84,7 @@ def save_figure(fig, path) -> Path:
 
 
 def plot_curves(
-    panels: dict, path, key: str = "loss", ylabel: str = "train loss (nats/token)", title: str | None = None
+    panels: dict, path: str | Path, key: str = "loss", ylabel: str = "train loss (nats/token)", title: str | None = None
 ) -> Path:
     """panels: {panel title: {label: metrics rows}} -> one PNG with a panel each."""
     plt = _plt()

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import randomness
+from ..pytypes import Array, Key
 from .config import SUPPORTED_MODEL_TYPES, LoRAConfig, ModelConfig
 from .gpt2 import GPT2Model
 from .layers import LoRAParam
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 
-def model_class(cfg: ModelConfig):
+def model_class(cfg: ModelConfig) -> type[GPT2Model] | type[LlamaModel]:
     return GPT2Model if cfg.family == "gpt2" else LlamaModel
 
 
@@ -61,24 +62,24 @@ class Definition:
     lora: LoRAConfig | None
 
 
-def _build(cfg: ModelConfig, lora: LoRAConfig | None, key):
+def _build(cfg: ModelConfig, lora: LoRAConfig | None, key: Key) -> GPT2Model | LlamaModel:
     return model_class(cfg)(cfg, lora, rngs=nnx.Rngs(params=key))
 
 
-def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None):
+def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None) -> tuple[Definition, Params, Params]:
     """(definition, base shapes, lora shapes) without allocating any weights."""
     model = nnx.eval_shape(lambda: _build(cfg, lora, jax.random.key(0)))
     graphdef, lora_state, base_state = nnx.split(model, LoRAParam, ...)
     return (Definition(graphdef, cfg, lora), nnx.to_pure_dict(base_state), nnx.to_pure_dict(lora_state))
 
 
-def init_model(cfg: ModelConfig, lora: LoRAConfig | None = None, *, seed: int = 0):
+def init_model(cfg: ModelConfig, lora: LoRAConfig | None = None, *, seed: int = 0) -> tuple[Definition, Params, Params]:
     """A randomly initialised model (HF-style normal(0.02) weights), split into
     (definition, base, lora)."""
     definition, _, _ = abstract_model(cfg, lora)
 
     @jax.jit
-    def make(key):
+    def make(key: Key) -> tuple[Params, Params]:
         _, lora_state, base_state = nnx.split(_build(cfg, lora, key), LoRAParam, ...)
         return nnx.to_pure_dict(base_state), nnx.to_pure_dict(lora_state)
 
@@ -91,14 +92,14 @@ def init_lora(definition: Definition, seed: int = 0) -> Params:
     that the constructor would create are dead code and never allocated."""
 
     @jax.jit
-    def make(key):
+    def make(key: Key) -> Params:
         _, lora_state, _ = nnx.split(_build(definition.config, definition.lora, key), LoRAParam, ...)
         return nnx.to_pure_dict(lora_state)
 
     return make(randomness.key(seed, "lora_init"))
 
 
-def apply(definition: Definition, base: Params, lora: Params, tokens, mask=None):
+def apply(definition: Definition, base: Params, lora: Params, tokens: Array, mask: Array | None = None) -> Array:
     """Logits [B, S, V] (float32) of `tokens` [B, S] with attention `mask` [B, S] (1 = real token)."""
     model = nnx.merge(definition.graphdef, lora, base)
     return model(tokens, mask)
@@ -113,7 +114,15 @@ def init_cache(definition: Definition, batch: int, max_len: int) -> dict:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "mask": jnp.zeros((batch, max_len), bool)}
 
 
-def apply_cached(definition: Definition, base: Params, lora: Params, tokens, positions, cache: dict, mask=None):
+def apply_cached(
+    definition: Definition,
+    base: Params,
+    lora: Params,
+    tokens: Array,
+    positions: Array,
+    cache: dict,
+    mask: Array | None = None,
+) -> tuple[Array, dict]:
     """(logits [B, T, V] float32, new cache) of `tokens` [B, T] at absolute `positions` [B, T] (row b:
     p_b, p_b + 1, ...; p_b + T <= max_len), attending to the tokens already in `cache` at smaller
     positions; `mask` [B, T] marks real tokens (padding is written but never attended to). With the
@@ -122,7 +131,9 @@ def apply_cached(definition: Definition, base: Params, lora: Params, tokens, pos
     return model.cached(tokens, positions, cache, mask)
 
 
-def token_nll(definition: Definition, base: Params, lora: Params, tokens, mask, loss_mask=None):
+def token_nll(
+    definition: Definition, base: Params, lora: Params, tokens: Array, mask: Array, loss_mask: Array | None = None
+) -> tuple[Array, Array]:
     """Per-position negative log-likelihood of token t+1 given tokens <= t: returns
     (nll [B, S-1], weights [B, S-1]) where weights = loss_mask[:, 1:] (default: mask[:, 1:])."""
     logits = apply(definition, base, lora, tokens, mask)
@@ -136,7 +147,9 @@ def token_nll(definition: Definition, base: Params, lora: Params, tokens, mask, 
     return nll, weights
 
 
-def mean_nll(definition: Definition, base: Params, lora: Params, tokens, mask, loss_mask=None):
+def mean_nll(
+    definition: Definition, base: Params, lora: Params, tokens: Array, mask: Array, loss_mask: Array | None = None
+) -> Array:
     """Mean NLL over the weighted positions (0 when there are none)."""
     nll, w = token_nll(definition, base, lora, tokens, mask, loss_mask)
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)

@@ -84,7 +84,7 @@ class ModelConfig:
     def target_names(self) -> tuple[str, ...]:
         return GPT2_TARGETS if self.family == "gpt2" else LLAMA_TARGETS
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
 

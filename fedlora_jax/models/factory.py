@@ -14,7 +14,11 @@ from . import ModelConfig, init_model
 # HF's std 0.02 head caps a random model's logits near uniform; the tiny model's head is scaled
 # to std 0.25 so that LoRA alone can learn the synthetic tasks (DEVELOPERS.md)
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from ..config import RunConfig
+    from ..pytypes import Tree
+    from . import Definition
 
 TINY_HEAD_SCALE = 12.5
 TINY_MAX_POSITIONS = 4096
@@ -46,7 +50,7 @@ def build_model_config(cfg: "RunConfig") -> ModelConfig:
     return folder_config(path, m.dtype)
 
 
-def build_tokenizer(cfg: "RunConfig"):
+def build_tokenizer(cfg: "RunConfig") -> PreTrainedTokenizerBase:
     """The tokenizer a run would use, without loading weights."""
     if cfg.model.source == "tiny":
         from ..data.pipeline import byte_tokenizer
@@ -60,7 +64,7 @@ def build_tokenizer(cfg: "RunConfig"):
     return tok
 
 
-def build_model(cfg: "RunConfig"):
+def build_model(cfg: "RunConfig") -> tuple[Definition, Tree, Tree, PreTrainedTokenizerBase, str]:
     """(definition, base, lora, tokenizer, source description) for the config's model."""
     lc = cfg.lora.to_lora_config()
     m = cfg.model

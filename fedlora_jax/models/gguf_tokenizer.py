@@ -12,9 +12,13 @@ The tests check the result token for token against transformers' own GGUF tokeni
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+    from transformers import PreTrainedTokenizerFast
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -68,7 +72,7 @@ PRE_TOKENIZER_SPLITS = {
 SUPPORTED_MODELS = ("gpt2", "llama")
 
 
-def open_gguf(path: str | os.PathLike):
+def open_gguf(path: str | os.PathLike) -> GGUFReader:
     """A gguf.GGUFReader over `path`; UserError naming the file when it is not an intact GGUF file."""
     from gguf import GGUFReader
 
@@ -192,7 +196,7 @@ def _sentencepiece_backend(meta: dict):
     return tok, None
 
 
-def tokenizer_from_metadata(meta: dict, source: str = "<GGUF>"):
+def tokenizer_from_metadata(meta: dict, source: str = "<GGUF>") -> PreTrainedTokenizerFast:
     """A PreTrainedTokenizerFast from a GGUF file's tokenizer metadata (see read_tokenizer_metadata)."""
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
@@ -227,7 +231,7 @@ def tokenizer_from_metadata(meta: dict, source: str = "<GGUF>"):
     if user:
         backend.add_tokens(user)
 
-    def special(key):
+    def special(key: str) -> str | None:
         i = meta.get(f"ggml.{key}")
         if i is None:
             return None
@@ -267,6 +271,6 @@ def tokenizer_from_metadata(meta: dict, source: str = "<GGUF>"):
     return tok
 
 
-def tokenizer_from_gguf(path: str | os.PathLike):
+def tokenizer_from_gguf(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The tokenizer a GGUF file describes, as a transformers PreTrainedTokenizerFast (no torch)."""
     return tokenizer_from_metadata(read_tokenizer_metadata(path), str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
     reader = open_gguf(path)
     where = f"GGUF file {str(path)!r}"
 
-    def field(name, default=None):
+    def field(name: str, default: Any = None) -> Any:
         f = reader.fields.get(name)
         return default if f is None else f.contents()
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..pytypes import Array
 from .config import LoRAConfig, ModelConfig
 from .layers import (
     Embed,
@@ -40,7 +41,9 @@ class Attention(nnx.Module):
         q, k, v = (t.reshape(b, s, h, d) for t in (q, k, v))
         return self.c_proj(attention(q, k, v, allowed, d**-0.5))
 
-    def cached(self, x, cache_kv, positions, allowed):
+    def cached(
+        self, x: Array, cache_kv: tuple[Array, Array], positions: Array, allowed: Array
+    ) -> tuple[Array, tuple[Array, Array]]:
         b, t, e = x.shape
         h, d = self.shape
         q, k, v = (u.reshape(b, t, h, d) for u in jnp.split(self.c_attn(x), 3, axis=-1))
@@ -69,7 +72,9 @@ class Block(nnx.Module):
         x = x + self.attn(self.ln_1(x), allowed)
         return x + self.mlp(self.ln_2(x))
 
-    def cached(self, x, cache_kv, positions, allowed):
+    def cached(
+        self, x: Array, cache_kv: tuple[Array, Array], positions: Array, allowed: Array
+    ) -> tuple[Array, tuple[Array, Array]]:
         h, cache_kv = self.attn.cached(self.ln_1(x), cache_kv, positions, allowed)
         x = x + h
         return x + self.mlp(self.ln_2(x)), cache_kv
@@ -96,7 +101,7 @@ class GPT2Model(nnx.Module):
         x = scan_blocks(self.blocks, x, attention_mask(mask))
         return self.wte.attend(self.ln_f(x))
 
-    def cached(self, tokens, positions, cache, mask=None):
+    def cached(self, tokens: Array, positions: Array, cache: dict, mask: Array | None = None) -> tuple[Array, dict]:
         """Logits [B,T,V] of new `tokens` at `positions` [B,T] over the cache, and the cache with them
         written (see LlamaModel.cached); learned positions are looked up at `positions`."""
         dtype = jnp.dtype(self.config.dtype)

@@ -31,7 +31,7 @@ def config_from_hf(d: dict, dtype: str = "float32", where: str = "config.json") 
             f"{where} has unknown architecture (model_type) {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
 
-    def need(key, default=_REQUIRED):
+    def need(key: str, default: object = _REQUIRED) -> int | None:
         return _config_int(d, key, where, default, mt)
 
     if mt == "gpt2":

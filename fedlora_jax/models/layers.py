@@ -6,13 +6,18 @@ Modules hold parameters only; the compute dtype is taken from the input activati
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..errors import UserError
+from ..pytypes import Array
 from .config import LoRAConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class LoRAParam(nnx.Param):
@@ -107,7 +112,7 @@ class Embed(nnx.Module):
     def __call__(self, ids, dtype):
         return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
 
-    def attend(self, x):
+    def attend(self, x: Array) -> Array:
         """Tied output projection: logits = x E^T (float32)."""
         return (x @ self.embedding[...].astype(x.dtype).T).astype(jnp.float32)
 
@@ -134,7 +139,7 @@ def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
     raise UserError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
 
 
-def apply_rope(x_bshd, cos_bsd, sin_bsd):
+def apply_rope(x_bshd: Array, cos_bsd: Array, sin_bsd: Array) -> Array:
     """Rotate-half RoPE (Hugging Face's convention), computed in float32."""
     x = x_bshd.astype(jnp.float32)
     half = x.shape[-1] // 2
@@ -143,7 +148,7 @@ def apply_rope(x_bshd, cos_bsd, sin_bsd):
     return out.astype(x_bshd.dtype)
 
 
-def attention_mask(mask_bs, sliding_window: int | None = None):
+def attention_mask(mask_bs: Array, sliding_window: int | None = None) -> Array:
     """Boolean [B, S(query), S(key)]: causal, key not padding, optional sliding window."""
     s = mask_bs.shape[1]
     q = jnp.arange(s)[:, None]
@@ -154,7 +159,7 @@ def attention_mask(mask_bs, sliding_window: int | None = None):
     return allowed[None] & mask_bs[:, None, :].astype(bool)
 
 
-def attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale: float):
+def attention(q_bshd: Array, k_bskd: Array, v_bskd: Array, allowed_bst: Array, scale: float) -> Array:
     """Grouped-query attention; softmax in float32 with masked logits at the dtype minimum."""
     b, s, h, d = q_bshd.shape
     kv = k_bskd.shape[2]
@@ -178,10 +183,10 @@ def attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale: float):
 # every decode step has the same shapes whatever the position (no recompilation per token).
 
 
-def write_rows(cache, new, start_b, axis: int = 1):
+def write_rows(cache: Array, new: Array, start_b: Array, axis: int = 1) -> Array:
     """`cache` [B, ...] with row b's `new` entries (T along `axis`) written at slots start_b .. start_b + T - 1."""
 
-    def one(c, n, start):
+    def one(c: Array, n: Array, start: Array) -> Array:
         idx = [0] * c.ndim
         idx[axis - 1] = start
         return jax.lax.dynamic_update_slice(c, n, tuple(idx))
@@ -189,7 +194,7 @@ def write_rows(cache, new, start_b, axis: int = 1):
     return jax.vmap(one)(cache, new, start_b)
 
 
-def cached_attention_mask(slots_bm, positions_bt, sliding_window: int | None = None):
+def cached_attention_mask(slots_bm: Array, positions_bt: Array, sliding_window: int | None = None) -> Array:
     """Boolean [B, T(query), M(slot)]: the slot holds a real token at a position <= the query's (and
     within the sliding window): `attention_mask` with keys addressed by position."""
     slot = jnp.arange(slots_bm.shape[1])[None, None, :]
@@ -200,7 +205,7 @@ def cached_attention_mask(slots_bm, positions_bt, sliding_window: int | None = N
     return allowed & slots_bm[:, None, :]
 
 
-def cached_attention(q_bthd, k_bkmd, v_bkmd, allowed_btm, scale: float):
+def cached_attention(q_bthd: Array, k_bkmd: Array, v_bkmd: Array, allowed_btm: Array, scale: float) -> Array:
     """`attention` against cached keys/values laid out [B, kv_heads, slots, head_dim]."""
     b, t, h, d = q_bthd.shape
     kv = k_bkmd.shape[1]
@@ -212,7 +217,15 @@ def cached_attention(q_bthd, k_bkmd, v_bkmd, allowed_btm, scale: float):
     return out.reshape(b, t, h * d)
 
 
-def attend_cached(q_bthd, k_btkd, v_btkd, cache_kv, positions_bt, allowed_btm, scale: float):
+def attend_cached(
+    q_bthd: Array,
+    k_btkd: Array,
+    v_btkd: Array,
+    cache_kv: tuple[Array, Array],
+    positions_bt: Array,
+    allowed_btm: Array,
+    scale: float,
+) -> tuple[Array, tuple[Array, Array]]:
     """Write the new keys/values at their positions, attend over the cache: (out [B,T,H*D], (k, v))."""
     start = positions_bt[:, 0]
     k = write_rows(cache_kv[0], k_btkd.swapaxes(1, 2).astype(cache_kv[0].dtype), start, axis=2)
@@ -220,12 +233,14 @@ def attend_cached(q_bthd, k_btkd, v_btkd, cache_kv, positions_bt, allowed_btm, s
     return cached_attention(q_bthd, k, v, allowed_btm, scale), (k, v)
 
 
-def scan_blocks_cached(blocks: nnx.Module, x, cache_kv, *args):
+def scan_blocks_cached(
+    blocks: nnx.Module, x: Array, cache_kv: tuple[Array, Array], *args: Array
+) -> tuple[Array, tuple[Array, Array]]:
     """`scan_blocks` for the cached forward: each layer's `cached(x, (k, v), *args)` reads and
     writes its slice of the cache; returns (x, (k, v)) with the layer axis first."""
     graphdef, state = nnx.split(blocks)
 
-    def body(h, xs):
+    def body(h: Array, xs: tuple[nnx.State, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
         layer_state, k, v = xs
         h, kv = nnx.merge(graphdef, layer_state).cached(h, (k, v), *args)
         return h, kv
@@ -241,12 +256,12 @@ def scan_blocks_cached(blocks: nnx.Module, x, cache_kv, *args):
 UNROLL_MAX_LAYERS = 4
 
 
-def scan_blocks(blocks: nnx.Module, x, *args):
+def scan_blocks(blocks: nnx.Module, x: Array, *args: Array) -> Array:
     """Run a module whose parameters carry a leading layer axis with lax.scan over layers,
     so compile time does not grow with depth (unrolled up to UNROLL_MAX_LAYERS layers)."""
     graphdef, state = nnx.split(blocks)
 
-    def body(h, layer_state):
+    def body(h: Array, layer_state: nnx.State) -> tuple[Array, None]:
         return nnx.merge(graphdef, layer_state)(h, *args), None
 
     depth = jax.tree.leaves(state)[0].shape[0]
@@ -254,7 +269,7 @@ def scan_blocks(blocks: nnx.Module, x, *args):
     return x
 
 
-def stacked(make_block, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+def stacked(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
     """Create `num_layers` independent blocks as one module with a leading layer axis."""
     keys = jax.random.split(rngs.params(), num_layers)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_block(nnx.Rngs(0))))

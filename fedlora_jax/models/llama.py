@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..pytypes import Array
 from .config import LoRAConfig, ModelConfig
 from .layers import (
     Embed,
@@ -47,7 +48,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, kv, d)
         return self.o_proj(attention(q, k, v, allowed, d**-0.5))
 
-    def cached(self, x, cache_kv, positions, cos, sin, allowed):
+    def cached(
+        self, x: Array, cache_kv: tuple[Array, Array], positions: Array, cos: Array, sin: Array, allowed: Array
+    ) -> tuple[Array, tuple[Array, Array]]:
         """The new tokens' attention over the cache (keys/values written at `positions`)."""
         b, t, _ = x.shape
         h, kv, d = self.shape
@@ -81,7 +84,9 @@ class Block(nnx.Module):
         x = x + self.attn(self.input_norm(x), cos, sin, allowed)
         return x + self.mlp(self.post_norm(x))
 
-    def cached(self, x, cache_kv, positions, cos, sin, allowed):
+    def cached(
+        self, x: Array, cache_kv: tuple[Array, Array], positions: Array, cos: Array, sin: Array, allowed: Array
+    ) -> tuple[Array, tuple[Array, Array]]:
         h, cache_kv = self.attn.cached(self.input_norm(x), cache_kv, positions, cos, sin, allowed)
         x = x + h
         return x + self.mlp(self.post_norm(x)), cache_kv
@@ -115,7 +120,7 @@ class LlamaModel(nnx.Module):
         x = scan_blocks(self.blocks, x, cos, sin, allowed)
         return self._logits(x)
 
-    def cached(self, tokens, positions, cache, mask=None):
+    def cached(self, tokens: Array, positions: Array, cache: dict, mask: Array | None = None) -> tuple[Array, dict]:
         """Logits [B,T,V] of new `tokens` [B,T] at `positions` [B,T] (each row contiguous), attending to
         the cache's earlier tokens; returns (logits, cache with these tokens written). Equals
         `__call__` on the whole sequence (tested)."""

@@ -9,8 +9,12 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .gguf_tokenizer import tokenizer_from_gguf
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # bump when the cached tokenizer's format or construction changes: older entries are then ignored
 TOKENIZER_CACHE_VERSION = 2
@@ -21,7 +25,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDLORA_JAX_CACHE") or Path.home() / ".cache" / "fedlora_jax")
 
 
-def _gguf_tokenizer_cached(path: Path):
+def _gguf_tokenizer_cached(path: Path) -> PreTrainedTokenizerFast:
     """The GGUF file's tokenizer, built from its metadata once and then read from the cache."""
     from transformers import PreTrainedTokenizerFast
     from transformers import __version__ as tf_version
@@ -52,7 +56,7 @@ def _gguf_tokenizer_cached(path: Path):
     return tok
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
     """The tokenizer of a folder or GGUF file (None when a folder has no tokenizer files)."""
     path = Path(path)
     if path.is_file():
@@ -64,7 +68,7 @@ def load_tokenizer(path: Path):
     return None
 
 
-def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> None:
     """Save a transformers tokenizer (no torch needed) so that AutoTokenizer.from_pretrained(folder)
     loads it in transformers 4 and 5: tokenizer_config.json names PreTrainedTokenizerFast (the class
     both know; transformers 5 writes its own TokenizersBackend) and holds the chat template inline

@@ -13,10 +13,16 @@ from __future__ import annotations
 import csv
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ..pytypes import Array, Key
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 STATS_COLUMNS = [
     "round_client",
@@ -35,7 +41,7 @@ STATS_COLUMNS = [
 ]
 
 
-def exact_variance_terms(b, a, s_a: float, s_b: float) -> dict:
+def exact_variance_terms(b: Array, a: Array, s_a: float, s_b: float) -> dict:
     """The three variance terms and their sum for B (m x r), A (r x n)."""
     m, r = b.shape
     n = a.shape[1]
@@ -46,12 +52,12 @@ def exact_variance_terms(b, a, s_a: float, s_b: float) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("samples",))
-def monte_carlo(b, a, s_a, s_b, key, samples: int = 2000):
+def monte_carlo(b: Array, a: Array, s_a: float, s_b: float, key: Key, samples: int = 2000) -> dict[str, Array]:
     """Monte-Carlo moments of D = (B + beta)(A + alpha) - B A over `samples` draws:
     mean_d (entrywise mean of D), se_d (its standard error), total_var (sum over entries of the
     sample variance) and total_var_se (standard error of that estimate)."""
 
-    def draw(k):
+    def draw(k: Key) -> Array:
         kb, ka = jax.random.split(k)
         beta = s_b * jax.random.normal(kb, b.shape, b.dtype)
         alpha = s_a * jax.random.normal(ka, a.shape, a.dtype)
@@ -70,7 +76,13 @@ def monte_carlo(b, a, s_a, s_b, key, samples: int = 2000):
 
 
 def round_stats(
-    lora: dict, sigma_a: float, sigma_b: float, key, label: str, samples: int = 200, hf_names=None
+    lora: dict,
+    sigma_a: float,
+    sigma_b: float,
+    key: Key,
+    label: str,
+    samples: int = 200,
+    hf_names: Callable[[tuple[str, ...], int], str] | None = None,
 ) -> list[dict]:
     """Per module and layer: norms, exact variance terms, and Monte-Carlo means of the product
     before and after noise (the columns the paper's code writes, plus the MC variance)."""

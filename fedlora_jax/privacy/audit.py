@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ import numpy as np
 
 from .. import randomness, sampling
 from ..errors import UserError
+from ..pytypes import Array
 from . import modes
 from .audit_bounds import LOW_FPRS, NORMALITY_ALPHA, bounds, gdp_bound  # noqa: F401  (re-exported)
 from .audit_canary import _TRIALS, OVERSHOOT, adapter_shapes  # noqa: F401  (re-exported)
@@ -56,6 +58,12 @@ from .audit_games import (  # noqa: F401  (re-exported)
     register,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..config import RunConfig
+    from .modes import Mechanism
+
 MIN_TRIALS = 100
 
 
@@ -63,12 +71,12 @@ MIN_TRIALS = 100
 
 
 def build_game(
-    cfg,
+    cfg: RunConfig,
     *,
     compositions: int | None = None,
     seed: int | None = None,
-    mechanism=None,
-    client_sizes=None,
+    mechanism: Mechanism | None = None,
+    client_sizes: Sequence[int] | np.ndarray | None = None,
     others: str = "zero",
 ) -> Game:
     """The game of cfg.dp.mode, on the run's adapter shapes and calibrated mechanism.
@@ -115,7 +123,7 @@ def _client_sizes(cfg):
     return [len(p) for p in prepare(cfg, build_tokenizer(cfg)).parts]
 
 
-def play(game: Game, trials: int, chunk: int | None = None):
+def play(game: Game, trials: int, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(in scores, out scores, seconds to compile, seconds to run): trials // 2 games with the canary
     in and the rest without, in one jit (lax.map over chunks of vmapped trials), each with its own
     key randomness.key(seed, "audit", 1, world, i)."""
@@ -128,8 +136,8 @@ def play(game: Game, trials: int, chunk: int | None = None):
     ids = jnp.concatenate([jnp.arange(n_in), jnp.arange(n_out + pad)]).astype(jnp.int32)
     seed = game.seed
 
-    def run(ids, worlds):
-        def one(x):
+    def run(ids: Array, worlds: Array) -> Array:
+        def one(x: tuple[Array, Array]) -> Array:
             i, w = x
             return game.trial(randomness.key(seed, "audit", _TRIALS, w, i), w)
 
@@ -146,14 +154,14 @@ def play(game: Game, trials: int, chunk: int | None = None):
 
 
 def audit(
-    cfg,
+    cfg: RunConfig,
     trials: int = 4000,
     *,
     confidence: float = 0.95,
     compositions: int | None = None,
     seed: int | None = None,
-    mechanism=None,
-    client_sizes=None,
+    mechanism: Mechanism | None = None,
+    client_sizes: Sequence[int] | np.ndarray | None = None,
     others: str = "zero",
     chunk: int | None = None,
 ) -> dict:

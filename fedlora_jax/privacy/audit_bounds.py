@@ -4,16 +4,22 @@ CanaryScoreAuditor) and, for Gaussian games, the Gaussian-DP bound (see audit.py
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import UserError
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 LOW_FPRS = (1e-3, 1e-2)  # where the attack's TPR is reported
 NORMALITY_ALPHA = 1e-3  # a Gaussian game whose scores fail a test at this level gets no GDP bound
 
 
-def gdp_bound(in_scores, out_scores, delta: float, confidence: float) -> dict:
+def gdp_bound(
+    in_scores: np.ndarray | Sequence[float], out_scores: np.ndarray | Sequence[float], delta: float, confidence: float
+) -> dict:
     """The Gaussian-DP lower bound from scores that are Gaussian with equal variance (checked):
     a one-sided lower confidence limit on mu = (mean_in - mean_out) / sd (exact, noncentral t),
     converted to (epsilon, delta) with dp-accounting (Gaussian mechanism of multiplier 1/mu)."""
@@ -54,7 +60,13 @@ def gdp_bound(in_scores, out_scores, delta: float, confidence: float) -> dict:
     return out
 
 
-def bounds(in_scores, out_scores, delta: float, confidence: float = 0.95, gaussian: bool = False) -> dict:
+def bounds(
+    in_scores: np.ndarray | Sequence[float],
+    out_scores: np.ndarray | Sequence[float],
+    delta: float,
+    confidence: float = 0.95,
+    gaussian: bool = False,
+) -> dict:
     """Both lower bounds from in/out canary scores (higher score: canary in), each at confidence
     1 - (1 - confidence)/2 so that their maximum holds at `confidence`; TPR at low FPR; AUROC."""
     from jax_privacy.auditing import CanaryScoreAuditor

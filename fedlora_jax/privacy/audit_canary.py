@@ -5,6 +5,7 @@ Gaussian's log likelihood ratio (see audit.py for the games they serve)."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,12 @@ import jax.numpy as jnp
 from .. import lora as lora_lib
 from .. import randomness
 from ..errors import UserError
+from ..numerics import DIVISION_FLOOR
+from ..pytypes import Tree
 from . import mechanisms as prim
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 OVERSHOOT = 10.0  # canary inputs are this many clip norms long: the release must clip them
 
@@ -38,9 +44,9 @@ def _weights(delta_tree, sigma_a, sigma_b):
     and mean shift delta_tree, normalised to unit variance, and its mean shift mu = ||delta/sigma||."""
 
     def f(d):
-        sig = _per_leaf_sigma(d, max(sigma_a, 1e-30), max(sigma_b, 1e-30))
+        sig = _per_leaf_sigma(d, max(sigma_a, DIVISION_FLOOR), max(sigma_b, DIVISION_FLOOR))
         mu = jnp.sqrt(sum(jnp.sum(jnp.square(x / s)) for x, s in zip(jax.tree.leaves(d), jax.tree.leaves(sig))))
-        return jax.tree.map(lambda x, s: x / (s * s) / jnp.maximum(mu, 1e-30), d, sig), mu
+        return jax.tree.map(lambda x, s: x / (s * s) / jnp.maximum(mu, DIVISION_FLOOR), d, sig), mu
 
     w, mu = jax.jit(f)(delta_tree)
     mu = float(mu)
@@ -70,7 +76,7 @@ def _random_tree(key, shapes):
     )
 
 
-def adapter_shapes(cfg):
+def adapter_shapes(cfg: RunConfig) -> Tree:
     """The run's adapter as shapes (ShapeDtypeStruct leaves), without loading any weights."""
     from ..models import abstract_model
     from ..models.factory import build_model_config

@@ -13,6 +13,8 @@ import numpy as np
 
 from .. import randomness
 from ..errors import UserError
+from ..numerics import DIVISION_FLOOR
+from ..pytypes import Array, Key
 from . import accounting as acc
 from .audit_canary import (
     _CANARY,
@@ -33,7 +35,7 @@ CHUNK_BYTES = 256 * 2**20  # memory of one vmapped chunk of trials (lax.map batc
 GAMES: dict[str, type[Game]] = {}
 
 
-def register(cls):
+def register(cls: type[Game]) -> type[Game]:
     GAMES[cls.mode] = cls
     return cls
 
@@ -62,7 +64,7 @@ class Game:
     def setup(self) -> None:
         raise NotImplementedError
 
-    def trial(self, key, world):
+    def trial(self, key: Key, world: Array) -> Array:
         raise NotImplementedError
 
     def accountant_epsilon(self) -> float:
@@ -81,7 +83,7 @@ class LocalGame(Game):
 
     mode: ClassVar[str] = "local"
 
-    def setup(self):
+    def setup(self) -> None:
         m, dp = self.mech, self.mech.cfg.dp
         self.g = _zeros(self.shapes)
         c = _canary_direction(m, self.shapes, self.seed, zero_a=m.cfg.lora.freeze_a)
@@ -102,22 +104,22 @@ class LocalGame(Game):
             f"({dp.neighbouring}), {self.compositions} release(s) through mechanism.release"
         )
 
-    def trial(self, key, world):
+    def trial(self, key: Key, world: Array) -> Array:
         m, g, w = self.mech, self.g, self.w
         local = jax.tree.map(lambda a, b, g0: g0 + jnp.where(world == 1, a, b), self.x_in, self.x_out, g)
         mstate = _mech_state(m)
 
-        def one(total, p):
+        def one(total: Array, p: Array) -> tuple[Array, None]:
             y = m.release(local, g, jax.random.fold_in(key, p), None, mstate)
             return total + _tree_vdot(jax.tree.map(jnp.subtract, y, g), w), None
 
         total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), jnp.arange(self.compositions))
         return total / math.sqrt(self.compositions)
 
-    def accountant_epsilon(self):
+    def accountant_epsilon(self) -> float:
         return float(self.mech.ledger.epsilons(np.array([self.compositions]))[0])
 
-    def paper_epsilon(self):
+    def paper_epsilon(self) -> tuple[float, float]:
         return acc.paper_epsilon(self.mech.z, self.mech.cfg.dp.delta, self.compositions)
 
 
@@ -129,7 +131,7 @@ class CentralGame(Game):
 
     mode: ClassVar[str] = "central"
 
-    def setup(self):
+    def setup(self) -> None:
         m, fl = self.mech, self.mech.cfg.fl
         self.g = _zeros(self.shapes)
         c = _canary_direction(m, self.shapes, self.seed)
@@ -161,7 +163,7 @@ class CentralGame(Game):
         def project(x, cx):
             axes = tuple(range(1, x.ndim))
             coef = jnp.sum(x * cx, axis=axes, keepdims=True) / jnp.maximum(
-                jnp.sum(cx * cx, axis=axes, keepdims=True), 1e-30
+                jnp.sum(cx * cx, axis=axes, keepdims=True), DIVISION_FLOOR
             )
             return x - coef * cx
 
@@ -171,13 +173,13 @@ class CentralGame(Game):
 
         return jax.jit(jax.vmap(one))(jnp.arange(n))
 
-    def trial(self, key, world):
+    def trial(self, key: Key, world: Array) -> Array:
         m, g = self.mech, self.g
         n = self.mech.cfg.fl.num_clients
         member = (jnp.arange(n) > 0) | (world == 1)
         stateful = bool(_mech_state(m))  # e.g. an adaptive clip, updated after every round
 
-        def one_round(carry, t):
+        def one_round(carry: tuple[Array, dict], t: Array) -> tuple[tuple[Array, dict], None]:
             total, mstate = carry
             kt = jax.random.fold_in(key, t)
             sampled = jax.random.bernoulli(jax.random.fold_in(kt, 0), self.q, (n,)) & member
@@ -197,7 +199,7 @@ class CentralGame(Game):
         (total, _), _ = jax.lax.scan(one_round, init, jnp.arange(self.compositions))
         return total
 
-    def accountant_epsilon(self):
+    def accountant_epsilon(self) -> float:
         return float(self.mech.ledger.epsilons(np.zeros(1, np.int64), self.compositions)[0])
 
 
@@ -210,7 +212,7 @@ class DPSGDGame(Game):
 
     mode: ClassVar[str] = "dpsgd"
 
-    def setup(self):
+    def setup(self) -> None:
         from ..client import dpsgd_grads
         from ..models.factory import build_model
 
@@ -234,8 +236,8 @@ class DPSGDGame(Game):
         self.grad_norm = norm
         clip = cfg.dp.clip_a
         self.sigma = m.sigma_a
-        self.u = jax.tree.map(lambda x: x / norm / max(self.sigma, 1e-30), grad)
-        self.mu_step = min(norm, clip) / max(self.sigma, 1e-30)
+        self.u = jax.tree.map(lambda x: x / norm / max(self.sigma, DIVISION_FLOOR), grad)
+        self.mu_step = min(norm, clip) / max(self.sigma, DIVISION_FLOOR)
         self.q = float(m.batch_rate)
         self.steps = cfg.fl.local_steps * self.compositions
         self.gaussian = self.q >= 1
@@ -250,11 +252,11 @@ class DPSGDGame(Game):
         )
         self._grads = dpsgd_grads
 
-    def trial(self, key, world):
+    def trial(self, key: Key, world: Array) -> Array:
         m, cfg = self.mech, self.mech.cfg
         clip, sigma, dkey, expected = m.dpsgd_args(jax.random.fold_in(key, 0))
 
-        def one_step(total, t):
+        def one_step(total: Array, t: Array) -> tuple[Array, None]:
             taken = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, 1), t), self.q) & (world == 1)
             batch = {
                 "tokens": self.tokens,
@@ -278,5 +280,5 @@ class DPSGDGame(Game):
         total, _ = jax.lax.scan(one_step, jnp.zeros((), jnp.float32), jnp.arange(self.steps))
         return total
 
-    def accountant_epsilon(self):
+    def accountant_epsilon(self) -> float:
         return float(self.mech.ledger.epsilons(np.array([self.compositions]))[0])

@@ -98,13 +98,13 @@ def _quiet_absl():
         absl_logging.set_verbosity(level)
 
 
-def sampled_event(z: float, q: float, count: int):
+def sampled_event(z: float, q: float, count: int) -> dpa.SelfComposedDpEvent:
     return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), int(count))
 
 
 def sampled_epsilon(
     z: float, q: float, count: int, delta: float, neighbouring: str = "add-remove", with_rdp: bool = True
-):
+) -> tuple[float, float | None]:
     """(PLD epsilon, RDP epsilon or None) of `count` Poisson-sampled Gaussian mechanisms."""
     _check(delta=delta, z=z, q=q, neighbouring=neighbouring)
     if count <= 0:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .gaussian_accounting import _check, gaussian_epsilon, sampled_epsilon
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 @dataclasses.dataclass
@@ -53,11 +57,11 @@ class Ledger:
                 )[0]
         return self._cache[count]
 
-    def record(self, client_ids) -> None:
+    def record(self, client_ids: Sequence[int] | np.ndarray) -> None:
         self.rounds += 1
         np.add.at(self.participations, np.asarray(client_ids, np.int64), 1)
 
-    def epsilons(self, participations=None, rounds=None) -> np.ndarray:
+    def epsilons(self, participations: np.ndarray | None = None, rounds: int | None = None) -> np.ndarray:
         parts = self.participations if participations is None else participations
         if self.mode == "central":
             e = self._eps(self.rounds if rounds is None else rounds)
@@ -70,7 +74,7 @@ class Ledger:
     def mean(self) -> float:
         return float(self.epsilons().mean())
 
-    def worst_after(self, client_ids) -> float:
+    def worst_after(self, client_ids: Sequence[int] | np.ndarray) -> float:
         """The worst client's epsilon if these clients took part in one more round."""
         parts = self.participations.copy()
         np.add.at(parts, np.asarray(client_ids, np.int64), 1)

@@ -14,21 +14,23 @@ import jax
 import jax.numpy as jnp
 
 from ..errors import UserError
+from ..numerics import DIVISION_FLOOR
+from ..pytypes import Array, Key, Tree
 
 SCOPES = ("per_matrix", "per_factor", "global")
 TARGETS = ("weights", "update")
 
 
-def _check_scope(scope):
+def _check_scope(scope: str) -> None:
     if scope not in SCOPES:
         raise UserError(f"unknown clip scope {scope!r}; allowed: {', '.join(SCOPES)}")
 
 
-def _is_a(path) -> bool:
+def _is_a(path: jax.tree_util.KeyPath) -> bool:
     return getattr(path[-1], "key", None) == "lora_a"
 
 
-def clip(tree, clip_a: float, clip_b: float, scope: str = "per_matrix"):
+def clip(tree: Tree, clip_a: Array | float, clip_b: Array | float, scope: str = "per_matrix") -> tuple[Tree, Tree]:
     """Clip a LoRA tree by Frobenius norm; returns (clipped tree, pre-clip norms tree).
 
     per_matrix: each A and each B of each module and layer on its own (the paper; leaves are
@@ -54,7 +56,7 @@ def clip(tree, clip_a: float, clip_b: float, scope: str = "per_matrix"):
 
     out = []
     for (_, x), n, c in zip(flat, norms, bounds):
-        factor = jnp.minimum(1.0, c / jnp.maximum(n, 1e-30))
+        factor = jnp.minimum(1.0, c / jnp.maximum(n, DIVISION_FLOOR))
         factor = jnp.reshape(factor, jnp.shape(factor) + (1,) * (x.ndim - jnp.ndim(factor)))
         out.append((x * factor).astype(x.dtype))
     norm_tree = jax.tree_util.tree_unflatten(
@@ -63,7 +65,7 @@ def clip(tree, clip_a: float, clip_b: float, scope: str = "per_matrix"):
     return jax.tree_util.tree_unflatten(treedef, out), norm_tree
 
 
-def add_noise(tree, key, sigma_a, sigma_b):
+def add_noise(tree: Tree, key: Key, sigma_a: Array | float, sigma_b: Array | float) -> Tree:
     """Add N(0, sigma_a^2) to every A entry and N(0, sigma_b^2) to every B entry; leaf i uses
     fold_in(key, i), so no key is reused across leaves."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -74,12 +76,23 @@ def add_noise(tree, key, sigma_a, sigma_b):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def client_key(round_key, client_id):
+def client_key(round_key: Key, client_id: Array | int) -> Key:
     """The noise key of one client in one round: independent of chunking and device count."""
     return jax.random.fold_in(round_key, client_id)
 
 
-def privatize(local, global_, key, *, clip_a, clip_b, sigma_a, sigma_b, scope="per_matrix", target="weights"):
+def privatize(
+    local: Tree,
+    global_: Tree,
+    key: Key,
+    *,
+    clip_a: float,
+    clip_b: float,
+    sigma_a: float,
+    sigma_b: float,
+    scope: str = "per_matrix",
+    target: str = "weights",
+) -> Tree:
     """The client's release (local DP, the paper's Alg. 1): clip then noise the local factors
     (`weights`) or the update local - global (`update`). Returns the released factors in weight
     space (for `update`: global + noisy clipped update), so aggregation is the same for both."""
@@ -94,7 +107,7 @@ def privatize(local, global_, key, *, clip_a, clip_b, sigma_a, sigma_b, scope="p
 # ----------------------------------------------------------------------------- sensitivity
 
 
-def clip_blocks(tree, scope: str, clip_a: float, clip_b: float) -> tuple[int, int, float, float]:
+def clip_blocks(tree: Tree, scope: str, clip_a: float, clip_b: float) -> tuple[int, int, float, float]:
     """(number of separately clipped A blocks, of B blocks, their bounds) for a release of `tree`
     (shapes only; leaves are stacked over layers). global counts as one A block of bound clip_a."""
     _check_scope(scope)

@@ -17,11 +17,12 @@ modes_central.py, modes_dpsgd.py), registered when this module imports it: impor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import UserError
 from .modes_base import (  # noqa: F401  (re-exported)
     _DP,
     CLIENT_FIELDS,
-    EPS_FLOOR,
     MECHANISMS,
     UNPROTECTED_PREFIX,
     Mechanism,
@@ -37,6 +38,14 @@ from .modes_dpsgd import DPSGD  # noqa: F401  (re-exported)
 
 # isort: on
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import numpy as np
+
+    from ..config import RunConfig
+    from ..pytypes import Tree
+
 
 def names() -> tuple[str, ...]:
     return tuple(MECHANISMS)
@@ -46,7 +55,7 @@ def dp_names() -> tuple[str, ...]:
     return tuple(n for n, c in MECHANISMS.items() if c.private)
 
 
-def build(cfg, lora, client_sizes=None) -> Mechanism:
+def build(cfg: RunConfig, lora: Tree, client_sizes: Sequence[int] | np.ndarray | None = None) -> Mechanism:
     """The mechanism of cfg.dp.mode, calibrated for this run. lora: the adapter (arrays or shapes);
     client_sizes: examples per client (dpsgd needs them; None for shape-only planning)."""
     mode = cfg.dp.mode

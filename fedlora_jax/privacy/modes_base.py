@@ -8,7 +8,7 @@ themselves live in modes_local.py, modes_central.py and modes_dpsgd.py.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +16,22 @@ import numpy as np
 
 from .. import algorithms
 from ..errors import UserError
+from ..pytypes import Array, Key, Tree
 from . import accounting as acc
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..config import RunConfig
 
 MECHANISMS: dict[str, type[Mechanism]] = {}
 
 # values of a metrics row that come from the clients' un-noised training (outside any guarantee)
 CLIENT_FIELDS = ("loss", "first_loss", "update_norm", "dropped")
 UNPROTECTED_PREFIX = "unprotected_"
-EPS_FLOOR = 1e-30  # guards a division by a zero weight sum
 
 
-def register(cls):
+def register(cls: type[Mechanism]) -> type[Mechanism]:
     """Class decorator: add a mechanism to the table under cls.name."""
     MECHANISMS[cls.name] = cls
     return cls
@@ -46,15 +51,15 @@ class Mechanism:
     adaptive_clipping: ClassVar[bool] = False  # dp.adaptive_clip is defined for this mode
     sampling_secret: ClassVar[bool] = False  # the client draw must stay secret (amplification by sampling)
 
-    cfg: Any
-    lora: Any
-    client_sizes: Any = None
+    cfg: RunConfig
+    lora: Tree  # the adapter: arrays, or shapes (jax.ShapeDtypeStruct) for planning
+    client_sizes: Sequence[int] | np.ndarray | None = None  # examples per client (None: shape-only planning)
     ledger: acc.Ledger | None = dataclasses.field(default=None, init=False)
     info: dict = dataclasses.field(default_factory=dict, init=False)
     sigma_a: float = dataclasses.field(default=0.0, init=False)
     sigma_b: float = dataclasses.field(default=0.0, init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.check()
         self.calibrate()
 
@@ -101,7 +106,7 @@ class Mechanism:
         """The privacy columns of a metrics row after a round (empty without DP)."""
         return {}
 
-    def budget_exceeded(self, next_ids) -> bool:
+    def budget_exceeded(self, next_ids: np.ndarray) -> bool:
         budget = self.cfg.dp.budget
         return self.ledger is not None and budget is not None and self.ledger.worst_after(next_ids) > budget
 
@@ -111,7 +116,7 @@ class Mechanism:
         return out
 
     # ------------------------------------------------------------------ jitted, per client
-    def dpsgd_args(self, key):
+    def dpsgd_args(self, key: Key) -> tuple[float, float, Key, float] | None:
         """(clip, sigma, key, expected batch) for record-level DP-SGD inside local training, or None."""
         return None
 
@@ -119,15 +124,17 @@ class Mechanism:
         """The mechanism's own server state (arrays), carried in the round's state (e.g. the clip)."""
         return {}
 
-    def release(self, local, global_, key, rank=None, mstate=None):
+    def release(
+        self, local: Tree, global_: Tree, key: Key, rank: Array | None = None, mstate: dict | None = None
+    ) -> Tree:
         """What one client sends (its adapter, in weight space)."""
         return local
 
-    def client_stat(self, local, global_, mstate):
+    def client_stat(self, local: Tree, global_: Tree, mstate: dict) -> Array:
         """A per-client scalar the server sums (adaptive clipping: was the update within the clip?)."""
         return jnp.zeros((), jnp.float32)
 
-    def update_state(self, mstate: dict, stat_sum, key, expected_cohort) -> dict:
+    def update_state(self, mstate: dict, stat_sum: Array, key: Key, expected_cohort: int) -> dict:
         """The mechanism's state for the next round (from privatized quantities only)."""
         return mstate
 
@@ -135,16 +142,18 @@ class Mechanism:
         """Accounted values of the round that a run may publish (e.g. the clip used)."""
         return {}
 
-    def kept(self, released, loss):
+    def kept(self, released: Tree, loss: Array) -> Array:
         """Which clients the server aggregates: finite releases (and, without DP, finite losses)."""
         return _all_finite(released) & jnp.isfinite(loss)
 
-    def weight(self, num_examples):
+    def weight(self, num_examples: Array) -> Array:
         """Aggregation weight of a kept client."""
         return num_examples
 
     # ------------------------------------------------------------------ jitted, server
-    def finalize_sum(self, total, global_, key, expected_cohort, mstate=None):
+    def finalize_sum(
+        self, total: Tree, global_: Tree, key: Key, expected_cohort: int, mstate: dict | None = None
+    ) -> Tree:
         """Central-style aggregate from the sum of clipped updates (only when sums_updates)."""
         raise NotImplementedError
 
@@ -152,7 +161,7 @@ class Mechanism:
 register(Mechanism)
 
 
-def _all_finite(tree):
+def _all_finite(tree: Tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -162,11 +171,11 @@ class _DP(Mechanism):
 
     private: ClassVar[bool] = True
 
-    def kept(self, released, loss):
+    def kept(self, released: Tree, loss: Array) -> Array:
         # a function of the release only (post-processing); the un-noised loss plays no part
         return _all_finite(released)
 
-    def weight(self, num_examples):
+    def weight(self, num_examples: Array) -> Array:
         if self.cfg.dp.public_counts:
             return num_examples
         return jnp.ones_like(num_examples)

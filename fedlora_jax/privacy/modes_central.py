@@ -3,17 +3,21 @@ adaptive clipping."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from .. import sampling
 from ..errors import UserError
+from ..pytypes import Array, Key, Tree
 from . import accounting as acc
 from . import mechanisms as prim
 from . import modes_local  # noqa: F401  (registers first, whichever module is imported first: the table's order)
 from .modes_base import _DP, register
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @register
@@ -113,17 +117,19 @@ class CentralDP(_DP):
     def init_state(self) -> dict:
         return {"clip": jnp.asarray(self.cfg.dp.clip_a, jnp.float32)} if self.adaptive else {}
 
-    def _clips(self, mstate):
+    def _clips(self, mstate: dict | None) -> tuple[Array | float, Array | float]:
         if self.adaptive:
             return mstate["clip"], mstate["clip"]
         return self.cfg.dp.clip_a, self.clip_b
 
-    def release(self, local, global_, key, rank=None, mstate=None):
+    def release(
+        self, local: Tree, global_: Tree, key: Key, rank: Array | None = None, mstate: dict | None = None
+    ) -> Tree:
         clip_a, clip_b = self._clips(mstate)
         upd, _ = prim.clip(jax.tree.map(jnp.subtract, local, global_), clip_a, clip_b, self.cfg.dp.scope)
         return jax.tree.map(jnp.add, global_, upd)
 
-    def client_stat(self, local, global_, mstate):
+    def client_stat(self, local: Tree, global_: Tree, mstate: dict) -> Array:
         if not self.adaptive:
             return jnp.zeros((), jnp.float32)
         upd = jax.tree.map(jnp.subtract, local, global_)
@@ -132,7 +138,7 @@ class CentralDP(_DP):
         # combined multiplier z^-2 = z_u^-2 + (2 sigma_count)^-2 assumes)
         return (norm <= mstate["clip"]).astype(jnp.float32) - 0.5
 
-    def update_state(self, mstate, stat_sum, key, expected_cohort):
+    def update_state(self, mstate: dict, stat_sum: Array, key: Key, expected_cohort: int) -> dict:
         """C <- C exp(-lr (b - gamma)), b = (sum of (b_i - 1/2) + N(0, sigma_count^2)) / K + 1/2, an unbiased
         estimate of the fraction of clients within the clip."""
         if not self.adaptive:
@@ -141,18 +147,20 @@ class CentralDP(_DP):
         noisy = (stat_sum + self.count_noise * jax.random.normal(key, (), jnp.float32)) / expected_cohort + 0.5
         return {"clip": mstate["clip"] * jnp.exp(-dp.clip_lr * (noisy - dp.target_quantile))}
 
-    def round_values(self, mstate):
+    def round_values(self, mstate: dict) -> dict:
         return {"clip": mstate["clip"]} if self.adaptive else {}
 
-    def weight(self, num_examples):
+    def weight(self, num_examples: Array) -> Array:
         return jnp.ones_like(num_examples)  # the sum's sensitivity is C only if every client counts once
 
-    def finalize_sum(self, total, global_, key, expected_cohort, mstate=None):
+    def finalize_sum(
+        self, total: Tree, global_: Tree, key: Key, expected_cohort: int, mstate: dict | None = None
+    ) -> Tree:
         clip_a, clip_b = self._clips(mstate)  # the noise scales with the clip of this round
         noisy = prim.add_noise(total, key, self.z_update * clip_a, self.z_update * clip_b)
         return jax.tree.map(lambda x, t: x + t / expected_cohort, global_, noisy)
 
-    def privacy_row(self, participations):
+    def privacy_row(self, participations: np.ndarray) -> dict:
         eps = self.ledger.worst()
         # a capped cohort is within total-variation distance rounds x overflow of the analysed one
         delta = self.cfg.dp.delta + acc.tv_delta(eps, self.ledger.rounds * self.overflow)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from .. import sampling
 from ..errors import UserError
+from ..pytypes import Key
 from . import accounting as acc
 from . import modes_central  # noqa: F401  (registers first, whichever module is imported first: the table's order)
 from .modes_base import _DP, register
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @register
@@ -67,7 +71,7 @@ class DPSGD(_DP):
             ),
         }
 
-    def dpsgd_args(self, key):
+    def dpsgd_args(self, key: Key) -> tuple[float, float, Key, float]:
         return (self.cfg.dp.clip_a, self.sigma_a, key, float(self.cfg.fl.batch_size))
 
     def truncation_delta(self, epsilon: float, steps: int) -> float:
@@ -75,7 +79,7 @@ class DPSGD(_DP):
         per-step overflow probability (accounting.tv_delta)."""
         return acc.tv_delta(epsilon, steps * self.overflow)
 
-    def privacy_row(self, participations):
+    def privacy_row(self, participations: np.ndarray) -> dict:
         eps = self.ledger.worst()
         return {
             "epsilon": eps,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax.numpy as jnp
 
 from .. import lora as lora_lib
 from .. import sampling
+from ..pytypes import Array, Key, Tree
 from . import accounting as acc
 from . import mechanisms as prim
 from .modes_base import _DP, register
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @register
@@ -68,7 +72,9 @@ class LocalDP(_DP):
             ),
         }
 
-    def release(self, local, global_, key, rank=None, mstate=None):
+    def release(
+        self, local: Tree, global_: Tree, key: Key, rank: Array | None = None, mstate: dict | None = None
+    ) -> Tree:
         dp, freeze_a = self.cfg.dp, self.cfg.lora.freeze_a
         if freeze_a:  # clip and noise B alone; A is the public frozen A
             local = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), local)
@@ -92,7 +98,7 @@ class LocalDP(_DP):
             released = lora_lib.map_modules(lambda a, a0, b, b0: (a0, b), released, global_)
         return released
 
-    def privacy_row(self, participations):
+    def privacy_row(self, participations: np.ndarray) -> dict:
         p = int(participations.max())
         per_release, tracker = acc.paper_epsilon(self.z, self.cfg.dp.delta, p)
         return {
