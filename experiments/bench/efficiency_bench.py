@@ -7,7 +7,9 @@ For the cross-device and mid regimes of scale_bench.py:
    noise outside the local steps);
 2. before/after of the kept changes, interleaved and repeated in one process: the language-model
    loss unfused (log_softmax + take_along_axis under autodiff) against fused (models/loss.py), and
-   attention with a group axis of size 1 (when there is no GQA) against without;
+   attention with a group axis of size 1 (when there is no GQA) against without; and changes tried
+   and not kept because they measured slower (per-client merging of W + s B A; attention with a
+   hand-written backward);
 3. share of this machine's measured float32 matmul peak from the analytic FLOPs.
 
     python experiments/bench/efficiency_bench.py [--reps 5]   # -> results/efficiency.{json,md}
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -38,6 +41,7 @@ from fedlora_jax.simulation import Cohort, build_round, init_state
 
 FUSED_TOKEN_NLL = models.token_nll
 ATTENTION = layers.attention
+LINEAR_CALL = layers.Linear.__call__
 
 
 def unfused_token_nll(definition, base, lora, tokens, mask, loss_mask=None):
@@ -62,17 +66,64 @@ def grouped_attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale):
     return jnp.einsum("bkgst,btkd->bskgd", probs, v_bskd).reshape(b, s, h * d)
 
 
-# each variant: (the loss, the attention); "before" is the code before this bench's changes
+def merged_linear_call(self, x):
+    """Tried, not kept: per-client merging, y = x (W + s (B A)^T): one matmul per client instead of the
+    shared base matmul plus two thin LoRA matmuls (the issue's suggestion for small hidden sizes)."""
+    dt = x.dtype
+    w = self.kernel[...].astype(dt)
+    if self.lora_a is not None:
+        w = w + (self.lora_b[...].astype(dt) @ self.lora_a[...].astype(dt)).T * jnp.asarray(self.lora_scale, dt)
+    y = x @ w
+    if self.bias is not None:
+        y = y + layers._lead(self.bias[...].astype(dt), y)
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _mha(q, k, v, allowed, scale):
+    return _mha_fwd(q, k, v, allowed, scale)[0]
+
+
+def _mha_fwd(q, k, v, allowed, scale):
+    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(allowed[:, None], logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v), (q, k, v, probs)
+
+
+def _mha_bwd(scale, res, d_out):
+    q, k, v, probs = res
+    d_v = jnp.einsum("bhst,bshd->bthd", probs.astype(d_out.dtype), d_out)
+    d_p = jnp.einsum("bshd,bthd->bhst", d_out, v, preferred_element_type=jnp.float32)
+    d_s = (probs * (d_p - jnp.sum(d_p * probs, axis=-1, keepdims=True)) * scale).astype(q.dtype)
+    return jnp.einsum("bhst,bthd->bshd", d_s, k), jnp.einsum("bhst,bshd->bthd", d_s, q), d_v, None
+
+
+_mha.defvjp(_mha_fwd, _mha_bwd)
+
+
+def hand_backward_attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale):
+    """Tried, not kept: attention with a hand-written backward (softmax backward and the four
+    einsums spelled out), to move XLA:CPU off one batched dot it leaves outside its matmul library."""
+    b, s, h, d = q_bshd.shape
+    if k_bskd.shape[2] != h:
+        return ATTENTION(q_bshd, k_bskd, v_bskd, allowed_bst, scale)
+    return _mha(q_bshd, k_bskd, v_bskd, allowed_bst, scale).reshape(b, s, h * d)
+
+
+# each variant: (the loss, the attention, Linear.__call__); "before" is the code before this bench's
+# changes; "tried" variants measured slower than "now" and were not kept
 VARIANTS = {
-    "before": (unfused_token_nll, grouped_attention),
-    "+ fused loss": (FUSED_TOKEN_NLL, grouped_attention),
-    "now (+ attention without a size-1 group axis)": (FUSED_TOKEN_NLL, ATTENTION),
+    "before": (unfused_token_nll, grouped_attention, LINEAR_CALL),
+    "+ fused loss": (FUSED_TOKEN_NLL, grouped_attention, LINEAR_CALL),
+    "now (+ attention without a size-1 group axis)": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL),
+    "tried: now + per-client merge W + sBA": (FUSED_TOKEN_NLL, ATTENTION, merged_linear_call),
+    "tried: now + attention with a hand-written backward": (FUSED_TOKEN_NLL, hand_backward_attention, LINEAR_CALL),
 }
 BEFORE, NOW = "before", "now (+ attention without a size-1 group axis)"
 
 
 def compiled_round(p, definition, base, lora, block, variant):
-    models.token_nll, llama.attention = variant  # looked up at trace time
+    models.token_nll, llama.attention, layers.Linear.__call__ = variant  # looked up at trace time
     try:
         cfg = sb.cfg_for(p, p["chunk"])
         fn = build_round(definition, cfg, modes.build(cfg, lora), p["clients"])
@@ -82,7 +133,7 @@ def compiled_round(p, definition, base, lora, block, variant):
         args = (state, base, cohort, randomness.round_keys(0, 0), jnp.float32(1e-3))
         return fn.lower(*args).compile(), args
     finally:
-        models.token_nll, llama.attention = FUSED_TOKEN_NLL, ATTENTION
+        models.token_nll, llama.attention, layers.Linear.__call__ = FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL
 
 
 def _hlo_ops(text):
@@ -165,10 +216,10 @@ def main():
         _, definition, base, lora, block = sb.setup(p)
         rounds = {v: compiled_round(p, definition, base, lora, block, f) for v, f in VARIANTS.items()}
         out = {v: jax.block_until_ready(c(*args)) for v, (c, args) in rounds.items()}
-        diff = max(
-            float(jnp.max(jnp.abs(x - y)))
-            for x, y in zip(jax.tree.leaves(out[BEFORE][0]), jax.tree.leaves(out[NOW][0]))
-        )
+        diff = {  # every variant computes the same round (float rounding apart)
+            v: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(*(jax.tree.leaves(out[u][0]) for u in (BEFORE, v))))
+            for v in out
+        }
         times = {v: [] for v in rounds}
         for _ in range(a.reps):  # interleaved
             for v, (c, args) in rounds.items():
@@ -182,7 +233,7 @@ def main():
             "median_round_s": med,
             "speedup_over_before": {v: med[BEFORE] / s for v, s in med.items()},
             "share_of_peak": {v: flops / s / peak for v, s in med.items()},
-            "max_abs_state_difference": diff,
+            "max_abs_state_difference_from_before": diff,
             "profile_now": profile(*rounds[NOW], p),
             "times": times,
         }
