@@ -156,6 +156,20 @@ def measure(
     }
 
 
+def cohort_slots(cfg: RunConfig, model_config: ModelConfig) -> int:
+    """Client slots of every round: K, or under Poisson sampling the capacity the run pads its
+    cohorts to (central DP picks the capacity's tail from its epsilon, so its mechanism says)."""
+    from . import sampling
+    from .privacy import modes
+
+    fl = cfg.fl
+    tail = sampling.POISSON_TAIL
+    if fl.sampling == "poisson" and modes.MECHANISMS[cfg.dp.mode].sampling_secret:
+        _, _, lora = abstract_model(model_config, cfg.lora.to_lora_config())
+        tail = modes.build(cfg, lora, None).cohort_tail
+    return sampling.cohort_slots(fl.num_clients, fl.clients_per_round, fl.sampling, tail)
+
+
 def plan(cfg: RunConfig, device_gib: float | None = None, do_measure: bool = False) -> dict:
     from .models.factory import build_model_config
 
@@ -166,11 +180,12 @@ def plan(cfg: RunConfig, device_gib: float | None = None, do_measure: bool = Fal
         "dtype": mc.dtype,
         "estimate": est,
         "clients_per_round": cfg.fl.clients_per_round,
+        "cohort_slots": cohort_slots(cfg, mc),  # K, or the Poisson capacity every round is padded to
         "clients_per_chunk": cfg.fl.clients_per_chunk,
     }
     if device_gib is not None:
         out["device_gib"] = device_gib
-        out["largest_clients_per_chunk"] = largest_chunk(est, device_gib * 2**30, cfg.fl.clients_per_round)
+        out["largest_clients_per_chunk"] = largest_chunk(est, device_gib * 2**30, out["cohort_slots"])
     if do_measure:
         lc = cfg.lora.to_lora_config()
         definition, base, lora = abstract_model(mc, lc)

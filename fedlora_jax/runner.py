@@ -88,7 +88,11 @@ def run(
     # central DP's client draw and DP-SGD's batch draws come from the secret root too (amplification)
     sample_seed = seed if mechanism.sampling_secret else cfg.seed
     batcher = data.batcher(
-        fl.local_steps, fl.batch_size, seed if mechanism.record_level else cfg.seed, poisson=mechanism.record_level
+        fl.local_steps,
+        fl.batch_size,
+        seed if mechanism.record_level else cfg.seed,
+        poisson=mechanism.record_level,
+        tail=mechanism.batch_tail,
     )
     if ledger is not None:
         ledger.participations = prog.participations  # one array: the ledger's count is the batcher's
@@ -118,7 +122,7 @@ def run(
             if stop.requested:
                 stop_reason = "interrupted"
                 break
-            ids, valid = sampling.for_config(cfg, r, sample_seed)
+            ids, valid = sampling.for_config(cfg, r, sample_seed, mechanism.cohort_tail)
             if mechanism.budget_exceeded(ids[valid]):
                 stop_reason = f"privacy budget {cfg.dp.budget} would be exceeded in round {r + 1}"
                 break
@@ -126,8 +130,13 @@ def run(
             data_ids = np.where(valid, ids, 0)  # padded Poisson slots (id N) read client 0's data, masked out
             cohort = Cohort.of(batcher.block(data_ids, prog.participations), ids, ranks_all[data_ids], valid)
             lr = cosine_lr(r, fl.rounds, fl.lr, fl.lr_min)
+            before = jax.tree.map(jnp.copy, state)  # the round donates its input state (adapter-sized)
             state, m = round_fn(state, base, cohort, randomness.round_keys(seed, r), jnp.float32(lr))
             bar.set_description("rounds")  # the first call of the session traced and compiled the round
+            if not _finite(state):  # nothing of this round is published; keep the last finite state
+                state, stop_reason = before, f"diverged: the server state became non-finite in round {r + 1}"
+                log.warning("run stopped: %s; the adapter after round %d is kept and exported", stop_reason, r)
+                break
             if ledger is not None:
                 ledger.record(ids[valid])  # also counts participations (the same array)
             else:
@@ -189,9 +198,15 @@ def _finished(cfg: RunConfig, out: Path) -> bool:
     return done.get("stop_reason") == "completed" and done.get("rounds") == cfg.fl.rounds
 
 
+def _finite(state) -> bool:
+    """Every float of the server state (adapter, optimizer, mechanism state such as the adaptive clip) is finite."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))) if leaves else True
+
+
 def _check_budget(cfg: RunConfig, mechanism) -> None:
     """dp.budget below one round's cost: no round could run (every draw costs the same)."""
-    first_ids, first_valid = sampling.for_config(cfg, 0)
+    first_ids, first_valid = sampling.for_config(cfg, 0, tail=mechanism.cohort_tail)
     if mechanism.budget_exceeded(first_ids[first_valid]):
         raise UserError(
             f"dp.budget = {cfg.dp.budget:g} is below the first round's cost "

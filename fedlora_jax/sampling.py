@@ -4,14 +4,16 @@
 client independently with probability q = K/N (central DP's amplification assumes it, and assumes
 the draw is secret: in a deployment the server's sampling randomness must not be known to an
 observer). A Poisson cohort has no fixed size; the round has static shapes, so the cohort is padded
-to a capacity C chosen so that it overflows with probability <= POISSON_TAIL per round: the round
+to a capacity C chosen so that it overflows with probability <= a tail per round: the round
 costs C client slots (about K + 7 sqrt(K)), not N. An overflowing draw keeps a random C of its
-clients; central DP accounts that event in its delta.
+clients; central DP accounts that event in its delta, as (1 + e^epsilon) x rounds x tail, so it
+picks the tail from its epsilon (`capacity_tail`): the term stays within 1% of dp.delta.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,16 +24,29 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 SAMPLINGS = ("uniform", "poisson")
-POISSON_TAIL = 1e-12  # per-round probability that a Poisson cohort overflows its static capacity
+POISSON_TAIL = 1e-12  # per-round probability that a Poisson cohort overflows its static capacity (at most)
+OVERFLOW_SHARE = 0.01  # the share of delta an overflowing cohort may add (central DP)
+SMALLEST_TAIL = 1e-300  # below it the capacity is the whole population: a cohort never overflows
+
+
+def capacity_tail(epsilon: float, delta: float, rounds: int) -> float:
+    """The per-round overflow probability that keeps (1 + e^epsilon) x rounds x tail, the delta a
+    capped cohort adds to an (epsilon, delta) guarantee, within OVERFLOW_SHARE x delta (and <= POISSON_TAIL).
+    0.0 when that is below SMALLEST_TAIL (a huge epsilon): the capacity is then N and nothing overflows."""
+    log_bound = math.log(OVERFLOW_SHARE * delta / max(rounds, 1)) - math.log1p(math.exp(min(epsilon, 700.0)))
+    if log_bound < math.log(SMALLEST_TAIL):
+        return 0.0
+    return min(POISSON_TAIL, math.exp(log_bound))
 
 
 @functools.lru_cache(maxsize=64)
 def poisson_capacity(num_clients: int, clients_per_round: int, tail: float = POISSON_TAIL) -> tuple[int, float]:
-    """(capacity C, overflow probability P(Binomial(N, K/N) > C)): the smallest C with overflow <= tail."""
+    """(capacity C, overflow probability P(Binomial(N, K/N) > C)): the smallest C with overflow <= tail
+    (tail 0: C = N)."""
     from scipy import stats
 
     q = clients_per_round / num_clients
-    if q >= 1:
+    if q >= 1 or tail <= 0:
         return num_clients, 0.0
     c = min(num_clients, max(clients_per_round, int(stats.binom.isf(tail, num_clients, q))))
     while c < num_clients and stats.binom.sf(c, num_clients, q) > tail:  # isf is a float estimate:
@@ -41,15 +56,15 @@ def poisson_capacity(num_clients: int, clients_per_round: int, tail: float = POI
     return int(c), float(stats.binom.sf(c, num_clients, q)) if c < num_clients else 0.0
 
 
-def cohort_slots(num_clients: int, clients_per_round: int, sampling: str) -> int:
+def cohort_slots(num_clients: int, clients_per_round: int, sampling: str, tail: float = POISSON_TAIL) -> int:
     """Client slots of every round's static shape: K (uniform) or the Poisson capacity."""
     if sampling == "poisson":
-        return poisson_capacity(num_clients, clients_per_round)[0]
+        return poisson_capacity(num_clients, clients_per_round, tail)[0]
     return clients_per_round
 
 
 def sample_round(
-    seed: int, num_clients: int, clients_per_round: int, sampling: str, round_index: int
+    seed: int, num_clients: int, clients_per_round: int, sampling: str, round_index: int, tail: float = POISSON_TAIL
 ) -> tuple[np.ndarray, np.ndarray]:
     """(client slots, valid mask) of one round. uniform: K sorted ids, all valid; poisson: the
     sampled ids, sorted, padded to the capacity with the out-of-range id N (valid False there)."""
@@ -59,8 +74,8 @@ def sample_round(
         return ids, np.ones(len(ids), bool)
     if sampling == "poisson":
         taken = np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)
-        cap = poisson_capacity(num_clients, clients_per_round)[0]
-        if len(taken) > cap:  # probability <= POISSON_TAIL: keep a random `cap` of them
+        cap = poisson_capacity(num_clients, clients_per_round, tail)[0]
+        if len(taken) > cap:  # probability <= tail: keep a random `cap` of them
             taken = np.sort(rng.choice(taken, cap, replace=False))
         ids = np.full(cap, num_clients, np.int64)
         ids[: len(taken)] = taken
@@ -79,11 +94,14 @@ def participation_counts(
     return counts
 
 
-def for_config(cfg: RunConfig, round_index: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A round's cohort; seed: the sampling seed when it must stay secret (central DP), else cfg.seed."""
+def for_config(
+    cfg: RunConfig, round_index: int, seed: int | None = None, tail: float = POISSON_TAIL
+) -> tuple[np.ndarray, np.ndarray]:
+    """A round's cohort; seed: the sampling seed when it must stay secret (central DP), else cfg.seed;
+    tail: the Poisson capacity's overflow probability (the mechanism's `cohort_tail`)."""
     fl = cfg.fl
     return sample_round(
-        cfg.seed if seed is None else seed, fl.num_clients, fl.clients_per_round, fl.sampling, round_index
+        cfg.seed if seed is None else seed, fl.num_clients, fl.clients_per_round, fl.sampling, round_index, tail
     )
 
 

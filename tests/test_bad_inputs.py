@@ -133,6 +133,63 @@ CONFIG = [
     cfg("override-without-equals", ["fl.rounds"], "override 'fl.rounds' must look like key.sub=value"),
     cfg("override-empty-key", ["fl..rounds=3"], "'fl..rounds' is not a dotted config key"),
     cfg("yaml-tab-in-value", ["name=\tx"], "found character '\\t'"),
+    # central DP with no or vanishing noise: nothing to account (0), or a PLD that does not fit in
+    # memory (it ran out of memory at 1e-3) and an epsilon in the hundreds; adaptive clipping divided by it
+    cfg(
+        "central-z-zero",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.scope=global",
+            "fl.num_clients=40",
+            "fl.clients_per_round=20",
+            "dp.noise=multiplier",
+            "dp.noise_multiplier=0",
+        ],
+        "noise multiplier 0 adds no noise",
+    ),
+    cfg(
+        "central-z-tiny",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.scope=global",
+            "fl.num_clients=40",
+            "fl.clients_per_round=20",
+            "dp.noise=multiplier",
+            "dp.noise_multiplier=1e-3",
+        ],
+        "effective noise multiplier 0.001 is below 0.05",
+    ),
+    cfg(
+        "adaptive-z-zero",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.scope=global",
+            "fl.num_clients=40",
+            "fl.clients_per_round=20",
+            "dp.noise=multiplier",
+            "dp.adaptive_clip=true",
+            "dp.noise_multiplier=0",
+        ],
+        "noise multiplier 0 adds no noise",
+    ),
+    cfg(
+        "adaptive-z-tiny",
+        [
+            "dp.mode=central",
+            "fl.sampling=poisson",
+            "dp.scope=global",
+            "fl.num_clients=40",
+            "fl.clients_per_round=20",
+            "dp.noise=multiplier",
+            "dp.adaptive_clip=true",
+            "dp.noise_multiplier=1e-200",
+        ],
+        "effective noise multiplier 1e-200 is below 0.05",
+    ),
+    cfg("dpsgd-z-tiny", ["dp.mode=dpsgd", "dp.noise=multiplier", "dp.noise_multiplier=0.01"], "dp.mode dpsgd"),
     Case(
         "yaml-file-malformed",
         ["run", "{tmp}/bad.yaml", "--out", "{tmp}/out"],

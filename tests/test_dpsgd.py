@@ -166,3 +166,17 @@ def test_dpsgd_rejects_noise_rules_it_does_not_define(tmp_path):
     with pytest.raises(ValueError, match="not defined for dp.mode dpsgd"):
         run(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dpsgd_run_at_epsilon_25_publishes_the_delta_it_was_asked_for(tmp_path):
+    """Padded batches add (1 + e^eps) x steps x P(overflow) to delta; with the tail fixed at 1e-15 the
+    term grows as e^eps (0.07 at eps 25 over 1,000 steps). The tail now follows epsilon: the published
+    delta stays within 1% of dp.delta, and the overflow the run reports is the capacity's binomial tail."""
+    from fedlora_jax.runner import run
+
+    sets = ["dp.mode=dpsgd", "dp.noise=calibrate", "dp.epsilon=25", "fl.rounds=3", "eval_every=0"]
+    s = run(load_config("tiny", sets), out_dir=str(tmp_path / "r"), progress=False)
+    p = s["privacy"]
+    assert p["delta"] <= 1.01 * 1e-5
+    assert p["epsilon"] == pytest.approx(25.0, rel=0.02)
+    assert p["overflow_probability"] < 1e-15

@@ -33,3 +33,20 @@ def test_plan_cli(capsys):
     assert "cannot fit one client" in capsys.readouterr().err
     assert cli.main(["plan", "tiny", "--device-memory", "1"]) == 0
     assert "largest clients_per_chunk on 1 GiB" in capsys.readouterr().out
+
+
+def test_plan_sizes_a_poisson_round_by_its_capacity_not_k():
+    """A Poisson round runs its capacity's slots (10,674 for N 100,000, K 10,000), not K: planning for K
+    said a chunk 7% too small fits. Central DP's capacity follows its epsilon, so plan asks the mechanism."""
+    from scipy import stats
+
+    from fedlora_jax import sampling
+
+    n, k = 100_000, 10_000
+    sets = ["fl.sampling=poisson", f"fl.num_clients={n}", f"fl.clients_per_round={k}"]
+    out = plan(load_config("tiny", sets), device_gib=43)
+    cap = out["cohort_slots"]
+    assert stats.binom.sf(cap, n, k / n) <= sampling.POISSON_TAIL < stats.binom.sf(cap - 1, n, k / n)
+    assert out["largest_clients_per_chunk"] <= cap
+    central = sets + ["dp.mode=central", "dp.scope=global", "dp.noise=calibrate", "dp.epsilon=25", "fl.rounds=200"]
+    assert plan(load_config("tiny", central))["cohort_slots"] > cap  # a smaller tail at epsilon 25

@@ -220,3 +220,47 @@ def test_adaptive_clip_refuses_what_it_cannot_account(tmp_path):
         modes.build(_adaptive_cfg("dp.clip_count_noise=0.4"), lora)  # z = 1 >= 2 x 0.4
     with pytest.raises(UserError, match="central"):
         modes.build(load_config("tiny", ["dp.mode=local", "dp.adaptive_clip=true"]), lora)
+
+
+@pytest.mark.parametrize("eps,rounds", [(2.0, 30), (8.0, 100), (25.0, 200), (74.0, 2), (900.0, 10)])
+def test_the_overflow_term_stays_within_one_percent_of_delta_at_any_epsilon(eps, rounds):
+    """A capped cohort adds (1 + e^eps) x rounds x P(overflow) to delta. With the tail fixed at 1e-12 that
+    was 3.4 (no guarantee) at eps 25 over 200 rounds of N 400, K 1. The tail now follows epsilon:
+    recomputed here from scipy's binomial tail at the capacity, the term is <= 1% of delta."""
+    n, k, delta = 400, 1, 1e-5
+    cap, overflow = sampling.poisson_capacity(n, k, sampling.capacity_tail(eps, delta, rounds))
+    p = float(stats.binom.sf(cap, n, k / n)) if cap < n else 0.0
+    assert overflow == pytest.approx(p, rel=1e-6, abs=0.0)
+    assert (1.0 + np.exp(min(eps, 700.0))) * rounds * p <= 0.01 * delta
+    if eps <= 8.0:  # at everyday epsilons the capacity is the one every earlier run used
+        assert cap == sampling.poisson_capacity(n, k)[0]
+
+
+def test_a_central_run_at_epsilon_25_publishes_the_delta_it_was_asked_for(tmp_path):
+    """End to end: calibrated to (25, 1e-5), the published delta (with the overflow term) is within 1%
+    of 1e-5; it was 0.034 (3,400x) before the tail followed epsilon. The cohorts have the capacity's slots."""
+    sets = ["dp.mode=central", "fl.sampling=poisson", "dp.scope=global", "dp.noise=calibrate", "dp.epsilon=25"]
+    sets += ["fl.num_clients=400", "fl.clients_per_round=1", "fl.rounds=2", "eval_every=0"]
+    s = run(load_config("tiny", sets), out_dir=str(tmp_path / "r"), progress=False)
+    assert s["privacy"]["delta"] <= 1.01e-5
+    assert s["privacy"]["epsilon"] == pytest.approx(25.0, rel=0.02)
+
+
+def test_a_run_whose_adaptive_clip_diverges_stops_and_keeps_the_last_finite_adapter(tmp_path):
+    """dp.clip_lr 1000 drives the geometric clip update to inf and the noise with it. The run used to
+    finish 'completed', export a NaN adapter and report an older eval loss as the final one; now it
+    stops at the first non-finite server state, publishes nothing of that round, and exports the last
+    finite adapter."""
+    from safetensors.numpy import load_file
+
+    sets = ["dp.mode=central", "fl.sampling=poisson", "dp.scope=global", "dp.adaptive_clip=true"]
+    sets += ["dp.noise=calibrate", "dp.epsilon=8", "dp.clip_count_noise=2", "dp.clip_lr=1000"]
+    sets += ["fl.num_clients=40", "fl.clients_per_round=20", "fl.rounds=4", "eval_every=1"]
+    s = run(load_config("tiny", sets), out_dir=str(tmp_path / "r"), progress=False)
+    assert s["stop_reason"].startswith("diverged: the server state became non-finite in round ")
+    assert s["rounds"] < 4
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == s["rounds"]  # the diverged round is not published
+    assert all(r["clip"] is not None for r in rows)
+    weights = load_file(str(tmp_path / "r" / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(np.isfinite(w).all() for w in weights.values())

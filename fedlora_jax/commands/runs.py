@@ -175,7 +175,13 @@ def _cmd_plan(args) -> int:
         return 0
     e, gib = out["estimate"], 2**30
     print(
-        f"model {out['model']} ({out['dtype']}), {cfg.fl.clients_per_round} clients per round, "
+        f"model {out['model']} ({out['dtype']}), {cfg.fl.clients_per_round} clients per round"
+        + (
+            f" (Poisson: padded to {out['cohort_slots']} slots)"
+            if out["cohort_slots"] != cfg.fl.clients_per_round
+            else ""
+        )
+        + ", "
         f"{cfg.fl.local_steps} steps x batch {cfg.fl.batch_size} x seq {cfg.data.seq_len}"
     )
     rows, m = e["mesh"]

@@ -78,7 +78,10 @@ def binomial_tail(n: int, q: float, c: int) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
-def poisson_capacity(sizes: Sequence[int] | np.ndarray, batch_size: int, tail: float = 1e-15) -> tuple[int, float]:
+BATCH_TAIL = 1e-15  # per-step probability that a DP-SGD batch overflows its static capacity (at most)
+
+
+def poisson_capacity(sizes: Sequence[int] | np.ndarray, batch_size: int, tail: float = BATCH_TAIL) -> tuple[int, float]:
     """(capacity, worst per-step overflow probability): the smallest static batch capacity c >=
     batch_size such that a client of n examples sampled at rate min(1, batch_size / n) overflows
     c with probability <= tail (c = the largest client's size if that is smaller)."""
@@ -89,7 +92,7 @@ def poisson_capacity(sizes: Sequence[int] | np.ndarray, batch_size: int, tail: f
     return cap, max(binomial_tail(n, min(1.0, batch_size / n), cap) for n in sizes)
 
 
-def poisson_capacity_bound(batch_size: int, tail: float = 1e-15) -> int:
+def poisson_capacity_bound(batch_size: int, tail: float = BATCH_TAIL) -> int:
     """A capacity that poisson_capacity never exceeds, whatever the client sizes: the smallest c
     with P(Poisson(batch_size) > c) <= tail (a Binomial(n, B/n) upper tail is at most the
     Poisson(B) one; Anderson and Samuels 1967). For memory planning without the data."""
@@ -117,7 +120,7 @@ class PoissonBatcher(RoundBatcher):
         local_steps: int,
         batch_size: int,
         seed: int = 0,
-        tail: float = 1e-15,
+        tail: float = BATCH_TAIL,
     ):
         super().__init__(data, parts, local_steps, batch_size, seed)
         self.capacity, self.overflow = poisson_capacity([len(p) for p in parts], batch_size, tail)

@@ -61,10 +61,16 @@ class ClientData:
     summary: dict
     stats: dict = dataclasses.field(default_factory=dict)  # see data_stats
 
-    def batcher(self, local_steps: int, batch_size: int, seed: int, poisson: bool = False) -> RoundBatcher:
-        """Round blocks: shuffled fixed-size batches, or Poisson-sampled ones (DP-SGD)."""
-        cls = PoissonBatcher if poisson else RoundBatcher
-        return cls(self.train, self.parts, local_steps, batch_size, seed)
+    def batcher(
+        self, local_steps: int, batch_size: int, seed: int, poisson: bool = False, tail: float | None = None
+    ) -> RoundBatcher:
+        """Round blocks: shuffled fixed-size batches, or Poisson-sampled ones (DP-SGD) padded to the
+        capacity of overflow probability `tail` per step (the mechanism's batch_tail)."""
+        if poisson:
+            return PoissonBatcher(
+                self.train, self.parts, local_steps, batch_size, seed, *(() if tail is None else (tail,))
+            )
+        return RoundBatcher(self.train, self.parts, local_steps, batch_size, seed)
 
 
 def prepare(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> ClientData:

@@ -25,12 +25,14 @@ from __future__ import annotations
 from .accounting_report import report  # noqa: F401  (re-exported)
 from .gaussian_accounting import (  # noqa: F401  (re-exported)
     MAX_EXP_EPSILON,
+    MIN_SAMPLED_NOISE_MULTIPLIER,
     MODES,
     NEIGHBOURING,
     PLD_DISCRETIZATION,
     _check,
     _quiet_absl,
     _relation,
+    check_sampled_noise,
     gaussian_epsilon,
     gaussian_epsilon_rdp,
     gaussian_multiplier_for,

@@ -19,6 +19,27 @@ PLD_DISCRETIZATION = 1e-3
 MAX_EXP_EPSILON = 700.0  # exp() of a larger epsilon overflows a float64
 
 
+# Below this effective noise multiplier a Poisson-sampled Gaussian's PLD needs a support too large
+# to build (z = 0.003 needs > 7 GiB; z = 0.01 takes 40 s per 2 rounds) and its epsilon is in the
+# hundreds or more: no meaningful guarantee. Sampled (central, DP-SGD) accounting refuses it.
+MIN_SAMPLED_NOISE_MULTIPLIER = 0.05
+
+
+def check_sampled_noise(z: float, what: str) -> None:
+    """One sentence for a noise multiplier the sampled-Gaussian accounting cannot (or need not) handle."""
+    if z <= 0:
+        raise UserError(
+            f"{what}: noise multiplier {z:g} adds no noise, so there is no guarantee to account; "
+            "use dp.mode none to train without DP"
+        )
+    if z < MIN_SAMPLED_NOISE_MULTIPLIER:
+        raise UserError(
+            f"{what}: effective noise multiplier {z:.3g} is below {MIN_SAMPLED_NOISE_MULTIPLIER:g}, where "
+            "epsilon is in the hundreds or more (no meaningful guarantee) and its PLD accounting does not fit "
+            "in memory; raise the noise (under dp.noise calibrate: lower dp.epsilon), or use dp.mode none"
+        )
+
+
 def tv_delta(epsilon: float, tv: float) -> float:
     """The delta a mechanism within total-variation distance `tv` of an (epsilon, delta)-DP one adds:
     it is (epsilon, delta + (1 + e^epsilon) tv)-DP (capped cohorts and batches use it)."""
@@ -111,6 +132,7 @@ def sampled_epsilon(
         return 0.0, 0.0
     if z == 0:
         return math.inf, math.inf
+    check_sampled_noise(z, "sampled Gaussian accounting")
     event = sampled_event(z, q, count)
     acc = pld.PLDAccountant(_relation(neighbouring), value_discretization_interval=PLD_DISCRETIZATION)
     try:

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import algorithms
+from .. import algorithms, sampling
+from ..data.batches import BATCH_TAIL
 from ..errors import UserError
 from ..pytypes import Array, Key, Tree
 from . import accounting as acc
@@ -58,6 +59,10 @@ class Mechanism:
     info: dict = dataclasses.field(default_factory=dict, init=False)
     sigma_a: float = dataclasses.field(default=0.0, init=False)
     sigma_b: float = dataclasses.field(default=0.0, init=False)
+    # the Poisson cohort's per-round overflow probability (central DP sets it from its epsilon)
+    cohort_tail: float = dataclasses.field(default=sampling.POISSON_TAIL, init=False)
+    # DP-SGD's per-step batch overflow probability (dpsgd sets it from its epsilon)
+    batch_tail: float = dataclasses.field(default=BATCH_TAIL, init=False)
 
     def __post_init__(self) -> None:
         self.check()

@@ -66,6 +66,7 @@ class CentralDP(_DP):
         else:
             z = acc.sampled_multiplier_for(dp.epsilon, q, fl.rounds, dp.delta) * factor
         self.z, self.z_eff = z, z / factor
+        acc.check_sampled_noise(self.z_eff, "dp.mode central")
         self.adaptive = dp.adaptive_clip
         self.z_update = z
         if self.adaptive:  # Andrew et al. 2021: z^-2 = z_update^-2 + (2 sigma_count)^-2
@@ -80,7 +81,11 @@ class CentralDP(_DP):
         self.sigma_a, self.sigma_b = self.z_update * dp.clip_a, self.z_update * self.clip_b
         self.blocks = (n_a, n_b)
         self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, "add-remove", sampling_rate=q)
-        self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round)
+        # the capacity's overflow adds (1 + e^eps) x rounds x tail to delta: the tail is chosen from the
+        # run's planned epsilon so that the term stays within sampling.OVERFLOW_SHARE of dp.delta
+        planned = dp.epsilon if dp.noise == "calibrate" else acc.sampled_epsilon(self.z_eff, q, fl.rounds, dp.delta)[0]
+        self.cohort_tail = sampling.capacity_tail(planned, dp.delta, fl.rounds)
+        self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round, self.cohort_tail)
         self.info = {
             "noise_multiplier": z,
             "effective_noise_multiplier": self.z_eff,

@@ -26,25 +26,34 @@ class DPSGD(_DP):
     record_level: ClassVar[bool] = True
 
     def calibrate(self) -> None:
-        from ..data.batches import poisson_capacity, poisson_capacity_bound
+        from ..data.batches import BATCH_TAIL, poisson_capacity, poisson_capacity_bound
 
         dp, fl = self.cfg.dp, self.cfg.fl
-        if self.client_sizes is None:  # shape-only planning: the capacity bound needs no data
-            q, capacity, overflow = 1.0, poisson_capacity_bound(fl.batch_size), 0.0
+        sizes = None
+        if self.client_sizes is None:  # shape-only planning: rate 1 (the capacity bound needs no data)
+            q = 1.0
         else:
             sizes = sorted({int(n) for n in self.client_sizes})
             if not sizes or sizes[0] < 1:
                 raise UserError("dp.mode dpsgd: a client holds no training examples; use fewer clients or more data")
             q = min(1.0, fl.batch_size / sizes[0])
-            capacity, overflow = poisson_capacity(sizes, fl.batch_size)
         planned = int(sampling.config_counts(self.cfg).max())
+        steps = fl.local_steps * planned
         if dp.noise == "multiplier":
             z = dp.noise_multiplier
         elif dp.noise == "calibrate":
-            z = acc.sampled_multiplier_for(dp.epsilon, q, fl.local_steps * planned, dp.delta, "add-remove")
+            z = acc.sampled_multiplier_for(dp.epsilon, q, steps, dp.delta, "add-remove")
         else:
             raise UserError(f"dp.noise = {dp.noise!r} is not defined for dp.mode dpsgd; choose calibrate or multiplier")
         self.z = self.z_eff = z
+        acc.check_sampled_noise(z, "dp.mode dpsgd")
+        # padded batches add (1 + e^eps) x steps x tail to delta: the tail follows the planned epsilon
+        eps_plan = dp.epsilon if dp.noise == "calibrate" else acc.sampled_epsilon(z, q, steps, dp.delta)[0]
+        self.batch_tail = min(BATCH_TAIL, sampling.capacity_tail(eps_plan, dp.delta, steps))
+        if sizes is None:
+            capacity, overflow = poisson_capacity_bound(fl.batch_size, self.batch_tail or sampling.SMALLEST_TAIL), 0.0
+        else:
+            capacity, overflow = poisson_capacity(sizes, fl.batch_size, self.batch_tail)
         self.sigma_a = self.sigma_b = z * dp.clip_a
         self.batch_rate, self.capacity, self.overflow = q, capacity, overflow
         self.ledger = acc.Ledger(
