@@ -46,6 +46,10 @@ MECHANISMS = {
     "local": ["dp.mode=local", "dp.scope=global"],
 }
 DELTA = 1e-5
+OUTPUTS = ("population.csv", "population.md", "population.png")
+# the keys that label the table and figure: an override of them is refused (it would mislabel them);
+# choose the grid through `populations` and `epsilons`
+LABELS = ("fl.num_clients", "fl.clients_per_round", "dp.epsilon", "dp.delta", "dp.mode", "fl.sampling")
 # the scale's model, with small per-client work (K clients x local_steps x batch_size per round)
 # and a learning rate for the scale's model (cosine down to lr_min: the tiny model's 1e-2 -> 1e-3;
 # SmolLM2's LoRA as the default preset, 5e-4 -> 1e-5, below the paper preset's 7B rates)
@@ -124,7 +128,8 @@ def population(
     list of (N, K) and epsilons: a list, to run part of the scale's grid."""
     out = Path(out)
     grid = runs_of(scale, examples_per_client, populations, epsilons)
-    s = ex.run_grid({name: ov for name, (_, ov) in grid.items()}, scale, out, overrides, **kw)
+    ex.claim_outputs(out, OUTPUTS)
+    s = ex.run_grid({name: ov for name, (_, ov) in grid.items()}, scale, out, overrides, fixed=LABELS, **kw)
     files = write_outputs(grid, s, out, scale)
     return {"rows": files.pop("rows"), "files": files["files"], "summaries": s}
 

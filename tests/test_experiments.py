@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,54 @@ def test_every_run_of_every_scale_has_a_valid_config(name, scale, tmp_path, monk
     for cfg in built:  # a model source the loader would refuse (population's 'smollm2' was one)
         if cfg.model.source != "tiny":
             hub.check_source(cfg.model.source)
+
+
+def _no_run(*a, **kw):
+    raise AssertionError("a run started")
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("dp.epsilon=2", "dp.epsilon is a coordinate of this experiment's grid"),  # the table said 8
+        ("fl.num_clients=80", "fl.num_clients is a coordinate of this experiment's grid"),  # the table said 40
+        ("fl.aggregation=stack", "dp.mode central with fl.aggregation stack is not supported"),  # failed after 1 run
+        ("fl.algorithm=scaffold", "fl.algorithm scaffold with dp.mode central"),  # failed after 2 runs
+    ],
+)
+def test_population_refuses_what_would_mislabel_or_stop_it_before_any_run(tmp_path, monkeypatch, override, says):
+    from fedlora_jax import experiments as ex
+    from fedlora_jax import runner
+    from fedlora_jax.errors import UserError
+
+    monkeypatch.setattr(runner, "run", _no_run)
+    with pytest.raises(UserError, match=re.escape(says)):
+        ex.population("smoke", tmp_path / "out", [override], cache=False)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_experiments_never_replace_a_table_or_run_folder_they_did_not_write(tmp_path, monkeypatch):
+    """A foreign population.csv was silently replaced; a foreign folder at a run's place stopped the grid
+    after its first run. Both are now refused before any run, and left as they were."""
+    from fedlora_jax import experiments as ex
+    from fedlora_jax import runner
+    from fedlora_jax.errors import UserError
+
+    monkeypatch.setattr(runner, "run", _no_run)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "population.csv").write_text("my,own,table\n")
+    with pytest.raises(UserError, match="was not written by this tool"):
+        ex.population("smoke", out, cache=False)
+    assert (out / "population.csv").read_text() == "my,own,table\n"
+    (out / "population.csv").unlink()
+    foreign = out / "runs" / "N40_K4_eps8_central"
+    foreign.mkdir(parents=True)
+    (foreign / "data.bin").write_text("precious")
+    with pytest.raises(UserError, match="is not a run folder of this tool"):
+        ex.population("smoke", out, cache=False)
+    assert (foreign / "data.bin").read_text() == "precious"
+    # what an experiment wrote, it may replace on a rerun (the manifest lists it)
+    ex.write_table([{"a": 1}], out / "t")
+    ex.write_table([{"a": 2}], out / "t")
+    assert (out / "t.csv").read_text().splitlines() == ["a", "2"]

@@ -25,7 +25,15 @@ from .federation import aggregation, algorithms
 from .grid import ADAPTIVE, ALGORITHMS, SCALES, base_config, enable_compilation_cache, run_grid  # noqa: F401  (re-exported)
 from .noise_variance import model_size, rank_variance
 from .privacy_utility import dp_modes, eps_clip
-from .results import _plt, plot_curves, read_metrics, save_figure, tail_mean, write_table  # noqa: F401  (re-exported)
+from .results import (  # noqa: F401  (re-exported)
+    _plt,
+    claim_outputs,
+    plot_curves,
+    read_metrics,
+    save_figure,
+    tail_mean,
+    write_table,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

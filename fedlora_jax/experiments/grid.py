@@ -100,12 +100,14 @@ def run_grid(
     progress: bool = False,
     log: Callable[[str], object] = print,
     cache: bool = True,
+    fixed: Sequence[str] = (),
 ) -> dict:
     """Run each named list of overrides on the scale's base config into OUT/runs/NAME; returns
     {name: summary} (with `seconds`). A finished run whose saved config equals the new one is
     reused, unless reuse=False. `overrides` apply to every run after its own. cache: use JAX's
     persistent compilation cache (see enable_compilation_cache). Without `progress`, a line per
-    run is the progress, and datasets' progress bars are turned off for the process."""
+    run is the progress, and datasets' progress bars are turned off for the process. fixed: keys
+    that label the results (an override of them, or of a key the runs vary, is refused)."""
     from ..runner import run
 
     if cache:
@@ -116,6 +118,7 @@ def run_grid(
         datasets.disable_progress_bars()
     out = Path(out)
     cfgs = {name: base_config(scale, [*ov, *overrides]) for name, ov in runs.items()}  # all errors before any run
+    preflight(runs, cfgs, scale, out, overrides, fixed)
     summaries = {}
     for i, (name, cfg) in enumerate(cfgs.items()):
         folder = out / "runs" / name
@@ -134,6 +137,43 @@ def run_grid(
             + (f", epsilon {s['privacy']['epsilon']:.4g}" if s["privacy"].get("epsilon") is not None else "")
         )
     return summaries
+
+
+def preflight(
+    runs: dict, cfgs: dict, scale: str, out: Path, overrides: Sequence[str], fixed: Sequence[str] = ()
+) -> None:
+    """Everything that would stop a grid part-way, checked before its first run:
+    - an override of a key the grid sets per run, or of one that labels its results (`fixed`): the
+      override would apply to every run while the table and figure kept the grid's labels;
+    - each run's mechanism: its cross-field checks, and its calibration on the adapter's shapes where
+      the model is on this machine (a hub id is not fetched here: its first run does that);
+    - each existing run folder must be a run of this tool (it is replaced), never a foreign folder."""
+    from ..models import hub
+    from ..outdir import is_run_folder
+    from ..privacy import audit, modes
+
+    base = {name: base_config(scale, ov) for name, ov in runs.items()}
+    first = next(iter(base.values()), None)
+    varied = {k for c in base.values() for k in config_diff(first, c, ignore=())} if first is not None else set()
+    for ov in overrides:
+        key = ov.split("=", 1)[0].strip()
+        for coord in sorted(varied | set(fixed)):
+            if key == coord or coord.startswith(key + ".") or key.startswith(coord + "."):
+                raise UserError(
+                    f"--set {ov}: {coord} is a coordinate of this experiment's grid (its runs set it, and "
+                    "it labels the table and figure), so an override would mislabel the results; pick "
+                    "another --scale, or choose the grid through the experiment function's arguments"
+                )
+    for name, cfg in cfgs.items():
+        modes.MECHANISMS[cfg.dp.mode].check_config(cfg)
+        if cfg.model.source in ("tiny", "default") or hub.check_source(cfg.model.source) is not None:
+            modes.build(cfg, audit.adapter_shapes(cfg), None)  # calibration too: the model is here
+        folder = out / "runs" / name
+        if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not is_run_folder(folder))):
+            raise UserError(
+                f"{str(folder)!r} exists and is not a run folder of this tool, so nothing was run and "
+                "nothing was deleted; move it or choose another --out"
+            )
 
 
 def _train_loss(summary: dict) -> float:

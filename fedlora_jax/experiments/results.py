@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -45,12 +47,43 @@ def _fmt(v):
     return str(v)
 
 
+OUTPUTS_MANIFEST = ".fedlora_jax_outputs.json"  # the tables and figures an experiment wrote into a folder
+
+
+def _written(folder: Path) -> set[str]:
+    try:
+        return set(json.loads((folder / OUTPUTS_MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def claim_outputs(folder: str | Path, names: Sequence[str]) -> None:
+    """Refuse (one sentence) to replace a file this tool did not write: each of `names` in `folder`
+    must be absent or listed in the folder's manifest. Experiments call it before their first run."""
+    folder = Path(folder)
+    mine = _written(folder)
+    for name in names:
+        if (folder / name).exists() and name not in mine:
+            raise UserError(
+                f"{str(folder / name)!r} exists and was not written by this tool, so nothing was run and "
+                "nothing was replaced; move it or choose another --out"
+            )
+
+
+def _record(path: Path) -> None:
+    """Add a written file to its folder's manifest (what claim_outputs lets a rerun replace)."""
+    mine = _written(path.parent) | {path.name}
+    (path.parent / OUTPUTS_MANIFEST).write_text(json.dumps(sorted(mine), indent=1) + "\n")
+
+
 def write_table(
     rows: list[dict], path_stem: str | Path, columns: Sequence[str] | None = None, title: str | None = None
 ) -> tuple[Path, Path]:
-    """rows -> PATH.csv and PATH.md (floats to 4 significant digits in the markdown)."""
+    """rows -> PATH.csv and PATH.md (floats to 4 significant digits in the markdown); never replaces a
+    file this tool did not write (claim_outputs)."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    claim_outputs(stem.parent, [stem.with_suffix(".csv").name, stem.with_suffix(".md").name])
     columns = columns or list(rows[0].keys())
     with stem.with_suffix(".csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -62,6 +95,8 @@ def write_table(
     ]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _record(stem.with_suffix(".csv"))
+    _record(stem.with_suffix(".md"))
     return stem.with_suffix(".csv"), stem.with_suffix(".md")
 
 
@@ -75,12 +110,15 @@ def _plt():
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """tight_layout, write a PNG, close the figure."""
+    """tight_layout, write a PNG, close the figure; never replaces a file this tool did not write."""
     plt = _plt()
+    path = Path(path)
+    claim_outputs(path.parent, [path.name])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return Path(path)
+    _record(path)
+    return path
 
 
 def plot_curves(

@@ -65,26 +65,28 @@ class Mechanism:
     batch_tail: float = dataclasses.field(default=BATCH_TAIL, init=False)
 
     def __post_init__(self) -> None:
-        self.check()
+        self.check_config(self.cfg)
         self.calibrate()
 
     # ------------------------------------------------------------------ host side
-    def check(self) -> None:
-        """Cross-field checks of the config against what this mechanism can account for."""
-        fl = self.cfg.fl
-        if self.private and algorithms.client_hook(fl).keeps_client_state and not self.controls_private:
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Cross-field checks of the config against what this mechanism can account for (no model,
+        no calibration: experiments run them on every config before their first run)."""
+        fl = cfg.fl
+        if cls.private and algorithms.client_hook(fl).keeps_client_state and not cls.controls_private:
             raise UserError(
-                f"fl.algorithm {fl.algorithm} with dp.mode {self.name}: its per-client state (for "
+                f"fl.algorithm {fl.algorithm} with dp.mode {cls.name}: its per-client state (for "
                 f"SCAFFOLD, the control variates) is computed from the clients' un-noised updates, "
                 f"which this mode's guarantee does not cover; use another algorithm, dp.mode dpsgd, "
                 f"or dp.mode none"
             )
-        if self.cfg.dp.adaptive_clip and not self.adaptive_clipping:
-            raise UserError(f"dp.adaptive_clip is defined for dp.mode central, not {self.name}")
-        if self.private and self.cfg.data.eval_per_client:
+        if cfg.dp.adaptive_clip and not cls.adaptive_clipping:
+            raise UserError(f"dp.adaptive_clip is defined for dp.mode central, not {cls.name}")
+        if cls.private and cfg.data.eval_per_client:
             raise UserError(
                 f"data.eval_per_client evaluates on held-out shares of the clients' own data, which "
-                f"dp.mode {self.name}'s guarantee does not cover (the published eval loss would "
+                f"dp.mode {cls.name}'s guarantee does not cover (the published eval loss would "
                 f"leak them); use the shared held-out split (data.eval_per_client false)"
             )
 

@@ -19,6 +19,8 @@ from .modes_base import _DP, register
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..config import RunConfig
+
 
 @register
 class CentralDP(_DP):
@@ -33,12 +35,13 @@ class CentralDP(_DP):
     adaptive_clipping: ClassVar[bool] = True
     sampling_secret: ClassVar[bool] = True
 
-    def check(self) -> None:
-        super().check()
-        fl = self.cfg.fl
-        if self.cfg.dp.adaptive_clip and self.cfg.dp.scope != "global":
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        fl = cfg.fl
+        if cfg.dp.adaptive_clip and cfg.dp.scope != "global":
             raise UserError(
-                f"dp.adaptive_clip clips each update as one vector: it needs dp.scope global, not {self.cfg.dp.scope}"
+                f"dp.adaptive_clip clips each update as one vector: it needs dp.scope global, not {cfg.dp.scope}"
             )
         if fl.sampling != "poisson":
             raise UserError(
