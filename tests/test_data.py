@@ -196,3 +196,17 @@ def test_empty_dataset(tmp_path):
     f.write_text("instruction,output\n")
     with pytest.raises(ValueError):
         load_examples(str(f))
+
+
+def test_label_wise_dirichlet_advises_raising_alpha_only_where_that_can_help():
+    """With fewer examples per label than clients, even shares (alpha -> infinity) leave clients empty:
+    'raise alpha' was advised at alpha 1e6 anyway. It is advised only where even shares fill every client."""
+    from fedlora_jax.data.partition import partition
+
+    labels = np.repeat(np.arange(4), 225)  # 900 examples, 225 per label
+    with pytest.raises(UserError) as e:
+        partition(900, 800, "dirichlet", labels=labels, alpha=1e6)
+    assert "raise alpha" not in str(e.value) and "lower num_clients" in str(e.value)
+    labels = np.repeat(np.arange(2), 50)  # 50 per label over 40 clients: even shares fill them all
+    with pytest.raises(UserError, match="raise alpha"):
+        partition(100, 40, "dirichlet", labels=labels, alpha=1e-3)

@@ -53,10 +53,16 @@ def partition(
                     parts[c].extend(chunk.tolist())
             if min(len(p) for p in parts) > 0:
                 return [np.sort(np.asarray(p, np.int64)) for p in parts]
+        # raising alpha helps only if even shares (its limit) give every client an example
+        counts = np.bincount(inverse, minlength=len(values))
+        covered = np.zeros(num_clients, bool)
+        for m in counts:
+            sizes = np.diff(np.floor(np.arange(num_clients + 1) / num_clients * m).astype(int))
+            covered |= sizes > 0
+        advice = "raise alpha, lower num_clients," if covered.all() else "lower num_clients"
         raise UserError(
             f"dirichlet alpha {alpha} leaves some of {num_clients} clients empty in 100 draws; "
-            "raise alpha, lower num_clients, or use partition dirichlet_balanced (every client keeps "
-            "its iid share of the examples)"
+            f"{advice} or use partition dirichlet_balanced (every client keeps its iid share of the examples)"
         )
     # by_column: one group per value, then merge the smallest or split the largest
     groups = [np.nonzero(inverse == v)[0] for v in range(len(values))]
