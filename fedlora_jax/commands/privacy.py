@@ -36,9 +36,12 @@ def _cmd_privacy(args) -> int:
     print(f"epsilon (PLD / exact): {out['epsilon_pld']:.4f}    epsilon (RDP): {rdp}")
     spread = out.get("participations_spread")
     if spread:
+        # local/dpsgd compose a client's own participations (the worst client's count); central DP's
+        # epsilon composes every round's Poisson draw of the whole population, whoever was drawn
+        of = "epsilon is for the max" if out["mode"] != "central" else "central DP's epsilon composes every round"
         print(
             f"participations per client under the seeded {args.sampling} schedule (seed {args.seed}): min "
-            f"{spread['min']}, median {spread['median']:g}, max {spread['max']} (epsilon is for the max)"
+            f"{spread['min']}, median {spread['median']:g}, max {spread['max']} ({of})"
         )
     elif out["mode"] != "central" and args.participations is None:
         print(
