@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import randomness
+from .numerics import SMALLEST_TAIL
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 SAMPLINGS = ("uniform", "poisson")
 POISSON_TAIL = 1e-12  # per-round probability that a Poisson cohort overflows its static capacity (at most)
 OVERFLOW_SHARE = 0.01  # the share of delta an overflowing cohort may add (central DP)
-SMALLEST_TAIL = 1e-300  # below it the capacity is the whole population: a cohort never overflows
 
 
 def capacity_tail(epsilon: float, delta: float, rounds: int) -> float:

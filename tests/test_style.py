@@ -51,7 +51,8 @@ def test_every_choice_list_has_one_home():
 
 def test_the_division_floor_has_one_home():
     """The guard against dividing by a zero norm, weight sum or sigma is numerics.DIVISION_FLOOR:
-    a tiny float literal elsewhere is a copy of it (there were seven, under three names)."""
+    a tiny float literal elsewhere is a copy of it (there were seven, under three names). Tiny
+    constants live in numerics.py."""
     tiny = []
     for path in sorted((ROOT / "fedlora_jax").rglob("*.py")):
         if path.name == "numerics.py":
