@@ -24,6 +24,7 @@ from .errors import UserError
 from .loop_control import StopOnSignal, closing
 from .mesh import from_process_0, initialize_distributed, make_mesh, replicate, shard_base, sync
 from .models.factory import build_model, build_model_config, build_tokenizer  # noqa: F401  (re-exported)
+from .numerics import all_finite
 from .outdir import prepare_out
 from .privacy import modes
 from .simulation import Cohort, build_round, cosine_lr, effective_base, init_state
@@ -198,10 +199,13 @@ def _finished(cfg: RunConfig, out: Path) -> bool:
     return done.get("stop_reason") == "completed" and done.get("rounds") == cfg.fl.rounds
 
 
+_all_finite = jax.jit(all_finite)  # one small program (per state structure), not an op per leaf each round
+
+
 def _finite(state) -> bool:
     """Every float of the server state (adapter, optimizer, mechanism state such as the adaptive clip) is finite."""
     leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))) if leaves else True
+    return bool(_all_finite(leaves)) if leaves else True
 
 
 def _check_budget(cfg: RunConfig, mechanism) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import randomness
-from .numerics import SMALLEST_TAIL
+from .numerics import MAX_EXP_EPSILON, SMALLEST_TAIL
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -29,14 +29,14 @@ POISSON_TAIL = 1e-12  # per-round probability that a Poisson cohort overflows it
 OVERFLOW_SHARE = 0.01  # the share of delta an overflowing cohort may add (central DP)
 
 
-def capacity_tail(epsilon: float, delta: float, rounds: int) -> float:
-    """The per-round overflow probability that keeps (1 + e^epsilon) x rounds x tail, the delta a
-    capped cohort adds to an (epsilon, delta) guarantee, within OVERFLOW_SHARE x delta (and <= POISSON_TAIL).
-    0.0 when that is below SMALLEST_TAIL (a huge epsilon): the capacity is then N and nothing overflows."""
-    log_bound = math.log(OVERFLOW_SHARE * delta / max(rounds, 1)) - math.log1p(math.exp(min(epsilon, 700.0)))
+def capacity_tail(epsilon: float, delta: float, draws: int, ceiling: float = POISSON_TAIL) -> float:
+    """The per-draw overflow probability that keeps (1 + e^epsilon) x draws x tail, the delta a capped
+    cohort (or batch) adds to an (epsilon, delta) guarantee, within OVERFLOW_SHARE x delta (and <= ceiling).
+    0.0 when that is below SMALLEST_TAIL (a huge epsilon): the capacity is then everything, nothing overflows."""
+    log_bound = math.log(OVERFLOW_SHARE * delta / max(draws, 1)) - math.log1p(math.exp(min(epsilon, MAX_EXP_EPSILON)))
     if log_bound < math.log(SMALLEST_TAIL):
         return 0.0
-    return min(POISSON_TAIL, math.exp(log_bound))
+    return min(ceiling, math.exp(log_bound))
 
 
 @functools.lru_cache(maxsize=64)

@@ -73,6 +73,17 @@ class Case:
     xfail: str | None = None
 
 
+# central DP with a given noise multiplier, for the cases on vanishing noise
+CENTRAL_MULTIPLIER = [
+    "dp.mode=central",
+    "fl.sampling=poisson",
+    "dp.scope=global",
+    "fl.num_clients=40",
+    "fl.clients_per_round=20",
+    "dp.noise=multiplier",
+]
+
+
 def cfg(id, sets, says, **kw):
     return Case(id, ["run", "tiny", "--out", "{tmp}/out", *[x for s in sets for x in ("--set", s)]], says, **kw)
 
@@ -138,12 +149,7 @@ CONFIG = [
     cfg(
         "central-z-zero",
         [
-            "dp.mode=central",
-            "fl.sampling=poisson",
-            "dp.scope=global",
-            "fl.num_clients=40",
-            "fl.clients_per_round=20",
-            "dp.noise=multiplier",
+            *CENTRAL_MULTIPLIER,
             "dp.noise_multiplier=0",
         ],
         "noise multiplier 0 adds no noise",
@@ -151,12 +157,7 @@ CONFIG = [
     cfg(
         "central-z-tiny",
         [
-            "dp.mode=central",
-            "fl.sampling=poisson",
-            "dp.scope=global",
-            "fl.num_clients=40",
-            "fl.clients_per_round=20",
-            "dp.noise=multiplier",
+            *CENTRAL_MULTIPLIER,
             "dp.noise_multiplier=1e-3",
         ],
         "effective noise multiplier 0.001 is below 0.05",
@@ -164,12 +165,7 @@ CONFIG = [
     cfg(
         "adaptive-z-zero",
         [
-            "dp.mode=central",
-            "fl.sampling=poisson",
-            "dp.scope=global",
-            "fl.num_clients=40",
-            "fl.clients_per_round=20",
-            "dp.noise=multiplier",
+            *CENTRAL_MULTIPLIER,
             "dp.adaptive_clip=true",
             "dp.noise_multiplier=0",
         ],
@@ -178,12 +174,7 @@ CONFIG = [
     cfg(
         "adaptive-z-tiny",
         [
-            "dp.mode=central",
-            "fl.sampling=poisson",
-            "dp.scope=global",
-            "fl.num_clients=40",
-            "fl.clients_per_round=20",
-            "dp.noise=multiplier",
+            *CENTRAL_MULTIPLIER,
             "dp.adaptive_clip=true",
             "dp.noise_multiplier=1e-200",
         ],

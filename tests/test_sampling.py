@@ -264,3 +264,20 @@ def test_a_run_whose_adaptive_clip_diverges_stops_and_keeps_the_last_finite_adap
     assert all(r["clip"] is not None for r in rows)
     weights = load_file(str(tmp_path / "r" / "adapter" / "adapter_model.safetensors"))
     assert weights and all(np.isfinite(w).all() for w in weights.values())
+
+
+def test_capped_cohorts_overflow_as_often_as_the_delta_term_assumes():
+    """Attack on the implementation behind the overflow term: the run's delta adds (1 + e^eps) x rounds x
+    P(overflow), where P(overflow) = P(Binomial(N, q) > C) is what poisson_capacity reports. At a tail large
+    enough to observe (5%), the seeded schedule's cohorts reach the capacity C exactly as often as
+    P(X >= C) = overflow + P(X = C) says (Monte Carlo over 4,000 rounds, 4 standard errors), and never exceed it."""
+    n, k, tail, rounds = 200, 20, 0.05, 4000
+    cap, overflow = sampling.poisson_capacity(n, k, tail)
+    assert overflow <= tail
+    full = 0
+    for r in range(rounds):
+        ids, valid = sampling.sample_round(11, n, k, "poisson", r, tail)
+        assert len(ids) == cap and valid.sum() <= cap
+        full += int(valid.sum() == cap)
+    p = overflow + float(stats.binom.pmf(cap, n, k / n))
+    assert abs(full / rounds - p) <= 4 * np.sqrt(p * (1 - p) / rounds)

@@ -12,11 +12,11 @@ import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
 from ..errors import UserError
+from ..numerics import MAX_EXP_EPSILON
 
 MODES = ("local", "central", "dpsgd")
 NEIGHBOURING = ("replace-one", "add-remove")
 PLD_DISCRETIZATION = 1e-3
-MAX_EXP_EPSILON = 700.0  # exp() of a larger epsilon overflows a float64
 
 
 # Below this effective noise multiplier a Poisson-sampled Gaussian's PLD needs a support too large

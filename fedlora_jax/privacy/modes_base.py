@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import algorithms, sampling
 from ..data.batches import BATCH_TAIL
 from ..errors import UserError
+from ..numerics import all_finite as _all_finite
 from ..pytypes import Array, Key, Tree
 from . import accounting as acc
 
@@ -166,10 +166,6 @@ class Mechanism:
 
 
 register(Mechanism)
-
-
-def _all_finite(tree: Tree) -> Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class _DP(Mechanism):

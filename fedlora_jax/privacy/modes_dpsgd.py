@@ -49,7 +49,7 @@ class DPSGD(_DP):
         acc.check_sampled_noise(z, "dp.mode dpsgd")
         # padded batches add (1 + e^eps) x steps x tail to delta: the tail follows the planned epsilon
         eps_plan = dp.epsilon if dp.noise == "calibrate" else acc.sampled_epsilon(z, q, steps, dp.delta)[0]
-        self.batch_tail = min(BATCH_TAIL, sampling.capacity_tail(eps_plan, dp.delta, steps))
+        self.batch_tail = sampling.capacity_tail(eps_plan, dp.delta, steps, ceiling=BATCH_TAIL)
         if sizes is None:
             capacity, overflow = poisson_capacity_bound(fl.batch_size, self.batch_tail or sampling.SMALLEST_TAIL), 0.0
         else:
