@@ -166,7 +166,7 @@ class FLSection:
     server_b1: float = 0.9
     server_b2: float = 0.99
     server_tau: float = 1e-3
-    clients_per_chunk: int | None = None  # run clients in chunks of this size (memory ~ chunk)
+    clients_per_chunk: int | None = None  # clients vmapped at once (memory ~ chunk); unset: plan.auto_chunk
     # the device mesh: N (each chunk's clients over N devices) or [clients, model] (the base also
     # split over 'model' devices: for bases that do not fit one chip); see fedlora_jax.mesh
     devices: tuple[int, ...] = (1,)

@@ -14,6 +14,7 @@ the only readers of a RunConfig here. keys: randomness.round_keys(seed, round), 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +29,7 @@ from . import mesh as mesh_lib
 from .algorithms import ClientHook, client_hook, server_optimizer
 from .client import client_update
 from .models import Definition
+from .plan import auto_chunk
 from .privacy.modes import Mechanism
 from .pytypes import Array, ArrayLike, Key, Tree
 
@@ -101,7 +103,7 @@ class RoundParts:
     definition: Definition | None
     num_clients: int
     expected_cohort: int  # fl.clients_per_round: central DP's fixed denominator
-    chunk: int | None = None  # clients vmapped at once (None: the whole cohort)
+    chunk: int | None = None  # clients vmapped at once (None: plan.auto_chunk)
     hetero: bool = False  # client ranks differ
 
     def init(self, lora: Tree) -> ServerState:
@@ -163,7 +165,8 @@ def make_round(
     the second call compiles nothing. donate=True lets XLA reuse the old state's buffers (the
     caller must not touch the state it passed in again).
 
-    Clients run in chunks of parts.chunk (default: the whole cohort) under lax.scan, vmapped within
+    Clients run in chunks of parts.chunk (default plan.auto_chunk: the whole cohort on accelerators,
+    ~2,048 tokens per local step on CPU) under lax.scan, vmapped within
     a chunk; each chunk is folded into running sums, so memory grows with the chunk, not the cohort.
     A cohort that the chunk does not divide is padded with invalid clients.
     mesh: a ('clients', 'model') jax.sharding.Mesh (fedlora_jax.mesh): each chunk's clients are
@@ -223,8 +226,10 @@ def make_round(
             base = jax.lax.with_sharding_constraint(base, mesh_lib.base_shardings(base, mesh))
         base_eff = effective_base(base, state)
         size = cohort.ids.shape[0]
-        c = min(parts.chunk or size, size)
         spread = mesh_lib.clients_size(mesh)  # every 'clients' row gets as many slots (padding if needed)
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        tokens = math.prod(cohort.batches["tokens"].shape[2:])  # [K, steps, batch, seq]: per local step
+        c = min(parts.chunk or auto_chunk(size, tokens, platform, spread), size)
         c = -(-c // spread) * spread
         n_chunks = -(-size // c)
         fills = Cohort({k: 0 for k in cohort.batches}, 0, num_clients, 1, False)

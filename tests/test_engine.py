@@ -442,3 +442,48 @@ def test_learning_rate_schedule_is_the_papers_cosine_from_optax():
     assert cosine_lr(0, rounds, lr, lr_min) == pytest.approx(lr, rel=1e-7)
     assert cosine_lr(rounds, rounds, lr, lr_min) == pytest.approx(lr_min, rel=1e-6)
     assert cosine_lr(5, rounds, 0.0, 0.0) == 0.0
+
+
+def test_auto_chunk_takes_the_fewest_equal_chunks_within_the_cpu_token_target():
+    from fedlora_jax.plan import CPU_TOKENS_PER_CHUNK, auto_chunk
+
+    for cohort in (1, 2, 3, 7, 64, 100, 257, 10_674):
+        for tokens in (1, 24, 64, 256, 2048, 5000):
+            for rows in (1, 2, 8):
+                assert auto_chunk(cohort, tokens, "gpu", rows) == cohort  # accelerators: the whole cohort
+                c = auto_chunk(cohort, tokens, "cpu", rows)
+                target = max(1, rows * CPU_TOKENS_PER_CHUNK // tokens)
+                n = -(-cohort // c)
+                assert 1 <= c <= min(cohort, target)
+                assert n == -(-cohort // target)  # no more chunks than the target needs
+                assert n * c - cohort < n  # equal chunks: less than one padded slot per chunk
+
+
+def test_an_unset_chunk_runs_cpu_rounds_in_chunks_that_equal_the_whole_cohort(monkeypatch):
+    from fedlora_jax import plan as plan_mod
+
+    cfg, definition, base, lora, block = _setup(extra=LOCAL)
+    noise = modes.build(cfg, lora)
+    whole = load_config(
+        "tiny",
+        [
+            "fl.num_clients=5",
+            f"fl.clients_per_round={K}",
+            f"fl.local_steps={STEPS}",
+            f"fl.batch_size={B}",
+            "fl.lr=1e-2",
+            f"fl.clients_per_chunk={K}",
+            *LOCAL,
+        ],
+    )
+    assert cfg.fl.clients_per_chunk is None and jax.default_backend() == "cpu"
+    monkeypatch.setattr(plan_mod, "CPU_TOKENS_PER_CHUNK", B * S)  # one client's step: chunks of 1
+    state = init_state(cfg, lora, 5)
+    auto_fn, whole_fn = build_round(definition, cfg, noise, 5), build_round(definition, whole, noise, 5)
+    out, m = auto_fn(state, base, *_args(block))
+    ref, ref_m = whole_fn(init_state(whole, lora, 5), base, *_args(block))
+    _same_state(out, ref)
+    assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-6)
+    # it did chunk: a third of the clients' activations alive at once
+    mem = lambda fn, c: fn.lower(init_state(c, lora, 5), base, *_args(block)).compile().memory_analysis()
+    assert mem(auto_fn, cfg).temp_size_in_bytes < 0.7 * mem(whole_fn, whole).temp_size_in_bytes

@@ -809,7 +809,7 @@ def check_rounds():
     """vmapped round == a loop of single-client updates (same keys); chunked == unchunked."""
     p = P["check_model"]
     _, definition, base, lora, block = setup(p, head_scale=12.5)
-    cfg = run_config(p, lr=3e-3)
+    cfg = run_config(p, p["clients"], lr=3e-3)  # the whole cohort at once (unset: auto_chunk)
     k = p["clients"]
     # on a CPU the default precision is float32 already: the second pass would repeat the first
     precisions = (("highest", "exact_f32"),) + (

@@ -165,7 +165,7 @@ def _cmd_data(args) -> int:
 
 def _cmd_plan(args) -> int:
     from ..config import load_config
-    from ..plan import plan
+    from ..plan import CPU_TOKENS_PER_CHUNK, plan
 
     _finite("--device-memory", args.device_memory, low=0, low_open=True)
     cfg = load_config(args.config, args.set)
@@ -196,6 +196,12 @@ def _cmd_plan(args) -> int:
     )
     print(f"  activations per client:     {e['activation_bytes_per_client'] / gib:8.3f} GiB")
     print(f"  per client in a chunk:      {e['per_client_bytes'] / gib:8.3f} GiB")
+    if "auto_clients_per_chunk" in out:
+        auto = out["auto_clients_per_chunk"]
+        print(
+            f"clients_per_chunk unset: a round runs {auto['cpu']} clients at once on CPU "
+            f"(~{CPU_TOKENS_PER_CHUNK:,} tokens per step per device), {auto['accelerator']} on an accelerator"
+        )
     if "largest_clients_per_chunk" in out:
         print(
             f"largest clients_per_chunk on {args.device_memory:g} GiB (90% usable)"
