@@ -10,7 +10,11 @@ For the cross-device and mid regimes of scale_bench.py:
    attention with a group axis of size 1 (when there is no GQA) against without; and changes tried
    and not kept because they measured slower (per-client merging of W + s B A; attention with a
    hand-written backward);
-3. share of this machine's measured float32 matmul peak from the analytic FLOPs.
+3. share of this machine's float32 matmul peak (measured between the rounds) from the analytic
+   FLOPs, and the matmul bound: the round's dots timed one by one, the least time any fusion of
+   the rest of the round could reach with this matmul library;
+4. the chunk a round picks when fl.clients_per_chunk is unset (plan.auto_chunk) against the
+   regime's chunk (the whole cohort at once in the mid regime).
 
     python experiments/bench/efficiency_bench.py [--reps 5]   # -> results/efficiency.{json,md}
 """
@@ -36,6 +40,7 @@ import scale_bench as sb
 import fedlora_jax.models as models
 from fedlora_jax import randomness
 from fedlora_jax.models import layers, llama
+from fedlora_jax.plan import auto_chunk
 from fedlora_jax.privacy import modes
 from fedlora_jax.simulation import Cohort, build_round, init_state
 
@@ -110,22 +115,31 @@ def hand_backward_attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale):
     return _mha(q_bshd, k_bskd, v_bskd, allowed_bst, scale).reshape(b, s, h * d)
 
 
-# each variant: (the loss, the attention, Linear.__call__); "before" is the code before this bench's
-# changes; "tried" variants measured slower than "now" and were not kept
+# each variant: (the loss, the attention, Linear.__call__, the chunk); "before" is the code before this
+# bench's changes; "tried" variants measured slower than the one above them and were not kept. The
+# chunk: "regime" is the regime's clients_per_chunk (the whole cohort if it sets none: the default
+# before auto_chunk), None leaves it unset (plan.auto_chunk picks it)
 VARIANTS = {
-    "before": (unfused_token_nll, grouped_attention, LINEAR_CALL),
-    "+ fused loss": (FUSED_TOKEN_NLL, grouped_attention, LINEAR_CALL),
-    "now (+ attention without a size-1 group axis)": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL),
-    "tried: now + per-client merge W + sBA": (FUSED_TOKEN_NLL, ATTENTION, merged_linear_call),
-    "tried: now + attention with a hand-written backward": (FUSED_TOKEN_NLL, hand_backward_attention, LINEAR_CALL),
+    "before": (unfused_token_nll, grouped_attention, LINEAR_CALL, "regime"),
+    "+ fused loss": (FUSED_TOKEN_NLL, grouped_attention, LINEAR_CALL, "regime"),
+    "+ attention without a size-1 group axis": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL, "regime"),
+    "tried: + per-client merge W + sBA": (FUSED_TOKEN_NLL, ATTENTION, merged_linear_call, "regime"),
+    "tried: + attention with a hand-written backward": (
+        FUSED_TOKEN_NLL,
+        hand_backward_attention,
+        LINEAR_CALL,
+        "regime",
+    ),
+    "now (+ chunk unset: auto_chunk)": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL, None),
 }
-BEFORE, NOW = "before", "now (+ attention without a size-1 group axis)"
+BEFORE, NOW = "before", "now (+ chunk unset: auto_chunk)"
 
 
 def compiled_round(p, definition, base, lora, block, variant):
-    models.token_nll, llama.attention, layers.Linear.__call__ = variant  # looked up at trace time
+    *fns, chunk = variant
+    models.token_nll, llama.attention, layers.Linear.__call__ = fns  # looked up at trace time
     try:
-        cfg = sb.cfg_for(p, p["chunk"])
+        cfg = sb.cfg_for(p, (p["chunk"] or p["clients"]) if chunk == "regime" else chunk)
         fn = build_round(definition, cfg, modes.build(cfg, lora), p["clients"])
         state = init_state(cfg, lora, p["clients"])
         k = p["clients"]
@@ -186,8 +200,10 @@ def classify(line, body, p):
 
 
 def profile(compiled, args, p, rounds=2):
-    """Milliseconds per round by class, from a jax.profiler trace of `rounds` rounds."""
-    ops = _hlo_ops(compiled.as_text())
+    """Milliseconds per round by class, from a jax.profiler trace of `rounds` rounds; and the
+    matmul bound: every dot of the round timed by itself (matmul_bound)."""
+    text = compiled.as_text()
+    ops = _hlo_ops(text)
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(rounds):
@@ -195,12 +211,52 @@ def profile(compiled, args, p, rounds=2):
         (trace,) = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
         events = json.load(gzip.open(trace))
     events = events["traceEvents"] if isinstance(events, dict) else events
-    ms = collections.Counter()
+    ms, calls = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e["name"] in ops:
             ms[classify(*ops[e["name"]], p)] += e["dur"] / 1e3 / rounds
+            calls[e["name"]] += 1 / rounds
     total = sum(ms.values())
-    return {k: {"ms": v, "share": v / total} for k, v in ms.most_common()}
+    return {k: {"ms": v, "share": v / total} for k, v in ms.most_common()}, matmul_bound(text, ops, calls)
+
+
+def _dims(spec, key):
+    m = re.search(key + r"=\{([\d,]*)\}", spec)
+    return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def matmul_bound(text, ops, calls, reps=20):
+    """Milliseconds per round that the round's dots take when each runs by itself on the whole
+    machine (operand shapes and dimension numbers from the compiled HLO, how often each runs from
+    the trace): a lower bound on the round time with this matmul library, whatever fusion of the
+    rest (elementwise work, copies, softmax) a compiler or hand-written kernel might reach."""
+    found = re.findall(r"%([\w.\-]+) = f32\[([\d,]*)\]", text)
+    shapes = {n: tuple(int(d) for d in s.split(",") if d) for n, s in found}
+    cache, total = {}, 0.0
+    for name, n in calls.items():
+        line, body = ops[name]
+        for d in [x for x in body if " dot(" in x] or ([line] if " dot(" in line else []):
+            lhs, rhs = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", d).groups()
+            dn = ((_dims(d, "lhs_contracting_dims"), _dims(d, "rhs_contracting_dims")),
+                  (_dims(d, "lhs_batch_dims"), _dims(d, "rhs_batch_dims")))  # fmt: skip
+            key = (shapes[lhs], shapes[rhs], dn)
+            if key not in cache:  # `reps` dots in one program (no dispatch per dot); the barrier
+                # keeps XLA from hoisting the loop-invariant dot out of the loop
+                dot = functools.partial(jax.lax.dot_general, dimension_numbers=dn)
+                a, b = jnp.ones(shapes[lhs]), jnp.ones(shapes[rhs])
+
+                def body(_, c, dot=dot):
+                    x, y, _ = jax.lax.optimization_barrier(c)
+                    return x, y, dot(x, y)
+
+                z = jnp.zeros_like(dot(a, b))
+                f = jax.jit(lambda x, y, body=body, z=z: jax.lax.fori_loop(0, reps, body, (x, y, z)))
+                jax.block_until_ready(f(a, b))
+                t = time.perf_counter()
+                jax.block_until_ready(f(a, b))
+                cache[key] = (time.perf_counter() - t) / reps * 1e3
+            total += n * cache[key]
+    return total
 
 
 def main():
@@ -209,8 +265,7 @@ def main():
     ap.add_argument("--regimes", default="cross-device,mid")
     ap.add_argument("--out", default="experiments/bench/results/efficiency.json")
     a = ap.parse_args()
-    peak = sb.matmul_peak()
-    rows = []
+    rows, peaks = [], []
     for name in a.regimes.split(","):
         p = sb.REGIMES[name]
         _, definition, base, lora, block = sb.setup(p)
@@ -221,31 +276,47 @@ def main():
             for v in out
         }
         times = {v: [] for v in rounds}
-        for _ in range(a.reps):  # interleaved
+        for _ in range(a.reps):  # interleaved, with the peak: the machine is shared
+            peaks.append(sb.matmul_peak())
             for v, (c, args) in rounds.items():
                 t = time.perf_counter()
                 jax.block_until_ready(c(*args))
                 times[v].append(time.perf_counter() - t)
         med = {v: float(np.median(t)) for v, t in times.items()}
+        peak = float(np.median(peaks[-a.reps :]))
         flops = sb.analytic_flops(p, base)
+        prof, bound_ms = profile(*rounds[NOW], p)
         row = {
             "regime": name,
+            "auto_chunk": auto_chunk(p["clients"], p["batch"] * p["seq"], "cpu"),
+            "matmul_peak_gflops_median": peak / 1e9,
             "median_round_s": med,
             "speedup_over_before": {v: med[BEFORE] / s for v, s in med.items()},
             "share_of_peak": {v: flops / s / peak for v, s in med.items()},
             "max_abs_state_difference_from_before": diff,
-            "profile_now": profile(*rounds[NOW], p),
+            "profile_now": prof,
+            "matmul_bound_s": bound_ms / 1e3,
+            "matmul_bound_share_of_peak": flops / (bound_ms / 1e3) / peak,
             "times": times,
+            "peaks_gflops": [x / 1e9 for x in peaks[-a.reps :]],
         }
         print(json.dumps({k: v for k, v in row.items() if k != "times"}, indent=1), flush=True)
         rows.append(row)
-    res = {"matmul_peak_gflops": peak / 1e9, "cpus": jax.device_count(), "rows": rows}
+    res = {"cpus": jax.device_count(), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
-    md = [f"Measured float32 matmul peak: {peak / 1e9:.0f} GFLOP/s.", ""]
+    md = [
+        "Share of peak: the analytic FLOPs of a round (scale_bench.analytic_flops) over its median time, "
+        "against the median float32 matmul peak (2048^2) measured between the rounds of the same run. "
+        "Matmul bound: every dot of the round (now) timed by itself, many in one program, as often as "
+        "the round runs it; no fusion of the rest of the round can make it faster than that.",
+        "",
+    ]
     for r in rows:
         md += [
-            f"**{r['regime']}**",
+            f"**{r['regime']}** (peak {r['matmul_peak_gflops_median']:.0f} GFLOP/s; auto_chunk "
+            f"{r['auto_chunk']} clients; matmul bound {r['matmul_bound_s']:.3f} s = "
+            f"{r['matmul_bound_share_of_peak']:.0%} of peak)",
             "",
             "| variant | round s (median) | vs before | share of peak |",
             "| --- | --- | --- | --- |",
