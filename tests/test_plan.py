@@ -50,3 +50,15 @@ def test_plan_sizes_a_poisson_round_by_its_capacity_not_k():
     assert out["largest_clients_per_chunk"] <= cap
     central = sets + ["dp.mode=central", "dp.scope=global", "dp.noise=calibrate", "dp.epsilon=25", "fl.rounds=200"]
     assert plan(load_config("tiny", central))["cohort_slots"] > cap  # a smaller tail at epsilon 25
+
+
+def test_plan_says_which_chunk_an_unset_clients_per_chunk_becomes(capsys):
+    sets = ["fl.num_clients=64", "fl.clients_per_round=64", "data.seq_len=64", "fl.batch_size=4"]
+    out = plan(load_config("tiny", sets))
+    # 2,048 tokens per step / (4 x 64 tokens per client) = 8 clients per chunk on CPU
+    assert out["auto_clients_per_chunk"] == {"cpu": 8, "accelerator": 64}
+    out = plan(load_config("tiny", [*sets, "fl.devices=4"]))  # four 'clients' rows: four times as many
+    assert out["auto_clients_per_chunk"]["cpu"] == 32
+    assert "auto_clients_per_chunk" not in plan(load_config("tiny", [*sets, "fl.clients_per_chunk=5"]))
+    assert cli.main(["plan", "tiny", *(x for s in sets for x in ("--set", s))]) == 0
+    assert "runs 8 clients at once on CPU" in capsys.readouterr().out
