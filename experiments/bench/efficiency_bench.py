@@ -133,13 +133,14 @@ VARIANTS = {
     "now (+ chunk unset: auto_chunk)": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL, None),
 }
 BEFORE, NOW = "before", "now (+ chunk unset: auto_chunk)"
+BEFORE_CHUNK = {"cross-device": 128}  # scale_bench's chunks before auto_chunk (others: the whole cohort)
 
 
 def compiled_round(p, definition, base, lora, block, variant):
     *fns, chunk = variant
     models.token_nll, llama.attention, layers.Linear.__call__ = fns  # looked up at trace time
     try:
-        cfg = sb.cfg_for(p, (p["chunk"] or p["clients"]) if chunk == "regime" else chunk)
+        cfg = sb.cfg_for(p, BEFORE_CHUNK.get(p["name"], p["clients"]) if chunk == "regime" else chunk)
         fn = build_round(definition, cfg, modes.build(cfg, lora), p["clients"])
         state = init_state(cfg, lora, p["clients"])
         k = p["clients"]
@@ -267,7 +268,7 @@ def main():
     a = ap.parse_args()
     rows, peaks = [], []
     for name in a.regimes.split(","):
-        p = sb.REGIMES[name]
+        p = {**sb.REGIMES[name], "name": name}
         _, definition, base, lora, block = sb.setup(p)
         rounds = {v: compiled_round(p, definition, base, lora, block, f) for v, f in VARIANTS.items()}
         out = {v: jax.block_until_ready(c(*args)) for v, (c, args) in rounds.items()}

@@ -5,6 +5,13 @@ import sys
 from pathlib import Path
 
 
+def chunk_label(p, x) -> str:
+    """The chunk a regime ran: set, unset (auto_chunk's pick), or the whole cohort (before auto_chunk)."""
+    if p["chunk"]:
+        return str(p["chunk"])
+    return f"unset: auto {x['chunk']}" if "chunk" in x else "all"
+
+
 def write(path) -> str:
     path = Path(path)
     r = json.loads(path.read_text())
@@ -20,7 +27,7 @@ def write(path) -> str:
     for name, x in r["regimes"].items():
         p = x["params"]
         lines.append(
-            f"| {name} | {p['clients']} (chunk {p['chunk'] or 'all'}) | {x['ours']['client_updates_per_s']:.2f} | "
+            f"| {name} | {p['clients']} (chunk {chunk_label(p, x)}) | {x['ours']['client_updates_per_s']:.2f} | "
             f"{x['sequential_jax']['client_updates_per_s']:.2f} | {x['torch_peft']['client_updates_per_s']:.2f} | "
             f"{x['speedup_vs_torch_peft']:.2f}x | {x['speedup_vs_sequential_jax']:.2f}x | "
             f"{x['achieved_flops'] / 1e9:.1f} ({x['fraction_of_matmul_peak']:.0%}) | {x['ours']['compile_s']:.1f} |"
