@@ -33,9 +33,10 @@ if TYPE_CHECKING:
 
 ADAPTER_COPIES = 6  # local factors, start point, gradient, two AdamW moments, the release
 # With fl.clients_per_chunk unset, a CPU round vmaps about this many tokens per local step on each
-# device: measured 1.10-1.17x faster than the whole cohort at once in four regimes (hidden 64-256,
-# 64-256 clients; experiments/bench/efficiency_bench.py), as the matmuls keep ~2,048 rows and a
-# step's activations stay in cache. Accelerators run the whole cohort at once.
+# device: 1.11-1.26x faster than the whole cohort at once in four regimes (hidden 64-256, 32-256
+# clients, sequence 32-128) and within 1% of the best chunk in each
+# (experiments/bench/chunk_bench.py): the matmuls keep ~2,048 rows and a step's activations stay
+# in cache. Accelerators run the whole cohort at once.
 CPU_TOKENS_PER_CHUNK = 2048
 
 
