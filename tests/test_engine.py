@@ -487,3 +487,36 @@ def test_an_unset_chunk_runs_cpu_rounds_in_chunks_that_equal_the_whole_cohort(mo
     # it did chunk: a third of the clients' activations alive at once
     mem = lambda fn, c: fn.lower(init_state(c, lora, 5), base, *_args(block)).compile().memory_analysis()
     assert mem(auto_fn, cfg).temp_size_in_bytes < 0.7 * mem(whole_fn, whole).temp_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    "dp",
+    [
+        LOCAL,
+        ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.scope=global"],
+    ],
+)
+def test_an_unset_chunk_on_a_two_row_mesh_equals_the_whole_cohort_on_one_device(monkeypatch, dp):
+    # one client's step per row: chunks of 2 (one per row) over 3 clients, one padded slot
+    from fedlora_jax import plan as plan_mod
+    from fedlora_jax.mesh import make_mesh
+
+    base_sets = [
+        "fl.num_clients=5",
+        f"fl.clients_per_round={K}",
+        f"fl.local_steps={STEPS}",
+        f"fl.batch_size={B}",
+        "fl.lr=1e-2",
+        *dp,
+    ]
+    _, definition, base, lora, block = _setup(extra=dp)
+    whole = load_config("tiny", [*base_sets, f"fl.clients_per_chunk={K}"])
+    auto = load_config("tiny", [*base_sets, "fl.devices=2"])
+    noise = modes.build(whole, lora)
+    ref, ref_m = build_round(definition, whole, noise, 5)(init_state(whole, lora, 5, noise), base, *_args(block))
+    monkeypatch.setattr(plan_mod, "CPU_TOKENS_PER_CHUNK", B * S)
+    assert plan_mod.auto_chunk(K, B * S, "cpu", rows=2) == 2
+    fn = build_round(definition, auto, noise, 5, mesh=make_mesh(2))
+    out, m = fn(init_state(auto, lora, 5, noise), base, *_args(block))
+    _same_state(out, ref)
+    assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-6) and int(m["dropped"]) == 0
