@@ -9,7 +9,7 @@ For the cross-device and mid regimes of scale_bench.py:
    loss unfused (log_softmax + take_along_axis under autodiff) against fused (models/loss.py), and
    attention with a group axis of size 1 (when there is no GQA) against without; and changes tried
    and not kept because they measured slower (per-client merging of W + s B A; attention with a
-   hand-written backward);
+   hand-written backward; q, k and v as one matmul);
 3. share of this machine's float32 matmul peak (measured between the rounds) from the analytic
    FLOPs, and the matmul bound: the round's dots timed one by one, the least time any fusion of
    the rest of the round could reach with this matmul library;
@@ -47,6 +47,7 @@ from fedlora_jax.simulation import Cohort, build_round, init_state
 FUSED_TOKEN_NLL = models.token_nll
 ATTENTION = layers.attention
 LINEAR_CALL = layers.Linear.__call__
+ATTENTION_CALL = llama.Attention.__call__
 
 
 def unfused_token_nll(definition, base, lora, tokens, mask, loss_mask=None):
@@ -115,22 +116,46 @@ def hand_backward_attention(q_bshd, k_bskd, v_bskd, allowed_bst, scale):
     return _mha(q_bshd, k_bskd, v_bskd, allowed_bst, scale).reshape(b, s, h * d)
 
 
-# each variant: (the loss, the attention, Linear.__call__, the chunk); "before" is the code before this
-# bench's changes; "tried" variants measured slower than the one above them and were not kept. The
-# chunk: "regime" is the regime's clients_per_chunk (the whole cohort if it sets none: the default
-# before auto_chunk), None leaves it unset (plan.auto_chunk picks it)
+def _lora_term(lin, x):
+    dt = x.dtype
+    return ((x @ lin.lora_a[...].astype(dt).T) @ lin.lora_b[...].astype(dt).T) * jnp.asarray(lin.lora_scale, dt)
+
+
+def fused_qkv_call(self, x, cos, sin, allowed):
+    """Tried, not kept: q, k and v from one matmul with their kernels concatenated (a 3x wider
+    matmul runs faster alone), sliced after; their LoRA terms added to the slices."""
+    b, s, _ = x.shape
+    h, kv, d = self.shape
+    dt = x.dtype
+    lins = (self.q_proj, self.k_proj, self.v_proj)
+    if any(lin.bias is not None for lin in lins):
+        return ATTENTION_CALL(self, x, cos, sin, allowed)
+    y = x @ jnp.concatenate([lin.kernel[...] for lin in lins], axis=1).astype(dt)
+    q, k, v = y[..., : h * d], y[..., h * d : (h + kv) * d], y[..., (h + kv) * d :]
+    q, k, v = (t if lin.lora_a is None else t + _lora_term(lin, x) for t, lin in zip((q, k, v), lins))
+    q = layers.apply_rope(q.reshape(b, s, h, d), cos, sin)
+    k = layers.apply_rope(k.reshape(b, s, kv, d), cos, sin)
+    return self.o_proj(llama.attention(q, k, v.reshape(b, s, kv, d), allowed, d**-0.5))
+
+
+# each variant: (the loss, the attention, Linear.__call__, Attention.__call__, the chunk); "before" is
+# the code before this bench's changes; "tried" variants measured slower than the one above them and
+# were not kept. The chunk: "regime" is the regime's clients_per_chunk before auto_chunk (the whole
+# cohort if it set none), None leaves it unset (plan.auto_chunk picks it)
 VARIANTS = {
-    "before": (unfused_token_nll, grouped_attention, LINEAR_CALL, "regime"),
-    "+ fused loss": (FUSED_TOKEN_NLL, grouped_attention, LINEAR_CALL, "regime"),
-    "+ attention without a size-1 group axis": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL, "regime"),
-    "tried: + per-client merge W + sBA": (FUSED_TOKEN_NLL, ATTENTION, merged_linear_call, "regime"),
+    "before": (unfused_token_nll, grouped_attention, LINEAR_CALL, ATTENTION_CALL, "regime"),
+    "+ fused loss": (FUSED_TOKEN_NLL, grouped_attention, LINEAR_CALL, ATTENTION_CALL, "regime"),
+    "+ attention without a size-1 group axis": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL, ATTENTION_CALL, "regime"),
+    "tried: + per-client merge W + sBA": (FUSED_TOKEN_NLL, ATTENTION, merged_linear_call, ATTENTION_CALL, "regime"),
     "tried: + attention with a hand-written backward": (
         FUSED_TOKEN_NLL,
         hand_backward_attention,
         LINEAR_CALL,
+        ATTENTION_CALL,
         "regime",
     ),
-    "now (+ chunk unset: auto_chunk)": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL, None),
+    "now (+ chunk unset: auto_chunk)": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL, ATTENTION_CALL, None),
+    "tried: now + q, k, v as one matmul": (FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL, fused_qkv_call, None),
 }
 BEFORE, NOW = "before", "now (+ chunk unset: auto_chunk)"
 BEFORE_CHUNK = {"cross-device": 128}  # scale_bench's chunks before auto_chunk (others: the whole cohort)
@@ -138,7 +163,7 @@ BEFORE_CHUNK = {"cross-device": 128}  # scale_bench's chunks before auto_chunk (
 
 def compiled_round(p, definition, base, lora, block, variant):
     *fns, chunk = variant
-    models.token_nll, llama.attention, layers.Linear.__call__ = fns  # looked up at trace time
+    models.token_nll, llama.attention, layers.Linear.__call__, llama.Attention.__call__ = fns  # read at trace time
     try:
         cfg = sb.cfg_for(p, BEFORE_CHUNK.get(p["name"], p["clients"]) if chunk == "regime" else chunk)
         fn = build_round(definition, cfg, modes.build(cfg, lora), p["clients"])
@@ -148,7 +173,8 @@ def compiled_round(p, definition, base, lora, block, variant):
         args = (state, base, cohort, randomness.round_keys(0, 0), jnp.float32(1e-3))
         return fn.lower(*args).compile(), args
     finally:
-        models.token_nll, llama.attention, layers.Linear.__call__ = FUSED_TOKEN_NLL, ATTENTION, LINEAR_CALL
+        models.token_nll, llama.attention = FUSED_TOKEN_NLL, ATTENTION
+        layers.Linear.__call__, llama.Attention.__call__ = LINEAR_CALL, ATTENTION_CALL
 
 
 def _hlo_ops(text):
