@@ -22,8 +22,8 @@ from fedlora_jax.simulation import Cohort, build_round, init_state
 K, STEPS, B, S = 3, 2, 2, 12
 
 
-def _setup(algorithm="fedavg", aggregation="mean", extra=()):
-    cfg = load_config(
+def _config(algorithm="fedavg", aggregation="mean", extra=()):
+    return load_config(
         "tiny",
         [
             f"fl.algorithm={algorithm}",
@@ -36,6 +36,10 @@ def _setup(algorithm="fedavg", aggregation="mean", extra=()):
             *extra,
         ],
     )
+
+
+def _setup(algorithm="fedavg", aggregation="mean", extra=()):
+    cfg = _config(algorithm, aggregation, extra)
     mc = ModelConfig(
         "llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64
     )
@@ -464,18 +468,7 @@ def test_an_unset_chunk_runs_cpu_rounds_in_chunks_that_equal_the_whole_cohort(mo
 
     cfg, definition, base, lora, block = _setup(extra=LOCAL)
     noise = modes.build(cfg, lora)
-    whole = load_config(
-        "tiny",
-        [
-            "fl.num_clients=5",
-            f"fl.clients_per_round={K}",
-            f"fl.local_steps={STEPS}",
-            f"fl.batch_size={B}",
-            "fl.lr=1e-2",
-            f"fl.clients_per_chunk={K}",
-            *LOCAL,
-        ],
-    )
+    whole = _config(extra=[*LOCAL, f"fl.clients_per_chunk={K}"])
     assert cfg.fl.clients_per_chunk is None and jax.default_backend() == "cpu"
     monkeypatch.setattr(plan_mod, "CPU_TOKENS_PER_CHUNK", B * S)  # one client's step: chunks of 1
     state = init_state(cfg, lora, 5)
@@ -501,17 +494,8 @@ def test_an_unset_chunk_on_a_two_row_mesh_equals_the_whole_cohort_on_one_device(
     from fedlora_jax import plan as plan_mod
     from fedlora_jax.mesh import make_mesh
 
-    base_sets = [
-        "fl.num_clients=5",
-        f"fl.clients_per_round={K}",
-        f"fl.local_steps={STEPS}",
-        f"fl.batch_size={B}",
-        "fl.lr=1e-2",
-        *dp,
-    ]
     _, definition, base, lora, block = _setup(extra=dp)
-    whole = load_config("tiny", [*base_sets, f"fl.clients_per_chunk={K}"])
-    auto = load_config("tiny", [*base_sets, "fl.devices=2"])
+    whole, auto = _config(extra=[*dp, f"fl.clients_per_chunk={K}"]), _config(extra=[*dp, "fl.devices=2"])
     noise = modes.build(whole, lora)
     ref, ref_m = build_round(definition, whole, noise, 5)(init_state(whole, lora, 5, noise), base, *_args(block))
     monkeypatch.setattr(plan_mod, "CPU_TOKENS_PER_CHUNK", B * S)

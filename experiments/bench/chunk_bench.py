@@ -13,14 +13,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scale_bench as sb
 
-from fedlora_jax import randomness
 from fedlora_jax.plan import auto_chunk
-from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import Cohort, build_round, init_state
 
 REGIMES = {
     "cross-device": sb.REGIMES["cross-device"],
@@ -41,14 +37,9 @@ def main():
         auto = auto_chunk(k, tokens, "cpu")
         chunks = sorted({c for c in (k // 32, k // 16, k // 8, k // 4, k // 2, k) if c >= 1} | {auto})
         _, definition, base, lora, block = sb.setup(p)
-        cohort = Cohort.of(block, np.arange(k), np.full((k,), 8), np.ones(k, bool))
-        calls = {}
-        for c in chunks:
-            cfg = sb.cfg_for(p, c)
-            fn = build_round(definition, cfg, modes.build(cfg, lora), k)
-            args = (init_state(cfg, lora, k), base, cohort, randomness.round_keys(0, 0), jnp.float32(1e-3))
-            calls[c] = (fn.lower(*args).compile(), args)
-            jax.block_until_ready(calls[c][0](*args))
+        calls = {c: sb.compiled_round(p, definition, base, lora, block, c) for c in chunks}
+        for f, args in calls.values():
+            jax.block_until_ready(f(*args))
         times = {c: [] for c in calls}
         for _ in range(a.reps):  # interleaved: the machine is shared
             for c, (f, args) in calls.items():

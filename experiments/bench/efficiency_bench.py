@@ -38,11 +38,8 @@ import numpy as np
 import scale_bench as sb
 
 import fedlora_jax.models as models
-from fedlora_jax import randomness
 from fedlora_jax.models import layers, llama
 from fedlora_jax.plan import auto_chunk
-from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import Cohort, build_round, init_state
 
 FUSED_TOKEN_NLL = models.token_nll
 ATTENTION = layers.attention
@@ -165,13 +162,8 @@ def compiled_round(p, definition, base, lora, block, variant):
     *fns, chunk = variant
     models.token_nll, llama.attention, layers.Linear.__call__, llama.Attention.__call__ = fns  # read at trace time
     try:
-        cfg = sb.cfg_for(p, BEFORE_CHUNK.get(p["name"], p["clients"]) if chunk == "regime" else chunk)
-        fn = build_round(definition, cfg, modes.build(cfg, lora), p["clients"])
-        state = init_state(cfg, lora, p["clients"])
-        k = p["clients"]
-        cohort = Cohort.of(block, np.arange(k), np.full((k,), 8), np.ones(k, bool))
-        args = (state, base, cohort, randomness.round_keys(0, 0), jnp.float32(1e-3))
-        return fn.lower(*args).compile(), args
+        chunk = BEFORE_CHUNK.get(p["name"], p["clients"]) if chunk == "regime" else chunk
+        return sb.compiled_round(p, definition, base, lora, block, chunk)
     finally:
         models.token_nll, llama.attention = FUSED_TOKEN_NLL, ATTENTION
         layers.Linear.__call__, llama.Attention.__call__ = LINEAR_CALL, ATTENTION_CALL
