@@ -272,6 +272,10 @@ class DPSection:
             raise UserError(f"dp.stats_samples must be >= 2, got {self.stats_samples}")
         if not 0 < self.delta < 1:
             raise UserError(f"dp.delta must be in (0, 1), got {self.delta}")
+        if self.noise_seed is not None and not 0 <= self.noise_seed < 2**64:
+            raise UserError(
+                f"dp.noise_seed must be an integer in [0, 2**64) (its 64 bits are all used), got {self.noise_seed}"
+            )
 
 
 WRITERS = ("tensorboard", "wandb")  # logging.writers: optional writers besides metrics.jsonl/.csv

@@ -11,6 +11,12 @@ also fed model init: client noise equalled init weights.)
 numpy draws on the host follow the same rule: `np_rng(seed, domain, *ids)` seeds a Generator with
 [domain id, number of ids, seed, *ids]. The count matters: numpy's SeedSequence pads entropy with
 zeros, so [s, 1] and [s, 1, 0] would be the same stream.
+
+The root carries the whole seed: `root(seed)` packs a seed in [0, 2**64) into the two 32-bit words
+of a threefry2x32 key (high word, low word), so a 64-bit secret noise root stays a 64-bit secret in
+every JAX draw. (`jax.random.key(seed)` with 64-bit mode off keeps the low 32 bits: a search over
+2**32 candidate roots recovered a run's noise.) For seeds below 2**32 the root equals
+`jax.random.key(seed)`, so runs with small seeds are unchanged.
 """
 
 from __future__ import annotations
@@ -57,12 +63,38 @@ _IDS = {d: domain_id(d) for d in DOMAINS}
 assert len(set(_IDS.values())) == len(DOMAINS), "two randomness domains hash to one id"
 
 
-def key(seed: int, domain: str, *ids: ArrayLike) -> Key:
-    """The JAX key of one use: root(seed) -> domain -> ids (ints or traced int scalars)."""
-    k = jax.random.fold_in(jax.random.key(seed), _IDS[domain] if domain in _IDS else domain_id(domain))
+ROOT_BITS = 64  # the bits of a seed that reach every key (a threefry2x32 key holds 64)
+
+
+def root_words(seed: int) -> np.ndarray:
+    """The key data of root(seed): [high 32 bits, low 32 bits] as uint32."""
+    s = int(seed)
+    if not 0 <= s < 2**ROOT_BITS:
+        raise ValueError(f"a root seed must be in [0, 2**{ROOT_BITS}), got {s}")
+    return np.array([s >> 32, s & 0xFFFFFFFF], np.uint32)
+
+
+def root(seed: int) -> Key:
+    """The root key of a seed, all of its 64 bits kept (see the module's docstring)."""
+    return jax.random.wrap_key_data(root_words(seed), impl="threefry2x32")
+
+
+def derive(parent: Key, domain: str, *ids: ArrayLike) -> Key:
+    """The key of one use under a root key (typed, possibly traced): parent -> domain -> ids."""
+    k = jax.random.fold_in(parent, _IDS[domain] if domain in _IDS else domain_id(domain))
     for i in ids:
         k = jax.random.fold_in(k, i)
     return k
+
+
+def key(seed: int, domain: str, *ids: ArrayLike) -> Key:
+    """The JAX key of one use: root(seed) -> domain -> ids (ints or traced int scalars)."""
+    return derive(root(seed), domain, *ids)
+
+
+def client_key(parent: Key, client: ArrayLike) -> Key:
+    """A client's key under a round's domain key (round_keys(...)[domain]): one per client id."""
+    return jax.random.fold_in(parent, client)
 
 
 def np_rng(seed: int, domain: str, *ids: int) -> np.random.Generator:
@@ -77,9 +109,14 @@ def np_seed(seed: int, domain: str, *ids: int) -> int:
     return int(np_rng(seed, domain, *ids).integers(0, 2**32 - 1))
 
 
-def round_keys(seed: int, round_index: int) -> dict:
+ROUND_DOMAINS = ("client_noise", "server_noise", "clip_count_noise", "dpsgd_noise", "lora_reinit")
+
+
+def round_keys(seed: int, round_index: ArrayLike) -> dict:
     """The keys the jitted round draws from in round `round_index` (a pytree of typed keys)."""
-    return {
-        d: key(seed, d, round_index)
-        for d in ("client_noise", "server_noise", "clip_count_noise", "dpsgd_noise", "lora_reinit")
-    }
+    return round_keys_of(root(seed), round_index)
+
+
+def round_keys_of(root_key: Key, round_index: ArrayLike) -> dict:
+    """round_keys under a root key (typed; may be traced, e.g. one root per audit trial)."""
+    return {d: derive(root_key, d, round_index) for d in ROUND_DOMAINS}

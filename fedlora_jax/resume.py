@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import reporting
+from . import randomness, reporting
 from .checkpoint import Checkpointer
 from .config import RunConfig
 
@@ -66,7 +66,7 @@ def noise_seed(cfg: RunConfig, mechanism: Mechanism, meta: dict) -> int:
         return int(meta["noise_seed"])
     if cfg.dp.noise_seed is not None:
         return cfg.dp.noise_seed
-    return secrets.randbits(63) if mechanism.private else cfg.seed
+    return secrets.randbits(randomness.ROOT_BITS) if mechanism.private else cfg.seed
 
 
 def checkpoint_meta(

@@ -26,6 +26,7 @@ import optax
 
 from . import aggregation as agg
 from . import mesh as mesh_lib
+from . import randomness
 from .algorithms import ClientHook, client_hook, server_optimizer
 from .client import client_update
 from .models import Definition
@@ -193,10 +194,10 @@ def make_round(
             rank=rank,
             hook=hook,
             ctx=hook.context(state.hook, cid),
-            dpsgd=mechanism.dpsgd_args(jax.random.fold_in(keys["dpsgd_noise"], cid)),
+            dpsgd=mechanism.dpsgd_args(randomness.client_key(keys["dpsgd_noise"], cid)),
         )
         released = mechanism.release(
-            local, global_lora, jax.random.fold_in(keys["client_noise"], cid), rank, state.mech
+            local, global_lora, randomness.client_key(keys["client_noise"], cid), rank, state.mech
         )
         kept = mechanism.kept(released, metrics["loss"])
         return released, {**metrics, "stat": mechanism.client_stat(local, global_lora, state.mech)}, new_c, kept

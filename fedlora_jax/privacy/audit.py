@@ -34,6 +34,7 @@ audit_bounds.py; this module builds a game for a config, plays it and reports.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import TYPE_CHECKING
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import randomness, sampling
+from .. import sampling
 from ..errors import UserError
 from ..pytypes import Array
 from . import modes
@@ -57,6 +58,7 @@ from .audit_games import (  # noqa: F401  (re-exported)
     LocalGame,
     register,
 )
+from .audit_round import _ROOTS, noise_check, root_check, trial_roots
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
     from .modes import Mechanism
 
 MIN_TRIALS = 100
+VERDICT_CONFIDENCE = 0.9999  # family-wise: a correct mechanism reads VIOLATION at most 1 audit in 10,000
 
 
 # ----------------------------------------------------------------------------- driver
@@ -123,30 +126,31 @@ def _client_sizes(cfg):
     return [len(p) for p in prepare(cfg, build_tokenizer(cfg)).parts]
 
 
-def play(game: Game, trials: int, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
+def play(
+    game: Game, trials: int, chunk: int | None = None, seed: int | None = None
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(in scores, out scores, seconds to compile, seconds to run): trials // 2 games with the canary
-    in and the rest without, in one jit (lax.map over chunks of vmapped trials), each with its own
-    key randomness.key(seed, "audit", 1, world, i)."""
+    in and the rest without, in one jit (lax.map over chunks of vmapped trials), each trial with its
+    own 64-bit noise root (audit_round.trial_roots of `seed`, default the game's). The roots are an
+    argument of the compiled function: another seed compiles nothing."""
     n_in, n_out = trials // 2, trials - trials // 2
     limit = chunk or max(1, CHUNK_BYTES // max(game.per_trial_bytes, 1))
     n_chunks = -(-trials // limit)
     chunk = -(-trials // n_chunks)
     pad = n_chunks * chunk - trials  # extra out-world trials, discarded: no remainder to compile twice
     worlds = jnp.concatenate([jnp.ones(n_in, jnp.int32), jnp.zeros(n_out + pad, jnp.int32)])
-    ids = jnp.concatenate([jnp.arange(n_in), jnp.arange(n_out + pad)]).astype(jnp.int32)
-    seed = game.seed
+    words = jnp.asarray(trial_roots(game.seed if seed is None else int(seed), _ROOTS, n_in + n_out + pad))
 
-    def run(ids: Array, worlds: Array) -> Array:
-        def one(x: tuple[Array, Array]) -> Array:
-            i, w = x
-            return game.trial(randomness.key(seed, "audit", _TRIALS, w, i), w)
+    def run(words: Array, worlds: Array) -> Array:
+        return jax.lax.map(lambda x: game.trial(*x), (words, worlds), batch_size=chunk)
 
-        return jax.lax.map(one, (ids, worlds), batch_size=chunk)
-
+    cache = game.__dict__.setdefault("_compiled", {})
     t0 = time.perf_counter()
-    compiled = jax.jit(run).lower(ids, worlds).compile()
+    if (trials, chunk) not in cache:
+        cache[(trials, chunk)] = jax.jit(run).lower(words, worlds).compile()
+    compiled = cache[(trials, chunk)]
     t1 = time.perf_counter()
-    scores = np.asarray(jax.block_until_ready(compiled(ids, worlds)), np.float64)[:trials]
+    scores = np.asarray(jax.block_until_ready(compiled(words, worlds)), np.float64)[:trials]
     t2 = time.perf_counter()
     if not np.all(np.isfinite(scores)):
         raise UserError("the audit's scores are not finite (the release overflowed); lower the clip norms")
@@ -164,19 +168,25 @@ def audit(
     client_sizes: Sequence[int] | np.ndarray | None = None,
     others: str = "zero",
     chunk: int | None = None,
+    game: Game | None = None,
+    verdict_confidence: float = VERDICT_CONFIDENCE,
 ) -> dict:
-    """Play the game of the config's DP mode and report the empirical lower bound beside the
-    accountant's epsilon for exactly that game (and, in local mode, the paper's figure)."""
+    """Play the game of the config's DP mode through the real round, run the noise and root checks,
+    and report the empirical lower bound beside the accountant's epsilon for exactly that game (and,
+    in local mode, the paper's figure). game: an already built game (another seed then compiles
+    nothing). The verdict is VIOLATION when a detector fires at verdict_confidence (family-wise)."""
     if not isinstance(trials, (int, np.integer)) or trials < MIN_TRIALS:
         raise UserError(f"trials = {trials} is too few for a confidence bound; give at least {MIN_TRIALS}")
-    if not 0.5 < confidence < 1:
-        raise UserError(f"confidence must be in (0.5, 1), got {confidence}")
-    game = build_game(
-        cfg, compositions=compositions, seed=seed, mechanism=mechanism, client_sizes=client_sizes, others=others
-    )
+    for name, c in (("confidence", confidence), ("verdict_confidence", verdict_confidence)):
+        if not 0.5 < c < 1:
+            raise UserError(f"{name} must be in (0.5, 1), got {c}")
+    if game is None:
+        game = build_game(
+            cfg, compositions=compositions, seed=seed, mechanism=mechanism, client_sizes=client_sizes, others=others
+        )
     m = game.mech
     delta = m.cfg.dp.delta
-    s_in, s_out, t_compile, t_run = play(game, int(trials), chunk)
+    s_in, s_out, t_compile, t_run = play(game, int(trials), chunk, seed)
     out = {
         "mode": game.mode,
         "trials": int(trials),
@@ -187,7 +197,8 @@ def audit(
         "neighbouring": m.cfg.dp.neighbouring if game.mode == "local" else "add-remove",
         "delta": delta,
         "confidence": confidence,
-        "seed": game.seed,
+        "verdict_confidence": verdict_confidence,
+        "seed": game.seed if seed is None else int(seed),
     }
     out.update(bounds(s_in, s_out, delta, confidence, game.gaussian))
     out["mu_expected"] = game.mu_expected
@@ -195,26 +206,90 @@ def audit(
     per_release, tracker = game.paper_epsilon()
     out["epsilon_paper"] = tracker
     out["epsilon_paper_per_release"] = per_release
-    out["consistent"] = bool(out["epsilon_lower"] <= out["epsilon_accountant"])
+    out["detectors"] = detectors(game, s_in, s_out, out["epsilon_accountant"], verdict_confidence, seed)
+    fired = [k for k, d in out["detectors"].items() if d.get("fired")]
+    out["detected_by"] = fired
+    out["consistent"] = not fired
     out["paper_falsified"] = None if tracker is None else bool(out["epsilon_lower"] > tracker)
+    out["trials_needed"] = trials_needed(out, confidence)
     out["seconds_compile"], out["seconds_run"] = t_compile, t_run
     out["trials_per_second"] = trials / t_run if t_run > 0 else None
     out["verdict"] = verdict(out)
     return out
 
 
+def detectors(
+    game: Game, s_in: np.ndarray, s_out: np.ndarray, eps_acc: float, verdict_confidence: float, seed: int | None
+) -> dict:
+    """Each detector with its evidence and whether it fired. The verdict's level 1 - verdict_confidence
+    is split evenly (Bonferroni) over the statistical ones: lower bound, shape, noise."""
+    alpha = (1 - verdict_confidence) / 3
+    delta = game.mech.cfg.dp.delta
+    strict = bounds(s_in, s_out, delta, 1 - alpha, game.gaussian)
+    out = {
+        "lower_bound": {
+            "epsilon_lower": strict["epsilon_lower"],
+            "confidence": 1 - alpha,
+            "fired": bool(strict["epsilon_lower"] > eps_acc),
+        }
+    }
+    if game.gaussian:
+        gdp = strict["gdp"]
+        ps = {k: gdp[k] for k in ("normality_p_in", "normality_p_out", "equal_variance_p")}
+        # three tests inside this detector's share of the level
+        out["shape"] = {**ps, "level": alpha / 3, "fired": bool(min(ps.values()) < alpha / 3)}
+    noise = noise_check(game.mech, game.shapes, seed=game.seed if seed is None else int(seed))
+    noise["fired"] = bool(noise["applicable"] and not noise["passed"])
+    out["noise"] = noise
+    root = root_check(noise)
+    root["fired"] = not root["passed"]
+    out["root"] = root
+    return out
+
+
+def trials_needed(r: dict, confidence: float, fractions: Sequence[float] = (0.5, 0.9)) -> dict:
+    """For a Gaussian game: the trials at which the GDP lower bound (at `confidence`) is expected to
+    reach each fraction of the accountant's epsilon, if the scores separate as measured (mu_hat).
+    None where the measured separation cannot reach it; sampled games: distribution-free bounds
+    need about e^epsilon trials (one in-world trial above every out-world one)."""
+    import dp_accounting as dpa
+    from scipy import optimize, stats
+
+    mu = (r.get("gdp") or {}).get("mu_hat")
+    if not r["gdp"]["applicable"] or mu is None or not math.isfinite(mu):
+        return {"gdp": None, "distribution_free": "about e^epsilon trials"}
+    z = stats.norm.isf((1 - confidence) / 2)
+    out = {}
+    for f in fractions:
+        target = f * r["epsilon_accountant"]
+        mu_f = optimize.brentq(lambda m: dpa.get_epsilon_gaussian(1 / m, r["delta"]) - target, 1e-6, 1e3)
+        out[f"{f:g}"] = None if mu <= mu_f else int(math.ceil(z * z * (4 + mu * mu / 2) / (mu - mu_f) ** 2))
+    return {"gdp": out, "distribution_free": "about e^epsilon trials"}
+
+
 def verdict(r: dict) -> str:
+    """One line: consistent, or VIOLATION naming the detectors that fired and their evidence."""
     if r["consistent"]:
         line = (
-            f"consistent: the empirical lower bound {r['epsilon_lower']:.4g} does not exceed the accountant's "
-            f"{r['epsilon_accountant']:.4g} (lower bound at {r['confidence']:.4g} confidence)"
+            f"consistent: no detector fired at {r['verdict_confidence']:.4g} family-wise confidence (lower bound "
+            f"{r['epsilon_lower']:.4g} at {r['confidence']:.4g} confidence vs the accountant's "
+            f"{r['epsilon_accountant']:.4g}; score shape, round noise and root entropy checked)"
         )
     else:
+        d, why = r["detectors"], []
+        if d["lower_bound"]["fired"]:
+            why.append(
+                f"the lower bound {d['lower_bound']['epsilon_lower']:.4g} at {d['lower_bound']['confidence']:.6g} "
+                f"confidence exceeds the accountant's {r['epsilon_accountant']:.4g}"
+            )
+        if d.get("shape", {}).get("fired"):
+            why.append("the scores of a plain Gaussian mechanism are not Gaussian with equal variance")
+        why += d["noise"].get("failures", []) if d["noise"].get("fired") else []
+        why += d["root"]["failures"]
         line = (
-            f"VIOLATION: the empirical lower bound {r['epsilon_lower']:.4g} exceeds the accountant's "
-            f"{r['epsilon_accountant']:.4g} at {r['confidence']:.4g} confidence: the code does not run the "
-            f"mechanism the accountant assumes (a correct mechanism whose accountant is tight shows this with "
-            f"probability at most {1 - r['confidence']:.2g}: confirm with another seed)"
+            "VIOLATION: " + "; ".join(why) + f" (detectors: {', '.join(r['detected_by'])}; a correct mechanism "
+            f"reads this with probability at most {1 - r['verdict_confidence']:.2g}): the code does not run "
+            f"the mechanism the accountant assumes"
         )
     if r.get("paper_falsified"):
         line += f"; the paper's figure {r['epsilon_paper']:.4g} is falsified"

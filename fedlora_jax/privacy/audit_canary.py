@@ -64,16 +64,11 @@ def _sampled_llr(s, mu, q):
     return jnp.logaddexp(log_keep, math.log(q) + mu * s - 0.5 * mu * mu)
 
 
-def _mech_state(mech) -> dict:
-    """The mechanism's own server state at the start of a run (e.g. an adaptive clip; {} for most)."""
-    return mech.init_state()
-
-
-def _random_tree(key, shapes):
-    leaves, treedef = jax.tree.flatten(shapes)
-    return jax.tree.unflatten(
-        treedef, [jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) for i, x in enumerate(leaves)]
-    )
+def _random_tree(seed: int, shapes, *ids: int):
+    """A standard normal tree of the adapter's shapes, drawn on the host (randomness.np_rng(seed,
+    "audit", *ids)): a canary is one draw, and a jitted threefry per leaf took seconds to compile."""
+    rng = randomness.np_rng(seed, "audit", *ids)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), shapes)
 
 
 def adapter_shapes(cfg: RunConfig) -> Tree:
@@ -95,13 +90,10 @@ def _canary_direction(mech, shapes, seed, zero_a=False):
     """A random direction whose every separately clipped block lies exactly at its clip norm (the
     release's own clip applied to a far longer random vector)."""
 
-    def f(key):
-        r = _random_tree(key, shapes)
-        if zero_a:
-            r = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), r)
-        return _canary_like(mech, r)
-
-    return jax.jit(f)(randomness.key(seed, "audit", _CANARY, 0))
+    r = _random_tree(seed, shapes, _CANARY, 0)
+    if zero_a:
+        r = lora_lib.map_modules(lambda a, b: (jnp.zeros_like(a), b), r)
+    return jax.jit(lambda t: _canary_like(mech, t))(r)
 
 
 def _canary_like(mech, r):

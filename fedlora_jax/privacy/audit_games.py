@@ -22,13 +22,13 @@ from .audit_canary import (
     OVERSHOOT,
     _canary_direction,
     _canary_like,
-    _mech_state,
     _random_tree,
     _sampled_llr,
     _tree_vdot,
     _weights,
     _zeros,
 )
+from .audit_round import _SAMPLE, AuditRound, root_of
 
 CHUNK_BYTES = 256 * 2**20  # memory of one vmapped chunk of trials (lax.map batch)
 
@@ -79,42 +79,40 @@ class Game:
 
 @register
 class LocalGame(Game):
-    """Local DP: the canary client's P releases, each through mechanism.release with fresh noise."""
+    """Local DP: the canary client alone in its cohort, P rounds of the real round (audit_round): its
+    release through the round's keys, mechanism and aggregator, observed as the aggregate."""
 
     mode: ClassVar[str] = "local"
 
     def setup(self) -> None:
         m, dp = self.mech, self.mech.cfg.dp
-        self.g = _zeros(self.shapes)
         c = _canary_direction(m, self.shapes, self.seed, zero_a=m.cfg.lora.freeze_a)
-        self.x_in = jax.tree.map(lambda x: OVERSHOOT * x, c)
+        x_in = jax.tree.map(lambda x: OVERSHOOT * x, c)
         if dp.neighbouring == "replace-one":  # the neighbour releases the opposite canary
-            self.x_out = jax.tree.map(lambda x: -x, self.x_in)
+            x_out = jax.tree.map(lambda x: -x, x_in)
             delta = jax.tree.map(lambda x: 2 * x, c)
         else:  # add-remove: the neighbour's update is zero
-            self.x_out = _zeros(self.shapes)
+            x_out = _zeros(self.shapes)
             delta = c
+        # updates[sel]: sel 0 = the neighbour, 1 = the canary
+        updates = jax.tree.map(lambda a, b: jnp.stack([a, b]), x_out, x_in)
+        self.harness = AuditRound(m, updates, 1, 1, m.cfg.fl.clients_per_chunk)
         self.w, self.mu_release = _weights(delta, m.sigma_a, m.sigma_b)
         self.gaussian = True
         self.mu_expected = self.mu_release * math.sqrt(self.compositions)
-        self.per_trial_bytes = 6 * self._adapter_bytes()
+        self.per_trial_bytes = 8 * self._adapter_bytes()
         self.description = (
             f"local: canary client at the clip norm in each of {sum(m.blocks)} clipped block(s) vs "
             f"{'the opposite canary' if dp.neighbouring == 'replace-one' else 'a zero update'} "
-            f"({dp.neighbouring}), {self.compositions} release(s) through mechanism.release"
+            f"({dp.neighbouring}), {self.compositions} round(s) of the real round (its keys, mechanism, "
+            f"aggregator), a fresh 64-bit noise root per trial"
         )
 
-    def trial(self, key: Key, world: Array) -> Array:
-        m, g, w = self.mech, self.g, self.w
-        local = jax.tree.map(lambda a, b, g0: g0 + jnp.where(world == 1, a, b), self.x_in, self.x_out, g)
-        mstate = _mech_state(m)
-
-        def one(total: Array, p: Array) -> tuple[Array, None]:
-            y = m.release(local, g, jax.random.fold_in(key, p), None, mstate)
-            return total + _tree_vdot(jax.tree.map(jnp.subtract, y, g), w), None
-
-        total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), jnp.arange(self.compositions))
-        return total / math.sqrt(self.compositions)
+    def trial(self, words: Array, world: Array) -> Array:
+        t = self.compositions
+        sel = jnp.broadcast_to(world.astype(jnp.int32), (t, 1))
+        obs, _ = self.harness.run(words, sel, jnp.ones((t, 1), bool))
+        return _tree_vdot(jax.tree.map(lambda x: jnp.sum(x, axis=0), obs), self.w) / math.sqrt(t)
 
     def accountant_epsilon(self) -> float:
         return float(self.mech.ledger.epsilons(np.array([self.compositions]))[0])
@@ -125,35 +123,37 @@ class LocalGame(Game):
 
 @register
 class CentralGame(Game):
-    """Central DP: T rounds; in each, every client of the federation is Poisson-sampled at rate q
-    (the canary only in world 1), releases through mechanism.release (clip), the kept releases are
-    summed as the round sums them, and mechanism.finalize_sum noises the sum (every round)."""
+    """Central DP: T rounds of the real round (audit_round) over the federation's n clients, each
+    Poisson-sampled at rate q (the canary only in world 1); the round clips every kept update, sums
+    them over its chunks and noises the sum (every round, empty cohorts included)."""
 
     mode: ClassVar[str] = "central"
 
     def setup(self) -> None:
         m, fl = self.mech, self.mech.cfg.fl
-        self.g = _zeros(self.shapes)
         c = _canary_direction(m, self.shapes, self.seed)
         self.q = fl.clients_per_round / fl.num_clients
         self.expected = float(fl.clients_per_round)
         n = fl.num_clients
-        canary_local = jax.tree.map(lambda x: OVERSHOOT * x[None], c)
+        canary = jax.tree.map(lambda x: OVERSHOOT * x[None], c)
+        zero = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape, jnp.float32), self.shapes)
         if self.others == "zero":  # clients whose update is zero: the adversary's worst case
-            others = jax.tree.map(lambda x: jnp.zeros((n - 1,) + x.shape, jnp.float32), self.shapes)
+            updates = jax.tree.map(lambda z, a: jnp.concatenate([z, a]), zero, canary)
+            self.sel_others = jnp.zeros((n - 1,), jnp.int32)
         elif self.others == "orthogonal":
-            others = self._orthogonal(c, n - 1)
+            updates = jax.tree.map(lambda z, a, o: jnp.concatenate([z, a, o]), zero, canary, self._orthogonal(c, n - 1))
+            self.sel_others = jnp.arange(2, n + 1, dtype=jnp.int32)
         else:
             raise UserError(f"others = {self.others!r} is not allowed; choose zero or orthogonal")
-        self.locals = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), canary_local, others)
+        self.harness = AuditRound(m, updates, n, fl.clients_per_round, fl.clients_per_chunk)
         self.w, self.mu_round = _weights(c, m.sigma_a, m.sigma_b)
         self.gaussian = self.q >= 1
         self.mu_expected = self.mu_round * math.sqrt(self.compositions) if self.gaussian else None
-        self.per_trial_bytes = (3 * n + 6) * self._adapter_bytes()
+        self.per_trial_bytes = (3 * n + 8) * self._adapter_bytes()
         self.description = (
             f"central: canary client (update at the clip norm) Poisson-sampled at q={self.q:g} among "
-            f"{n - 1} other client(s) ({self.others} updates), every client through "
-            f"mechanism.release, the sum through mechanism.finalize_sum, {self.compositions} round(s)"
+            f"{n - 1} other client(s) ({self.others} updates), {self.compositions} round(s) of the real "
+            f"round (its keys, mechanism, chunked sums and noise), a fresh 64-bit noise root per trial"
         )
 
     def _orthogonal(self, c, n):
@@ -167,37 +167,25 @@ class CentralGame(Game):
             )
             return x - coef * cx
 
-        def one(i):
-            r = _random_tree(randomness.key(self.seed, "audit", _OTHERS, i), self.shapes)
+        def one(r):
             return jax.tree.map(lambda x: OVERSHOOT * x, _canary_like(self.mech, jax.tree.map(project, r, c)))
 
-        return jax.jit(jax.vmap(one))(jnp.arange(n))
+        rs = jax.tree.map(
+            lambda *xs: jnp.stack(xs), *[_random_tree(self.seed, self.shapes, _OTHERS, i) for i in range(n)]
+        )
+        return jax.jit(jax.vmap(one))(rs)
 
-    def trial(self, key: Key, world: Array) -> Array:
-        m, g = self.mech, self.g
-        n = self.mech.cfg.fl.num_clients
+    def trial(self, words: Array, world: Array) -> Array:
+        n, t = self.mech.cfg.fl.num_clients, self.compositions
         member = (jnp.arange(n) > 0) | (world == 1)
-        stateful = bool(_mech_state(m))  # e.g. an adaptive clip, updated after every round
-
-        def one_round(carry: tuple[Array, dict], t: Array) -> tuple[tuple[Array, dict], None]:
-            total, mstate = carry
-            kt = jax.random.fold_in(key, t)
-            sampled = jax.random.bernoulli(jax.random.fold_in(kt, 0), self.q, (n,)) & member
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(kt, 1), i))(jnp.arange(n))
-            released = jax.vmap(lambda lo, k: m.release(lo, g, k, None, mstate))(self.locals, keys)
-            kept = jax.vmap(lambda r: m.kept(r, jnp.zeros((), jnp.float32)))(released) & sampled
-            f = kept.astype(jnp.float32)
-            s = jax.tree.map(lambda r, x: jnp.tensordot(f, r - x[None], axes=1), released, g)
-            agg = m.finalize_sum(s, g, jax.random.fold_in(kt, 2), self.expected, mstate)
-            score = _tree_vdot(jax.tree.map(lambda a, x: (a - x) * self.expected, agg, g), self.w)
-            if stateful:  # the next round's state, as the round computes it
-                stats = jax.vmap(lambda lo: m.client_stat(lo, g, mstate))(self.locals)
-                mstate = m.update_state(mstate, jnp.sum(f * stats), jax.random.fold_in(kt, 3), self.expected)
-            return (total + _sampled_llr(score, self.mu_round, self.q), mstate), None
-
-        init = (jnp.zeros((), jnp.float32), _mech_state(m))
-        (total, _), _ = jax.lax.scan(one_round, init, jnp.arange(self.compositions))
-        return total
+        sample_key = randomness.derive(root_of(words), "audit", _SAMPLE)
+        sampled = jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(sample_key, r), self.q, (n,)))(
+            jnp.arange(t)
+        )
+        sel = jnp.broadcast_to(jnp.concatenate([jnp.ones((1,), jnp.int32), self.sel_others]), (t, n))
+        obs, _ = self.harness.run(words, sel, sampled & member[None])
+        scores = jax.vmap(lambda o: _tree_vdot(jax.tree.map(lambda x: x * self.expected, o), self.w))(obs)
+        return jnp.sum(_sampled_llr(scores, self.mu_round, self.q))
 
     def accountant_epsilon(self) -> float:
         return float(self.mech.ledger.epsilons(np.zeros(1, np.int64), self.compositions)[0])
@@ -252,12 +240,19 @@ class DPSGDGame(Game):
         )
         self._grads = dpsgd_grads
 
-    def trial(self, key: Key, world: Array) -> Array:
+    def trial(self, words: Array, world: Array) -> Array:
+        """A step's noise key is the one a run uses: round p's dpsgd_noise key, client 0's key under it
+        (randomness.client_key), the mechanism's dpsgd_args, the step folded in (client.client_update)."""
         m, cfg = self.mech, self.mech.cfg
-        clip, sigma, dkey, expected = m.dpsgd_args(jax.random.fold_in(key, 0))
+        root = root_of(words)
+        sample_key = randomness.derive(root, "audit", _SAMPLE)
+        local_steps = cfg.fl.local_steps
 
-        def one_step(total: Array, t: Array) -> tuple[Array, None]:
-            taken = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, 1), t), self.q) & (world == 1)
+        def one_step(total: Array, s: Array) -> tuple[Array, None]:
+            p, i = s // local_steps, s % local_steps
+            keys = randomness.round_keys_of(root, p)
+            clip, sigma, dkey, expected = m.dpsgd_args(randomness.client_key(keys["dpsgd_noise"], 0))
+            taken = jax.random.bernoulli(jax.random.fold_in(sample_key, s), self.q) & (world == 1)
             batch = {
                 "tokens": self.tokens,
                 "attention_mask": self.attn,
@@ -270,7 +265,7 @@ class DPSGDGame(Game):
                 batch,
                 clip,
                 sigma,
-                jax.random.fold_in(dkey, t),
+                jax.random.fold_in(dkey, i),
                 expected,
                 freeze_a=cfg.lora.freeze_a,
             )

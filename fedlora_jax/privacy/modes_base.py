@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from .. import algorithms, sampling
+from .. import algorithms, randomness, sampling
 from ..data.batches import BATCH_TAIL
 from ..errors import UserError
 from ..numerics import all_finite as _all_finite
@@ -216,9 +216,11 @@ class _DP(Mechanism):
             out["outside_guarantee"].append("noise (dp.noise_seed is published in config.yaml)")
         else:
             out["noise_seed"] = (
-                "secret: drawn from OS entropy, kept only in checkpoints/ (the simulated server's "
-                "private state, with the participation counts): do not publish checkpoints/"
+                f"secret: {randomness.ROOT_BITS} bits drawn from OS entropy, all of them in every JAX key "
+                "(a threefry key holds 64 bits) and every numpy draw, kept only in checkpoints/ (the simulated "
+                "server's private state, with the participation counts): do not publish checkpoints/"
             )
+        out["noise_root_bits"] = randomness.ROOT_BITS
         if self.record_level and not self.cfg.dp.public_counts:
             out["outside_guarantee"].append(
                 "batch_sampling_rate, noise_multiplier and epsilon are functions of the "
