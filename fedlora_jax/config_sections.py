@@ -9,6 +9,7 @@ from .config_checks import _at_least, _check_types, _choice, _in_unit, _positive
 from .data.partition import PARTITIONS  # the registry of partitions (numpy only; no datasets)
 from .errors import UserError
 from .models.config import DEFAULT_TARGETS, LoRAConfig  # LoRA's default target modules; the model's LoRA config
+from .numerics import MAX_ROUNDS
 
 SYNTHETIC_TASKS = ("arithmetic", "reverse", "sort", "copy")  # data.synthetic generates these
 
@@ -186,6 +187,11 @@ class FLSection:
         for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size"):
             if getattr(self, k) < 1:
                 raise UserError(f"fl.{k} must be >= 1, got {getattr(self, k)}")
+        if self.rounds > MAX_ROUNDS:
+            raise UserError(
+                f"fl.rounds = {self.rounds} is above the most this tool runs ({MAX_ROUNDS:,}): its sampling "
+                "schedule and accountants would run for hours before the first round"
+            )
         if self.clients_per_chunk is not None and self.clients_per_chunk < 1:
             raise UserError(f"fl.clients_per_chunk must be >= 1, got {self.clients_per_chunk}")
         if isinstance(self.devices, int) and not isinstance(self.devices, bool):  # built in Python: fl.devices=4
@@ -223,7 +229,9 @@ class DPSection:
     epsilon: float = 25.0  # classical/analytic: per release; calibrate: total
     delta: float = 1e-5
     noise_multiplier: float = 1.0  # noise: multiplier (sigma / C)
-    neighbouring: str = "replace-one"
+    # the neighbouring relation the epsilon is for; None: the mode's own (local: replace-one; central:
+    # add-remove; dpsgd: add-remove, or replace-one with dp.public_counts, whose counts a record cannot change)
+    neighbouring: str | None = None
     budget: float | None = None  # stop before the worst client's epsilon would exceed it
     stats_every: int = 0  # write the paper's noise statistics CSV every k rounds (0: never)
     stats_samples: int = 100  # Monte-Carlo draws per matrix for those statistics
@@ -255,7 +263,8 @@ class DPSection:
         _choice("dp.scope", self.scope, SCOPES)
         _choice("dp.target", self.target, TARGETS)
         _choice("dp.noise", self.noise, ("classical", "analytic", "multiplier", "calibrate"))
-        _choice("dp.neighbouring", self.neighbouring, NEIGHBOURING)
+        if self.neighbouring is not None:
+            _choice("dp.neighbouring", self.neighbouring, NEIGHBOURING)
         _positive("dp.clip_a", self.clip_a)
         _positive("dp.clip_b", self.clip_b)
         _positive("dp.epsilon", self.epsilon)

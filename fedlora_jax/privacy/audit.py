@@ -194,7 +194,7 @@ def audit(
         "game": game.description,
         "noise_multiplier": m.z,
         "effective_noise_multiplier": m.z_eff,
-        "neighbouring": m.cfg.dp.neighbouring if game.mode == "local" else "add-remove",
+        "neighbouring": m.neighbouring,
         "delta": delta,
         "confidence": confidence,
         "verdict_confidence": verdict_confidence,

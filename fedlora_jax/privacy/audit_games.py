@@ -85,10 +85,10 @@ class LocalGame(Game):
     mode: ClassVar[str] = "local"
 
     def setup(self) -> None:
-        m, dp = self.mech, self.mech.cfg.dp
+        m = self.mech
         c = _canary_direction(m, self.shapes, self.seed, zero_a=m.cfg.lora.freeze_a)
         x_in = jax.tree.map(lambda x: OVERSHOOT * x, c)
-        if dp.neighbouring == "replace-one":  # the neighbour releases the opposite canary
+        if m.neighbouring == "replace-one":  # the neighbour releases the opposite canary
             x_out = jax.tree.map(lambda x: -x, x_in)
             delta = jax.tree.map(lambda x: 2 * x, c)
         else:  # add-remove: the neighbour's update is zero
@@ -103,8 +103,8 @@ class LocalGame(Game):
         self.per_trial_bytes = 8 * self._adapter_bytes()
         self.description = (
             f"local: canary client at the clip norm in each of {sum(m.blocks)} clipped block(s) vs "
-            f"{'the opposite canary' if dp.neighbouring == 'replace-one' else 'a zero update'} "
-            f"({dp.neighbouring}), {self.compositions} round(s) of the real round (its keys, mechanism, "
+            f"{'the opposite canary' if m.neighbouring == 'replace-one' else 'a zero update'} "
+            f"({m.neighbouring}), {self.compositions} round(s) of the real round (its keys, mechanism, "
             f"aggregator), a fresh 64-bit noise root per trial"
         )
 

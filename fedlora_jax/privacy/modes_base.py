@@ -51,6 +51,7 @@ class Mechanism:
     record_level: ClassVar[bool] = False  # True: Poisson batches and per-example noise (DP-SGD)
     adaptive_clipping: ClassVar[bool] = False  # dp.adaptive_clip is defined for this mode
     sampling_secret: ClassVar[bool] = False  # the client draw must stay secret (amplification by sampling)
+    default_neighbouring: ClassVar[str] = "add-remove"  # the relation when dp.neighbouring is unset
 
     cfg: RunConfig
     lora: Tree  # the adapter: arrays, or shapes (jax.ShapeDtypeStruct) for planning
@@ -67,6 +68,11 @@ class Mechanism:
     def __post_init__(self) -> None:
         self.check_config(self.cfg)
         self.calibrate()
+
+    @property
+    def neighbouring(self) -> str:
+        """The neighbouring relation every epsilon of this mechanism is for (dp.neighbouring or the mode's)."""
+        return self.cfg.dp.neighbouring or self.default_neighbouring
 
     # ------------------------------------------------------------------ host side
     @classmethod
@@ -189,6 +195,7 @@ class _DP(Mechanism):
         out.update(
             epsilon=led.worst(),
             epsilon_mean=led.mean(),
+            rounds_accounted=led.rounds,  # every round whose release anything published depends on
             epsilon_paper=(last_row or {}).get("epsilon_paper"),
             epsilon_paper_tracker=(last_row or {}).get("epsilon_paper_tracker"),
             delta=(last_row or {}).get("delta", self.cfg.dp.delta),
@@ -207,6 +214,11 @@ class _DP(Mechanism):
             + ([] if self.participation_public else [UNPROTECTED_PREFIX + "clients"])
             if self.cfg.dp.publish_client_metrics
             else []
+        )
+        # wall-clock times are published in every run (metrics rows, summary): they depend on the machine
+        # and, weakly, on the data (e.g. how many clients a round really had), and no epsilon covers them
+        out["outside_guarantee"].append(
+            "seconds and wall_seconds (wall-clock times of each round and of the run: no epsilon covers them)"
         )
         if self.cfg.dp.noise_seed is not None:
             out["noise_seed"] = (

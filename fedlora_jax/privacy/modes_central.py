@@ -58,16 +58,23 @@ class CentralDP(_DP):
         dp, fl = self.cfg.dp, self.cfg.fl
         self.clip_b = dp.clip_a if dp.scope == "global" else dp.clip_b
         n_a, n_b, ca, cb = prim.clip_blocks(self.lora, dp.scope, dp.clip_a, dp.clip_b)
+        # the sum's sensitivity over the clipped blocks, C sqrt(L) (add-remove: a client's update moves it
+        # by at most that; dp-accounting's replace-one relation takes the same per-client bound and
+        # doubles the distance itself)
         factor = 1.0 / prim.effective_noise_multiplier(n_a, n_b, ca, cb, ca, cb if n_b else 1.0, "add-remove")
+        neighbouring = self.neighbouring
         q = fl.clients_per_round / fl.num_clients
+        # classical / analytic: one release (no sampling) meets dp.epsilon over all L clipped blocks,
+        # a replaced client moving the sum twice as far as an added one
+        one_release = factor * (2.0 if neighbouring == "replace-one" else 1.0)
         if dp.noise == "classical":
-            z = prim.classical_noise_multiplier(dp.epsilon, dp.delta)
+            z = prim.classical_noise_multiplier(dp.epsilon, dp.delta) * one_release
         elif dp.noise == "analytic":
-            z = acc.gaussian_multiplier_for(dp.epsilon, 1, dp.delta)
+            z = acc.gaussian_multiplier_for(dp.epsilon, 1, dp.delta) * one_release
         elif dp.noise == "multiplier":
             z = dp.noise_multiplier
         else:
-            z = acc.sampled_multiplier_for(dp.epsilon, q, fl.rounds, dp.delta) * factor
+            z = acc.sampled_multiplier_for(dp.epsilon, q, fl.rounds, dp.delta, neighbouring) * factor
         self.z, self.z_eff = z, z / factor
         acc.check_sampled_noise(self.z_eff, "dp.mode central")
         self.adaptive = dp.adaptive_clip
@@ -83,10 +90,14 @@ class CentralDP(_DP):
             self.z_update = (z**-2 - (2 * self.count_noise) ** -2) ** -0.5
         self.sigma_a, self.sigma_b = self.z_update * dp.clip_a, self.z_update * self.clip_b
         self.blocks = (n_a, n_b)
-        self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, "add-remove", sampling_rate=q)
+        self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, neighbouring, sampling_rate=q)
         # the capacity's overflow adds (1 + e^eps) x rounds x tail to delta: the tail is chosen from the
         # run's planned epsilon so that the term stays within sampling.OVERFLOW_SHARE of dp.delta
-        planned = dp.epsilon if dp.noise == "calibrate" else acc.sampled_epsilon(self.z_eff, q, fl.rounds, dp.delta)[0]
+        planned = (
+            dp.epsilon
+            if dp.noise == "calibrate"
+            else acc.sampled_epsilon(self.z_eff, q, fl.rounds, dp.delta, neighbouring)[0]
+        )
         self.cohort_tail = sampling.capacity_tail(planned, dp.delta, fl.rounds)
         self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round, self.cohort_tail)
         self.info = {
@@ -95,13 +106,13 @@ class CentralDP(_DP):
             "sigma_a": self.sigma_a,
             "sigma_b": self.sigma_b,
             "clipped_blocks": [n_a, n_b],
-            "neighbouring": "add-remove",
+            "neighbouring": neighbouring,
             "delta": dp.delta,
             "epsilon_of": "every client (its whole data)",
             "mechanism": (
                 f"central DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
                 f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g} on the sum in every "
-                f"round, add-remove, Poisson client sampling q={q:g}, PLD; cohorts padded to "
+                f"round, {neighbouring}, Poisson client sampling q={q:g}, PLD; cohorts padded to "
                 f"{self.capacity} slots (overflow probability {self.overflow:.2g} per round, "
                 f"added to delta)"
             ),

@@ -25,6 +25,20 @@ class DPSGD(_DP):
     name: ClassVar[str] = "dpsgd"
     record_level: ClassVar[bool] = True
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.dp.public_counts and cfg.dp.neighbouring == "add-remove":
+            raise UserError(
+                "dp.mode dpsgd with dp.public_counts true declares the clients' example counts public, which adding "
+                "or removing a record would change: set dp.neighbouring replace-one (or leave it unset)"
+            )
+
+    @property
+    def neighbouring(self) -> str:
+        """replace-one where the counts are public (a record can only be replaced), else add-remove."""
+        return self.cfg.dp.neighbouring or ("replace-one" if self.cfg.dp.public_counts else "add-remove")
+
     def calibrate(self) -> None:
         from ..data.batches import BATCH_TAIL, poisson_capacity, poisson_capacity_bound
 
@@ -42,13 +56,15 @@ class DPSGD(_DP):
         if dp.noise == "multiplier":
             z = dp.noise_multiplier
         elif dp.noise == "calibrate":
-            z = acc.sampled_multiplier_for(dp.epsilon, q, steps, dp.delta, "add-remove")
+            z = acc.sampled_multiplier_for(dp.epsilon, q, steps, dp.delta, self.neighbouring)
         else:
             raise UserError(f"dp.noise = {dp.noise!r} is not defined for dp.mode dpsgd; choose calibrate or multiplier")
         self.z = self.z_eff = z
         acc.check_sampled_noise(z, "dp.mode dpsgd")
         # padded batches add (1 + e^eps) x steps x tail to delta: the tail follows the planned epsilon
-        eps_plan = dp.epsilon if dp.noise == "calibrate" else acc.sampled_epsilon(z, q, steps, dp.delta)[0]
+        eps_plan = (
+            dp.epsilon if dp.noise == "calibrate" else acc.sampled_epsilon(z, q, steps, dp.delta, self.neighbouring)[0]
+        )
         self.batch_tail = sampling.capacity_tail(eps_plan, dp.delta, steps, ceiling=BATCH_TAIL)
         if sizes is None:
             capacity, overflow = poisson_capacity_bound(fl.batch_size, self.batch_tail or sampling.SMALLEST_TAIL), 0.0
@@ -57,7 +73,7 @@ class DPSGD(_DP):
         self.sigma_a = self.sigma_b = z * dp.clip_a
         self.batch_rate, self.capacity, self.overflow = q, capacity, overflow
         self.ledger = acc.Ledger(
-            "dpsgd", fl.num_clients, z, dp.delta, "add-remove", sampling_rate=q, local_steps=fl.local_steps
+            "dpsgd", fl.num_clients, z, dp.delta, self.neighbouring, sampling_rate=q, local_steps=fl.local_steps
         )
         self.info = {
             "noise_multiplier": z,
@@ -65,7 +81,7 @@ class DPSGD(_DP):
             "sigma_a": self.sigma_a,
             "sigma_b": self.sigma_b,
             "clipped_blocks": [0, 0],
-            "neighbouring": "add-remove",
+            "neighbouring": self.neighbouring,
             "delta": dp.delta,
             "batch_sampling_rate": q,
             "batch_capacity": capacity,
@@ -75,7 +91,7 @@ class DPSGD(_DP):
                 f"dpsgd (record level): Poisson-sampled Gaussian per local step, rate q={q:.4g} "
                 f"(largest client rate; the rates use the clients' example counts), "
                 f"per-example clip {dp.clip_a:g}, sigma {self.sigma_a:.4g} on the clipped sum, "
-                f"add-remove, {fl.local_steps} steps per participation, PLD; batches padded to "
+                f"{self.neighbouring}, {fl.local_steps} steps per participation, PLD; batches padded to "
                 f"{capacity} (overflow probability {overflow:.2g} per step, added to delta)"
             ),
         }

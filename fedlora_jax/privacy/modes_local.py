@@ -24,6 +24,7 @@ class LocalDP(_DP):
 
     name: ClassVar[str] = "local"
     controls_private: ClassVar[bool] = False
+    default_neighbouring: ClassVar[str] = "replace-one"
 
     def calibrate(self) -> None:
         cfg = self.cfg
@@ -33,7 +34,7 @@ class LocalDP(_DP):
         n_a, n_b, ca, cb = prim.clip_blocks(self.lora, dp.scope, dp.clip_a, dp.clip_b)
         if cfg.lora.freeze_a:  # A is frozen, shared and public: only B is released (and clipped)
             n_a, n_b, ca, cb = (0, 1, dp.clip_a, dp.clip_a) if global_scope else (0, n_b, ca, cb)
-        neighbouring = dp.neighbouring
+        neighbouring = self.neighbouring
         factor = 1.0 / prim.effective_noise_multiplier(n_a, n_b, ca, cb, ca, cb if n_b else 1.0, neighbouring)
         self.planned = int(sampling.config_counts(cfg).max())
         if dp.noise == "classical":
