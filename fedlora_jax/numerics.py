@@ -21,3 +21,61 @@ MAX_EXP_EPSILON = 700.0
 def all_finite(tree: object) -> jax.Array:
     """One boolean: every element of every leaf of `tree` is finite (jittable)."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+# the most rounds a run or the privacy calculator takes: the seeded sampling schedule and the
+# accountants are linear in the rounds (about 35 s per million rounds), and no federated run comes
+# near it; more would sit for minutes or hours without a word
+MAX_ROUNDS = 100_000
+
+
+def refuse_non_finite(values: dict, where: str, hint: str) -> None:
+    """The one finite check between user input and a float output (summary.json, metrics, the
+    console): the first value of `values` (nested dicts and lists; numbers only) that is NaN or
+    infinite is a UserError naming it, `where` it comes from and `hint`."""
+    import math
+
+    from .errors import UserError
+
+    def walk(x, key):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield from walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                yield from walk(v, f"{key}[{i}]")
+        elif isinstance(x, (int, float)) and not isinstance(x, bool) or hasattr(x, "item"):
+            yield key, x
+
+    for key, v in walk(values, ""):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"{where}: {key} would be {v} (not finite); {hint}")
+
+
+def check_mechanism_finite(cfg, mechanism) -> None:
+    """A DP mechanism whose noise or epsilon is not finite (a noise multiplier of 0, dp.epsilon or
+    dp.delta so small that the multiplier overflows) is refused before the run starts: it would
+    train, then publish inf (or an epsilon of 0 for infinite noise)."""
+    import numpy as np
+
+    if not mechanism.private:
+        return
+    values = {k: v for k, v in mechanism.info.items() if k != "delta"}
+    if mechanism.ledger is not None:
+        try:
+            values["epsilon of one participation"] = mechanism.ledger.worst_after(np.zeros(1, np.int64))
+        except (ZeroDivisionError, OverflowError, FloatingPointError, ValueError):
+            values["epsilon of one participation"] = float("inf")
+    dp = cfg.dp
+    settings = f"dp.noise {dp.noise}, dp.noise_multiplier {dp.noise_multiplier:g}, dp.epsilon {dp.epsilon:g}, "
+    settings += f"dp.delta {dp.delta:g}"
+    refuse_non_finite(
+        values,
+        f"dp.mode {dp.mode}",
+        f"with {settings} the noise or the privacy spent is infinite; choose a multiplier > 0 (dp.mode none for "
+        "no noise) or an epsilon and delta whose noise is finite",
+    )
