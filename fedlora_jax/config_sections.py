@@ -18,6 +18,8 @@ SYNTHETIC_TASKS = ("arithmetic", "reverse", "sort", "copy")  # data.synthetic ge
 class ModelSection:
     source: str = "default"  # HF folder, hub id, GGUF path, 'default', or 'tiny' (random)
     dtype: str = "float32"
+    # einsum (ours) | fused (jax.nn.dot_product_attention: cuDNN flash attention on GPUs that have it)
+    attention: str = "einsum"
     # only for source: tiny (a random Llama for tests and benchmarks)
     vocab_size: int = 512
     hidden_size: int = 64
@@ -32,9 +34,10 @@ class ModelSection:
             raise UserError(
                 "model.source is empty; give a Hugging Face folder, a hub id, a GGUF file, 'default' or 'tiny'"
             )
-        from .models.config import DTYPES
+        from .models.config import ATTENTION_IMPLS, DTYPES
 
         _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.attention", self.attention, ATTENTION_IMPLS)
         for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _at_least(f"model.{k}", getattr(self, k), 1)
         if self.hidden_size % self.num_heads:

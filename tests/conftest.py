@@ -2,8 +2,17 @@
 Fixtures build tiny random Hugging Face checkpoints with a tiny trained tokenizer."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent XLA compilation cache for the test session, its xdist workers and the CLI subprocesses
+# it starts (they inherit the environment): the suite compiles the same tiny programs many times over.
+# A cache hit changes no result (the key is the program and its compile options); `_cache_size()`
+# checks count traces in memory and are unaffected.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fedlora_jax_test_xla_{os.getuid()}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -4,7 +4,7 @@ a target epsilon) and the empirical audit."""
 from __future__ import annotations
 
 from ..errors import UserError
-from .common import _finite, dumps
+from .common import _finite, _rounds, _seed, dumps
 
 
 def _cmd_privacy(args) -> int:
@@ -84,7 +84,8 @@ def _check_privacy_args(args) -> None:
     _finite("--delta", args.delta, low=0, high=1, low_open=True, high_open=True)
     _finite("--sampling-rate", args.sampling_rate, low=0, high=1, low_open=True)
     _finite("--batch-sampling-rate", args.batch_sampling_rate, low=0, high=1, low_open=True)
-    _finite("--rounds", args.rounds, low=1)
+    _rounds("--rounds", args.rounds)
+    _seed("--seed", args.seed)
     _finite("--tensors", args.tensors, low=1)
     _finite("--local-steps", args.local_steps, low=1)
     _finite("--clients", args.clients, low=1)
@@ -126,6 +127,7 @@ def _cmd_audit(args) -> int:
     _finite("--trials", args.trials, low=audit.MIN_TRIALS, what="the number of games played (half with the canary)")
     _finite("--compositions", args.compositions, low=1)
     _finite("--confidence", args.confidence, low=0.5, high=1, low_open=True, high_open=True)
+    _seed("--seed", args.seed)
     cfg = load_config(args.config, args.set)
     r = audit.audit(cfg, args.trials, confidence=args.confidence, compositions=args.compositions, seed=args.seed)
     if args.json:
@@ -150,5 +152,26 @@ def _cmd_audit(args) -> int:
     print(f"accountant (upper bound) for this game: epsilon {fmt(r['epsilon_accountant'])}")
     if r["epsilon_paper"] is not None:
         print(f"paper convention (NOT a bound): epsilon {fmt(r['epsilon_paper'])}")
+    d = r["detectors"]
+    noise = d["noise"]
+    if noise.get("applicable"):
+        ratios = ", ".join(f"{x['variance_ratio']:.3f}" for x in noise["rounds"] if x.get("n"))
+        print(
+            f"round noise through the real round ({noise['trials']} trials, {noise['clients']} clients in chunks of "
+            f"{noise['chunk']}, then an empty round): variance / stated {ratios}; correlation across rounds "
+            f"{noise['round_correlation']:.2g} (allowed +- {noise['correlation_tolerance']:.2g})"
+        )
+    print(
+        f"noise root: {d['root']['root_bits']} bits; two roots equal below bit 32 give different noise: "
+        f"{d['root']['passed']}"
+    )
+    need = (r.get("trials_needed") or {}).get("gdp")
+    if need:
+        print(
+            "trials for the Gaussian-DP bound to reach "
+            + ", ".join(
+                f"{k} of the accountant's epsilon: {v if v is not None else 'unreachable'}" for k, v in need.items()
+            )
+        )
     print(r["verdict"])
     return 0 if r["consistent"] else 1

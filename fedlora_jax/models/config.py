@@ -9,6 +9,9 @@ from typing import Any
 from ..errors import UserError
 
 DTYPES = ("float32", "bfloat16")  # compute dtypes
+# how self-attention is computed: einsum (two einsums and a float32 softmax, ours) or fused
+# (jax.nn.dot_product_attention: cuDNN flash attention where the platform has it, XLA's elsewhere)
+ATTENTION_IMPLS = ("einsum", "fused")
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # LoRA's target modules unless told (as PEFT's default for Llama)
 
 # The families we implement; each Hugging Face `model_type` maps onto one of them.
@@ -54,6 +57,7 @@ class ModelConfig:
     sliding_window: int | None = None
     activation: str = "silu"
     dtype: str = "float32"  # compute dtype: float32 or bfloat16
+    attention: str = "einsum"  # ATTENTION_IMPLS
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -67,6 +71,8 @@ class ModelConfig:
             raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r}")
 
     @property
     def family(self) -> str:

@@ -3,6 +3,7 @@ loaded checkpoint (HF folder, hub id, GGUF, `default`) through models/hub.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import jax
@@ -25,6 +26,11 @@ TINY_MAX_POSITIONS = 4096
 
 
 def build_model_config(cfg: "RunConfig") -> ModelConfig:
+    """The ModelConfig a run would load, with the run's attention implementation."""
+    return dataclasses.replace(_source_config(cfg), attention=cfg.model.attention)
+
+
+def _source_config(cfg: "RunConfig") -> ModelConfig:
     """The ModelConfig a run would load, without loading weights (tiny: from the config; else
     from config.json or the GGUF metadata)."""
     m = cfg.model
@@ -84,4 +90,9 @@ def build_model(cfg: "RunConfig") -> tuple[Definition, Tree, Tree, PreTrainedTok
     lm = load_model(m.source, lc, dtype=m.dtype, seed=cfg.seed)
     if lm.tokenizer is None:
         raise UserError(f"model {m.source!r} has no tokenizer files")
-    return lm.definition, lm.base, lm.lora, lm.tokenizer, lm.source
+    definition = lm.definition
+    if m.attention != definition.config.attention:  # the same weights, another attention computation
+        from . import abstract_model
+
+        definition = abstract_model(dataclasses.replace(definition.config, attention=m.attention), lc)[0]
+    return definition, lm.base, lm.lora, lm.tokenizer, lm.source

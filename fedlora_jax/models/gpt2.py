@@ -33,13 +33,14 @@ class Attention(nnx.Module):
         self.c_attn = Linear(e, 3 * e, bias=True, lora=_lora_for("c_attn", lora), rngs=rngs, name="c_attn")
         self.c_proj = Linear(e, e, bias=True, lora=_lora_for("c_proj", lora), rngs=rngs, name="c_proj")
         self.shape = (cfg.num_heads, cfg.dim_head)
+        self.impl = cfg.attention
 
     def __call__(self, x, allowed):
         b, s, e = x.shape
         h, d = self.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(b, s, h, d) for t in (q, k, v))
-        return self.c_proj(attention(q, k, v, allowed, d**-0.5))
+        return self.c_proj(attention(q, k, v, allowed, d**-0.5, self.impl))
 
     def cached(
         self, x: Array, cache_kv: tuple[Array, Array], positions: Array, allowed: Array

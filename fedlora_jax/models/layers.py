@@ -159,10 +159,17 @@ def attention_mask(mask_bs: Array, sliding_window: int | None = None) -> Array:
     return allowed[None] & mask_bs[:, None, :].astype(bool)
 
 
-def attention(q_bshd: Array, k_bskd: Array, v_bskd: Array, allowed_bst: Array, scale: float) -> Array:
-    """Grouped-query attention; softmax in float32 with masked logits at the dtype minimum."""
+def attention(
+    q_bshd: Array, k_bskd: Array, v_bskd: Array, allowed_bst: Array, scale: float, impl: str = "einsum"
+) -> Array:
+    """Grouped-query attention; softmax in float32 with masked logits at the dtype minimum.
+    impl "fused": jax.nn.dot_product_attention with the same mask (cuDNN's flash attention where the
+    platform offers it, XLA's otherwise); equal to the einsum path within float rounding (tested)."""
     b, s, h, d = q_bshd.shape
     kv = k_bskd.shape[2]
+    if impl == "fused":
+        out = jax.nn.dot_product_attention(q_bshd, k_bskd, v_bskd, mask=allowed_bst[:, None], scale=scale)
+        return out.reshape(b, s, h * d)
     if kv == h:  # multi-head: no group axis of size 1 (measured 1.04-1.06x per round on CPU)
         logits = jnp.einsum("bshd,bthd->bhst", q_bshd, k_bskd, preferred_element_type=jnp.float32) * scale
         logits = jnp.where(allowed_bst[:, None], logits, jnp.finfo(jnp.float32).min)

@@ -39,6 +39,7 @@ class Attention(nnx.Module):
         self.v_proj = mk("v_proj", e, kv * d, cfg.qkv_bias)
         self.o_proj = mk("o_proj", h * d, e, False)
         self.shape = (h, kv, d)
+        self.impl = cfg.attention
 
     def __call__(self, x, cos, sin, allowed):
         b, s, _ = x.shape
@@ -46,7 +47,7 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(b, s, h, d), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, s, kv, d), cos, sin)
         v = self.v_proj(x).reshape(b, s, kv, d)
-        return self.o_proj(attention(q, k, v, allowed, d**-0.5))
+        return self.o_proj(attention(q, k, v, allowed, d**-0.5, self.impl))
 
     def cached(
         self, x: Array, cache_kv: tuple[Array, Array], positions: Array, cos: Array, sin: Array, allowed: Array
