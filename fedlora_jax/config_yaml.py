@@ -106,6 +106,30 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return " ".join(text.split())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (PyYAML keeps the last without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the constructor says so
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key {key!r} is given twice (first at line {first.line + 1}); keep one",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, label: str):
     try:
         text = path.read_bytes().decode("utf-8-sig")
@@ -114,7 +138,7 @@ def _read_yaml(path: Path, label: str):
     except OSError as e:
         raise UserError(f"cannot read {label}: {e.strerror or e}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as e:
         raise UserError(f"{label} is not valid YAML ({_yaml_problem(e)})") from None
     except RecursionError:

@@ -1,45 +1,27 @@
 """The run folder policy: create, resume, overwrite. Never deletes what this tool did not write.
 
 - fresh: the folder must not exist or be empty.
-- `overwrite`: replaces only a run folder of this tool (its config.yaml and metrics.jsonl, and
-  nothing but the files a run writes); the old run is deleted only once the new folder is made.
-- `resume`: the folder holds a run (config.yaml) with at least one checkpoint, and the same config.
+- `overwrite`: replaces only a run folder of this tool: one with its manifest (runfolder.MANIFEST),
+  which lists every file and folder the run wrote, by relative path and size. Anything else in the
+  folder, at any depth, or a listed file that changed, is refused before anything is deleted; the old
+  run is deleted (exactly what its manifest lists) only once the new folder is made.
+- `resume`: the folder holds a run (config.yaml, the manifest) with at least one checkpoint, and
+  the same config.
 - an output path that cannot be written (read-only, under a file, a full disk) is a UserError
   naming the path and the reason, and leaves what was there as it was.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 from pathlib import Path
-
-import yaml
 
 from .config import RunConfig, config_diff, load_config
 from .errors import UserError
+from .runfolder import MANIFEST, Manifest, check_config_file
 
-# everything a run writes into its folder (runner.run)
-RUN_ENTRIES = frozenset(
-    {
-        "config.yaml",
-        "metrics.jsonl",
-        "metrics.jsonl.tmp",  # a kill during a rewrite of the metrics files
-        "metrics.csv.tmp",
-        "metrics.csv",
-        "metrics.png",
-        "summary.json",
-        "dp_stats.csv",
-        "checkpoints",
-        "adapter",
-        "merged_model",
-        "base_model",  # the tiny random base, saved for PEFT and lm-eval
-        "tensorboard",  # logging.writers: tensorboard
-        "wandb",  # logging.writers: wandb
-    }
-)
-# top-level keys of a config.yaml this tool wrote (log_every: written by earlier versions)
-_CONFIG_KEYS = {f for f in RunConfig.__dataclass_fields__} | {"log_every"}
+log = logging.getLogger("fedlora_jax")
 
 
 def _q(p: Path) -> str:
@@ -58,16 +40,8 @@ def _has_rows(out: Path) -> bool:
 
 
 def is_run_folder(out: Path) -> bool:
-    """Whether `out` holds a run of this tool: its config.yaml (a mapping of our config keys) and
-    metrics.jsonl."""
-    cfg, metrics = out / "config.yaml", out / "metrics.jsonl"
-    if not (cfg.is_file() and metrics.is_file()):
-        return False
-    try:
-        data = yaml.safe_load(cfg.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and "fl" in data and set(data) <= _CONFIG_KEYS
+    """Whether `out` holds a run of this tool: its config.yaml and the manifest of what it wrote."""
+    return (Path(out) / "config.yaml").is_file() and (Path(out) / MANIFEST).is_file()
 
 
 def _existing_ancestor(p: Path) -> Path:
@@ -80,6 +54,8 @@ def _existing_ancestor(p: Path) -> Path:
 def check_out(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse (UserError) what prepare_out would refuse, without writing anything: called by the
     CLI before it loads a model, and again by prepare_out."""
+    if isinstance(out, str) and not out.strip():
+        raise UserError("--out is empty; pass the run folder (or leave --out out for runs/NAME)")
     out = Path(out)
     if resume and overwrite:
         raise UserError(
@@ -108,6 +84,13 @@ def _check(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / "config.yaml").is_file():
             raise UserError(f"--resume: {_q(out)} holds no run (no config.yaml)")
+        if not (out / MANIFEST).is_file():
+            raise UserError(
+                f"--resume: {_q(out)} holds no run of this tool (no {MANIFEST}, the list of what a run "
+                "wrote), so nothing is written there; choose another --out"
+            )
+        Manifest.load(out)  # a damaged manifest: say so
+        check_config_file(out / "config.yaml")
         if not _has_checkpoint(out) and _has_rows(out):
             raise UserError(
                 f"--resume: the run in {_q(out)} has no checkpoint yet (checkpoint_every rounds); "
@@ -130,16 +113,17 @@ def _check(out: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(
             f"--overwrite would delete {_q(out)}, which holds the current directory; pass a run folder to --out"
         )
-    if not is_run_folder(out):
+    if not (out / MANIFEST).is_file():
         raise UserError(
-            f"--overwrite replaces only a run folder of this tool (with its config.yaml and "
-            f"metrics.jsonl); {_q(out)} is not one, so nothing was deleted; choose another --out"
+            f"--overwrite replaces only a run folder this tool wrote (it lists its files in {MANIFEST}); "
+            f"{_q(out)} has no {MANIFEST}, so nothing was deleted; choose another --out"
         )
-    foreign = [e for e in entries if e not in RUN_ENTRIES]
-    if foreign:
+    problems = Manifest.load(out).problems()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(
-            f"--overwrite: run folder {_q(out)} also holds {foreign[0]!r}, which this tool did not "
-            "write; move it away or choose another --out"
+            f"--overwrite: run folder {_q(out)} also holds {problems[0]}{more}, so nothing was deleted; "
+            "move it away or choose another --out"
         )
     if not os.access(out.resolve().parent, os.W_OK | os.X_OK):
         raise UserError(f"--overwrite: the folder holding {_q(out)} is not writable (read-only or not yours)")
@@ -150,7 +134,7 @@ def prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Non
     out = Path(out)
     check_out(out, resume, overwrite)
     if resume:
-        prev = load_config(str(out / "config.yaml"))
+        prev = load_config(str(out / "config.yaml"))  # check_out made sure it loads
         diff = config_diff(prev, cfg, ignore=())
         if diff:
             raise UserError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
@@ -172,10 +156,12 @@ def prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Non
         for d in made:
             d.mkdir()
         (out / "config.yaml").write_text(text)
+        Manifest.create(out, "config.yaml")
     except OSError as e:
         # leave everything as it was: remove what this call made, put the old run back
         if out.is_dir():
-            (out / "config.yaml").unlink(missing_ok=True)
+            for name in ("config.yaml", MANIFEST, MANIFEST + ".tmp"):
+                (out / name).unlink(missing_ok=True)
         for d in reversed(made):
             try:
                 d.rmdir()
@@ -185,5 +171,13 @@ def prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Non
             old.rename(out)
         where = e.filename or out
         raise UserError(f"cannot write the run folder {_q(out)}: {where}: {e.strerror or e}") from None
-    if old is not None:
-        shutil.rmtree(old)
+    if old is not None:  # exactly what the old run's manifest lists (check_out refused anything else)
+        left = Manifest.load(old).delete()
+        if left:
+            log.warning(
+                "--overwrite: %s kept in %s: it appeared in the old run folder after the check (not the tool's)",
+                left[0],
+                old,
+            )
+        else:
+            old.rmdir()

@@ -164,6 +164,12 @@ def load_peft(folder: str | os.PathLike, definition: Definition) -> dict:
     except SafetensorError as e:
         raise UserError(f"{str(weights)!r} is corrupt ({' '.join(str(e).split())})") from None
     tensors = {k.replace(".default.", "."): v for k, v in loaded.items()}
+    bad = sorted(k for k, v in loaded.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all())
+    if bad:  # scores would be NaN and generation garbage, without a word
+        raise UserError(
+            f"{str(weights)!r} holds weights that are not finite (NaN or inf) in {len(bad)} tensor(s), e.g. "
+            f"{bad[0]!r}; the adapter cannot be used (was it exported from a diverged run?)"
+        )
     template = jax.eval_shape(lambda: init_lora(definition))
     used = set()
 

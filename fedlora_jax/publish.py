@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import runfolder
 from .privacy import modes
 
 if TYPE_CHECKING:
@@ -69,4 +70,5 @@ def write_dp_stats(cfg: RunConfig, out: Path, mechanism: Mechanism, lora: Tree, 
         f"round_{r + 1}_global",
         samples=cfg.dp.stats_samples,
     )
-    write_stats_csv(out / "dp_stats.csv", stats, append=True)
+    with runfolder.writing(out, "dp_stats.csv"):
+        write_stats_csv(out / "dp_stats.csv", stats, append=True)

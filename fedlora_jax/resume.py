@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import randomness, reporting
-from .checkpoint import Checkpointer
+from . import randomness, runfolder
+from .checkpoint import RESTORE_TODO, Checkpointer
 from .config import RunConfig
+from .errors import UserError
 
 if TYPE_CHECKING:
     from .privacy.ledger import Ledger
@@ -49,14 +50,23 @@ def restore(
         return state, progress
     state, meta = ckpt.restore(state)
     start = int(meta["round"])
-    if ledger is not None:
-        ledger.load_state_dict(meta["ledger"])
-    participations = np.asarray(
-        meta.get("participations") or (meta["ledger"] or {}).get("participations", progress.participations), np.int64
-    )
+    try:
+        if ledger is not None:
+            ledger.load_state_dict(meta["ledger"])
+        participations = np.asarray(
+            meta.get("participations") or (meta["ledger"] or {}).get("participations", progress.participations),
+            np.int64,
+        )
+        if participations.shape != (num_clients,):
+            raise ValueError(f"participations of {participations.shape} for {num_clients} clients")
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        where = ckpt.folder / str(start)
+        raise runfolder.damaged(where, f"its metadata cannot be read ({e!r})", RESTORE_TODO) from None
     # rows logged after the checkpoint are dropped (they rerun); the writers rewrite metrics.jsonl/.csv
     # from these before the first new row, so a second kill cannot repeat them
-    return state, Progress(start, reporting.read_rows(metrics_path, start), participations, meta, progress.t_start)
+    return state, Progress(start, runfolder.read_rows(metrics_path, start), participations, meta, progress.t_start)
 
 
 def noise_seed(cfg: RunConfig, mechanism: Mechanism, meta: dict) -> int:

@@ -5,7 +5,6 @@ mechanism (privacy.modes), the round (simulation), what a row may publish (publi
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import aggregation, artifacts, publish, randomness, reporting, sampling, writers
+from . import aggregation, artifacts, numerics, publish, randomness, reporting, runfolder, sampling, writers
 from . import resume as resume_lib
 from .artifacts import load_for_eval  # noqa: F401  (re-exported: the loader of run and adapter folders)
 from .checkpoint import Checkpointer
@@ -63,7 +62,7 @@ def run(
     if resume and _finished(cfg, out):
         prepare_out(cfg, out, resume, overwrite)  # the config must still match
         log.info("run %s already finished (%d rounds); nothing to do", out, fl.rounds)
-        return {**json.loads((out / "summary.json").read_text()), "already_finished": True}
+        return {**runfolder.read_json(out / "summary.json"), "already_finished": True}
     if jax.process_index() > 0 and checkpoints_dir is None:
         # process 0 writes the run folder; the others compute with it (their orbax part writes the
         # checkpoints with process 0's, into the shared folder) and write their own files nowhere
@@ -74,6 +73,7 @@ def run(
     base = shard_base(base, mesh)  # split over 'model' when the mesh has that axis
     data = prepare(cfg, tokenizer)
     mechanism = modes.build(cfg, lora, [len(p) for p in data.parts])
+    numerics.check_mechanism_finite(cfg, mechanism)  # an infinite noise or epsilon: refused before training
     ledger = mechanism.ledger
     evaluate = _evaluator(cfg, definition, base, data, tokenizer)  # bad evaluation data fails here
     if progress:  # the operator's console (not with --no-progress); summary.json follows the DP rules
@@ -165,6 +165,7 @@ def run(
             ckpt.save(done, state, meta(done))
         ckpt.close()
     resume_lib.private(out / "checkpoints")
+    final_files = runfolder.Recording(out, *runfolder.FINAL_OUTPUTS)  # the manifest lists what follows
     saved = artifacts.save_final(cfg, out, definition, effective_base(base, state), state.lora, tokenizer, source)
     summary = reporting.write_outputs(
         out,
@@ -181,6 +182,7 @@ def run(
         data_stats=data.stats,
     )
     artifacts.write_model_card(out, cfg, summary)
+    final_files.done()
     return summary
 
 
@@ -195,7 +197,7 @@ def _finished(cfg: RunConfig, out: Path) -> bool:
     """The run folder holds a completed run of all cfg.fl.rounds rounds."""
     if not ((out / "summary.json").exists() and (out / "config.yaml").exists()):
         return False
-    done = json.loads((out / "summary.json").read_text())
+    done = runfolder.read_json(out / "summary.json")
     return done.get("stop_reason") == "completed" and done.get("rounds") == cfg.fl.rounds
 
 

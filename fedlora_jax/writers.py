@@ -36,6 +36,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import runfolder
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ class WandbWriter(Writer):
         folder = out / "wandb"
         folder.mkdir(exist_ok=True)
         self.state_path = folder / "fedlora_run.json"
-        state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        state = runfolder.read_json(self.state_path) if self.state_path.exists() else {}
         self.state = {"id": state.get("id") or secrets.token_hex(4), "last_step": state.get("last_step", 0)}
         self._save()
         self.run = wandb.init(
@@ -225,6 +226,8 @@ def logs(cfg: RunConfig, step: int) -> bool:
 
 
 OPTIONAL_WRITERS = {"tensorboard": TensorBoardWriter, "wandb": WandbWriter}
+# what the writers write in the run folder (the manifest lists it as the tool's)
+LOG_FILES = ("metrics.jsonl", "metrics.jsonl.tmp", "metrics.csv", "metrics.csv.tmp", *OPTIONAL_WRITERS)
 
 
 class Writers:
@@ -232,6 +235,7 @@ class Writers:
 
     def __init__(self, cfg, out: Path, rows: list[dict], start: int):
         self.cfg = cfg
+        self.recording = runfolder.Recording(out, *LOG_FILES)  # recorded in the manifest at close
         self.writers: list[Writer] = [JsonlWriter(), CsvWriter()]
         self.writers += [OPTIONAL_WRITERS[n]() for n in cfg.logging.writers]
         self.pending: tuple[dict, int] | None = None  # the last row not yet given to the thinned writers
@@ -272,5 +276,6 @@ class Writers:
                 w.close()
             except Exception as e:  # close the others, then raise the first
                 errors.append(e)
+        self.recording.done()
         if errors:
             raise errors[0]

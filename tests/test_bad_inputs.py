@@ -16,6 +16,7 @@ import yaml
 from fedlora_jax import cli
 from fedlora_jax.config import load_config
 from fedlora_jax.errors import UserError
+from fedlora_jax.runfolder import MANIFEST, Manifest
 
 
 def _safetensors(n: int = 64) -> bytes:
@@ -59,7 +60,11 @@ def _adapter(prefix: str, config=None, weights: bytes | None = WEIGHTS, raw_conf
 
 
 def _run_folder(prefix: str, **extra) -> dict:
-    return {f"{prefix}/config.yaml": TINY_YAML, f"{prefix}/metrics.jsonl": '{"round": 1}\n', **extra}
+    """A run folder of this tool: config.yaml, metrics.jsonl and the manifest that lists them."""
+    files = {f"{prefix}/config.yaml": TINY_YAML, f"{prefix}/metrics.jsonl": '{"round": 1}\n'}
+    entries = {k.split("/", 1)[1]: {"size": len(v.encode())} for k, v in files.items()}
+    manifest = json.dumps({"tool": "fedlora_jax", "entries": entries, "pending": {}})
+    return {**files, f"{prefix}/{MANIFEST}": manifest, **extra}
 
 
 @dataclasses.dataclass
@@ -455,10 +460,10 @@ OUTPUT = [
     out(
         "overwrite-foreign-folder",
         ["--out", "{tmp}/mine", "--overwrite"],
-        "is not one, so nothing was deleted",
+        f"has no {MANIFEST}, so nothing was deleted",
         files={"mine/notes.txt": "keep", "mine/config.yaml": "a: 1\n"},
     ),
-    out("overwrite-config-only", ["--out", "{tmp}/r", "--overwrite"], "is not one", files={"r/config.yaml": TINY_YAML}),
+    out("overwrite-config-only", ["--out", "{tmp}/r", "--overwrite"], "has no", files={"r/config.yaml": TINY_YAML}),
     out("overwrite-cwd", ["--out", ".", "--overwrite"], "holds the current directory", files={"x.txt": "keep"}),
     out("overwrite-parent-of-cwd", ["--out", "..", "--overwrite"], "holds the current directory"),
     out(
@@ -564,6 +569,7 @@ def _fake_run(folder: Path) -> None:
     (folder / "checkpoints" / "1").mkdir(parents=True)
     (folder / "adapter").mkdir()
     (folder / "adapter" / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    Manifest.create(folder, "config.yaml", "metrics.jsonl", "checkpoints", "adapter")  # as a run records them
 
 
 def test_overwrite_replaces_a_run_folder(tmp_path):
@@ -573,7 +579,7 @@ def test_overwrite_replaces_a_run_folder(tmp_path):
     _fake_run(run)
     cfg = load_config("tiny", ["fl.rounds=3"])
     prepare_out(cfg, run, resume=False, overwrite=True)
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(["config.yaml", MANIFEST])
     assert load_config(str(run / "config.yaml")) == cfg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the old run is gone, no leftovers
 

@@ -20,6 +20,7 @@ from fedlora_jax import cli
 from fedlora_jax import lora as L
 from fedlora_jax.config import load_config
 from fedlora_jax.models import abstract_model
+from fedlora_jax.outdir import prepare_out
 from fedlora_jax.runner import build_model, run
 
 MODES = {
@@ -203,8 +204,7 @@ def test_resume_of_a_run_killed_before_anything_was_logged_starts_it(tmp_path):
     cfg = load_config("tiny", _sets("none"))
     run(cfg, tmp_path / "full", progress=False)
     part = tmp_path / "part"
-    part.mkdir()
-    (part / "config.yaml").write_text((tmp_path / "full" / "config.yaml").read_text())
+    prepare_out(cfg, part, resume=False, overwrite=False)  # what a run writes before it loads (config, manifest)
     (part / "metrics.jsonl").write_text("")
     run(cfg, part, resume=True, progress=False)
     _same_run(tmp_path / "full", part)

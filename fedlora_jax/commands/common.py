@@ -62,3 +62,24 @@ def _finite(flag: str, value, low=None, high=None, low_open=False, high_open=Fal
             else f"{'<' if high_open else '<='} {high:g}"
         )
         raise UserError(f"{flag} must be {allowed}, got {value:g}")
+
+
+SEED_LIMIT = 2**32  # as the config's seed
+
+
+def _seed(flag: str, value) -> None:
+    """A seed option: an integer in [0, 2**32), or a UserError naming the flag."""
+    if value is not None and not 0 <= value < SEED_LIMIT:
+        raise UserError(f"{flag} must be an integer in [0, 2**32) (as the config's seed), got {value}")
+
+
+def _rounds(flag: str, value) -> None:
+    """A number of rounds: at least 1 and at most numerics.MAX_ROUNDS (more would sit for minutes or hours)."""
+    from ..numerics import MAX_ROUNDS
+
+    _finite(flag, value, low=1)
+    if value is not None and value > MAX_ROUNDS:
+        raise UserError(
+            f"{flag} = {value} is above the most this tool accounts for ({MAX_ROUNDS:,} rounds): the sampling "
+            "schedule and the accountants would run for hours"
+        )

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .common import _finite, dumps
+from .common import _finite, _seed, dumps
 
 
 def _precheck_eval_target(target: str) -> None:
@@ -96,6 +96,7 @@ def _cmd_generate(args) -> int:
 
     _finite("--max-new-tokens", args.max_new_tokens, low=1, what="the number of tokens to generate")
     _finite("--temperature", args.temperature, low=0, what="the sampling temperature (0 is greedy)")
+    _seed("--seed", args.seed)
     if not args.prompt.strip():
         raise UserError("--prompt is empty; give the text the model should answer or continue")
     t = Path(args.model)

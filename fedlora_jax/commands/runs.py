@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .. import runfolder
 from ..errors import UserError
 from .common import _ENV_ERRNOS, _finite, dumps
 
@@ -48,8 +49,9 @@ def _cmd_run(args) -> int:
     config = args.config
     if config is None and args.resume and args.out and Path(args.out, "config.yaml").is_file():
         config = str(Path(args.out, "config.yaml"))  # resume the run's own config unless one is given
+        runfolder.check_config_file(config)  # a damaged one is said so
     cfg = load_config(config, args.set)
-    out = args.out or f"runs/{cfg.name}"
+    out = f"runs/{cfg.name}" if args.out is None else args.out  # --out '' is refused by check_out
     check_out(out, args.resume, args.overwrite)  # before any model is loaded; the run checks again
     if cfg.dp.budget is not None and not args.resume:
         _check_budget(cfg)  # early, from shapes; the run loop checks again with the data
@@ -57,8 +59,9 @@ def _cmd_run(args) -> int:
 
     try:
         s = run(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except OSError as e:
-        if e.errno not in _ENV_ERRNOS:
+    except Exception as exc:  # an OSError, or a library's error that wraps one (orbax, safetensors)
+        e = exc if isinstance(exc, OSError) else runfolder.os_error_of(exc, out)
+        if isinstance(exc, UserError) or e is None or e.errno not in _ENV_ERRNOS:
             raise
         where = str(e.filename or out)
         if Path(where).resolve().is_relative_to(Path(out).resolve()):

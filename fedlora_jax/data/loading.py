@@ -265,6 +265,11 @@ def _dataset(out: list[dict], max_examples: int | None, seed: int):
 
 def _label(r: dict, label_column: str, where: str, i: int) -> str:
     v = r.get(label_column)
+    if v is None:  # str(None) would make a client of the unlabelled records, named "None"
+        raise UserError(
+            f"{where} record {i}: label column {label_column!r} is missing or null; give every record a label "
+            "(the partition groups clients by it) or drop the unlabelled records"
+        )
     if isinstance(v, (list, dict)):
         raise UserError(
             f"{where} record {i}: label column {label_column!r} holds {v!r}; a label must be a single value"
