@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def main() -> None:
     import pytest
+    from test_audit_faults import FAULTS, LOCAL, _mech  # the catalogue
 
     from fedlora_jax.privacy import audit, modes
-    from test_audit_faults import FAULTS, LOCAL, _mech  # the catalogue
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, nargs="+", default=[100, 400, 1600, 4000])

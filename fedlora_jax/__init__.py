@@ -6,6 +6,24 @@ import sys
 
 __version__ = "0.1.0"
 
+# the short public API, imported on first use (importing the package loads nothing heavy)
+_API = {
+    "run": "fedlora_jax.runner",
+    "load_config": "fedlora_jax.config",
+    "RunConfig": "fedlora_jax.config",
+    "load_model": "fedlora_jax.models.hub",
+    "audit": "fedlora_jax.privacy.audit",
+    "UserError": "fedlora_jax.errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'fedlora_jax' has no attribute {name!r}")
+
 
 class _Unimportable(importlib.abc.MetaPathFinder):
     """Refuses to import the modules a caller blocked with `sys.modules[name] = None`."""

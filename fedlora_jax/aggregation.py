@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import jax
 import jax.numpy as jnp
 
+from . import choices
 from . import lora as lora_lib
 from .errors import UserError
 from .numerics import DIVISION_FLOOR
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .config import RunConfig
     from .models import Definition
 
-AGGREGATORS: dict[str, Aggregator] = {}
+AGGREGATORS: dict[str, Aggregator] = choices.table("fl.aggregation")  # the config's fl.aggregation choices
 
 
 def register(cls: type[Aggregator]) -> type[Aggregator]:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from . import choices
 from .errors import UserError
 from .pytypes import Tree
 from .server import FEDOPT_RULES, fedopt
@@ -129,7 +130,7 @@ def _sgd(fl: FLSection) -> optax.GradientTransformation:
     return optax.sgd(fl.server_lr)
 
 
-_REGISTRY: dict[str, Algorithm] = {}
+_REGISTRY: dict[str, Algorithm] = choices.table("fl.algorithm")  # the config's fl.algorithm choices
 
 
 def register(

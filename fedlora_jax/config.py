@@ -50,7 +50,10 @@ class RunConfig:
     fl: FLSection = FLSection()
     dp: DPSection = DPSection()
     eval_every: int = 5
-    eval_batches: int = 4
+    # the held-out loss scores every held-out example up to this cap, in batches of eval_batch_size
+    # (the last one padded and masked), whatever fl.batch_size is
+    eval_examples: int = 2000
+    eval_batch_size: int = 16
     eval_tasks: tuple[str, ...] = ("loss",)  # evaluated every eval_every rounds: loss | exact_match | multiple_choice
     eval_limit: int = 64  # examples per exact_match / multiple_choice evaluation
     eval_choices: str = "synthetic"  # multiple_choice data: question/choices/answer file or hub id, or synthetic
@@ -77,13 +80,14 @@ class RunConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed}")
-        from .evaluation import TASKS as EVAL_TASKS  # the registry of evaluation tasks
+        from .choices import EVAL_TASKS
 
         _strings("eval_tasks", self.eval_tasks, empty_ok=True)
         for t in self.eval_tasks:
             _choice("eval_tasks entry", t, EVAL_TASKS)
         _at_least("eval_every", self.eval_every, 0)
-        _at_least("eval_batches", self.eval_batches, 1)
+        _at_least("eval_examples", self.eval_examples, 1)
+        _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 0)
         if self.eval_limit < 1:
             raise UserError(f"eval_limit must be >= 1, got {self.eval_limit}")
@@ -103,8 +107,25 @@ class RunConfig:
         return conv(self)
 
     def to_yaml(self) -> str:
-        """Every key with its value or default, as YAML: RUN/config.yaml and `fedlora-jax config`."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """Every key with its value or default, as YAML: RUN/config.yaml and `fedlora-jax config`. The
+        model shape keys, which only the random `tiny` model reads, are marked unused for other sources."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if self.model.source == "tiny":
+            return text
+        lines, section = [], None
+        for line in text.splitlines():
+            if not line.startswith(" "):
+                section = line.rstrip(":")
+            key = line.strip().split(":", 1)[0]
+            if section == "model" and line.startswith("  ") and key in tiny_shape_keys():
+                line += "  # unused: only model.source tiny reads it (other models bring their own shape)"
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+
+def tiny_shape_keys() -> tuple[str, ...]:
+    """The model keys that only the random `tiny` model reads (its shape): every model key but these two."""
+    return tuple(f.name for f in dataclasses.fields(ModelSection) if f.name not in ("source", "dtype"))
 
 
 def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) -> RunConfig:

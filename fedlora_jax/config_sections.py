@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import choices  # the names a config may choose (the ground floor: no implementation)
+from .choices import PARTITIONS
 from .config_checks import _at_least, _check_types, _choice, _in_unit, _positive, _strings
-from .data.partition import PARTITIONS  # the registry of partitions (numpy only; no datasets)
 from .errors import UserError
 from .models.config import DEFAULT_TARGETS, LoRAConfig  # LoRA's default target modules; the model's LoRA config
 from .numerics import MAX_ROUNDS
@@ -34,10 +35,8 @@ class ModelSection:
             raise UserError(
                 "model.source is empty; give a Hugging Face folder, a hub id, a GGUF file, 'default' or 'tiny'"
             )
-        from .models.config import ATTENTION_IMPLS, DTYPES
-
-        _choice("model.dtype", self.dtype, DTYPES)
-        _choice("model.attention", self.attention, ATTENTION_IMPLS)
+        _choice("model.dtype", self.dtype, choices.DTYPES)
+        _choice("model.attention", self.attention, choices.ATTENTION_IMPLS)
         for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _at_least(f"model.{k}", getattr(self, k), 1)
         if self.hidden_size % self.num_heads:
@@ -135,9 +134,8 @@ class DataSection:
                 raise UserError(f"data.{k} is empty")
         if self.label_column is not None and not self.label_column:
             raise UserError("data.label_column is empty; name a column or leave it out")
-        from .data.tokenize import TEMPLATES  # the registry of templates
 
-        _choice("data.template", self.template, TEMPLATES)
+        _choice("data.template", self.template, choices.TEMPLATES)
         _choice("data.partition", self.partition, PARTITIONS)
         if self.seq_len < 4:
             raise UserError(f"data.seq_len must be >= 4, got {self.seq_len}")
@@ -178,15 +176,9 @@ class FLSection:
 
     def __post_init__(self):
         _check_types(self, "fl.")
-        from .algorithms import names as algorithms  # the registry of algorithms
-
-        _choice("fl.algorithm", self.algorithm, algorithms())
-        from .aggregation import names as aggregations  # the registry of aggregators
-
-        _choice("fl.aggregation", self.aggregation, aggregations())
-        from .sampling import SAMPLINGS
-
-        _choice("fl.sampling", self.sampling, SAMPLINGS)
+        _choice("fl.algorithm", self.algorithm, choices.names("fl.algorithm"))
+        _choice("fl.aggregation", self.aggregation, choices.names("fl.aggregation"))
+        _choice("fl.sampling", self.sampling, choices.SAMPLINGS)
         for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size"):
             if getattr(self, k) < 1:
                 raise UserError(f"fl.{k} must be >= 1, got {getattr(self, k)}")
@@ -258,16 +250,12 @@ class DPSection:
 
     def __post_init__(self):
         _check_types(self, "dp.")
-        from .privacy.gaussian_accounting import NEIGHBOURING
-        from .privacy.mechanisms import SCOPES, TARGETS
-        from .privacy.modes import names as dp_modes  # the registry of mechanisms is the list of modes
-
-        _choice("dp.mode", self.mode, dp_modes())
-        _choice("dp.scope", self.scope, SCOPES)
-        _choice("dp.target", self.target, TARGETS)
-        _choice("dp.noise", self.noise, ("classical", "analytic", "multiplier", "calibrate"))
+        _choice("dp.mode", self.mode, choices.names("dp.mode"))
+        _choice("dp.scope", self.scope, choices.SCOPES)
+        _choice("dp.target", self.target, choices.TARGETS)
+        _choice("dp.noise", self.noise, choices.NOISE)
         if self.neighbouring is not None:
-            _choice("dp.neighbouring", self.neighbouring, NEIGHBOURING)
+            _choice("dp.neighbouring", self.neighbouring, choices.NEIGHBOURING)
         _positive("dp.clip_a", self.clip_a)
         _positive("dp.clip_b", self.clip_b)
         _positive("dp.epsilon", self.epsilon)

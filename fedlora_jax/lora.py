@@ -23,9 +23,16 @@ _PEFT_IO = ("ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "save_peft", "read_peft_config"
 
 
 def __getattr__(name: str) -> Any:
-    if name in _PEFT_IO:  # resolved lazily: peft_io imports this module
+    if name in _PEFT_IO:  # a compatibility shim, resolved lazily (peft_io imports this module)
+        import warnings
+
         from . import peft_io
 
+        warnings.warn(
+            f"fedlora_jax.lora.{name} moved to fedlora_jax.peft_io.{name}; the old path goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(peft_io, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -22,6 +22,7 @@ import numpy as np
 from . import mesh as mesh_lib
 from . import randomness
 from .errors import UserError
+from .mesh import CPU_TOKENS_PER_CHUNK, auto_chunk  # noqa: F401  (re-exported)
 from .models import abstract_model
 from .pytypes import Tree
 
@@ -32,23 +33,6 @@ if TYPE_CHECKING:
     from .models import Definition, ModelConfig
 
 ADAPTER_COPIES = 6  # local factors, start point, gradient, two AdamW moments, the release
-# With fl.clients_per_chunk unset, a CPU round vmaps about this many tokens per local step on each
-# device: 1.11-1.26x faster than the whole cohort at once in four regimes (hidden 64-256, 32-256
-# clients, sequence 32-128) and within 1% of the best chunk in each
-# (experiments/bench/chunk_bench.py): the matmuls keep ~2,048 rows and a step's activations stay
-# in cache. Accelerators run the whole cohort at once.
-CPU_TOKENS_PER_CHUNK = 2048
-
-
-def auto_chunk(cohort: int, tokens_per_client_step: int, platform: str, rows: int = 1) -> int:
-    """Clients vmapped at once when fl.clients_per_chunk is unset: the whole cohort on an
-    accelerator; on CPU about CPU_TOKENS_PER_CHUNK tokens per local step on each of the mesh's
-    `rows` 'clients' rows, in chunks of equal size (the least padding)."""
-    if platform != "cpu" or cohort < 1:
-        return max(cohort, 1)
-    target = max(1, rows * CPU_TOKENS_PER_CHUNK // max(tokens_per_client_step, 1))
-    n_chunks = -(-cohort // target)
-    return -(-cohort // n_chunks)
 
 
 def _nbytes(tree, dtype_bytes=None):
@@ -210,6 +194,9 @@ def plan(cfg: RunConfig, device_gib: float | None = None, do_measure: bool = Fal
     if device_gib is not None:
         out["device_gib"] = device_gib
         out["largest_clients_per_chunk"] = largest_chunk(est, device_gib * 2**30, out["cohort_slots"])
+        # what the memory alone would hold: above the cohort, the cohort is the cap (a chunk holds no more)
+        out["memory_clients_per_chunk"] = largest_chunk(est, device_gib * 2**30, 2**62)
+        out["capped_by_cohort"] = out["memory_clients_per_chunk"] > out["largest_clients_per_chunk"]
     if do_measure:
         lc = cfg.lora.to_lora_config()
         definition, base, lora = abstract_model(mc, lc)

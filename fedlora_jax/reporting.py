@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config_sections import WRITERS
 from .errors import UserError
 from .privacy import modes
-from .writers import write_csv
+from .writers import rewrite_rows, write_csv  # noqa: F401  (rewrite_rows re-exported)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,10 +71,22 @@ def metrics_figure(rows: list[dict], *, initial_eval: float | None = None, title
         if pts:
             axes[0].plot(*zip(*pts), label=label)
     ev = _points(rows, "eval_loss")
-    if isinstance(initial_eval, (int, float)) and math.isfinite(initial_eval):
-        ev = [(0, initial_eval)] + ev  # the evaluation before any round
+    base = initial_eval if isinstance(initial_eval, (int, float)) and math.isfinite(initial_eval) else None
+    if base is not None:
+        ev = [(0, base)] + ev  # the evaluation before any round
     if ev:
-        axes[0].plot(*zip(*ev), "o-", label="eval loss (held out; round 0: before training)")
+        n = next((x["eval_loss_n"] for x in reversed(rows) if x.get("eval_loss_n") is not None), None)
+        of = f"n = {n} held-out examples" if n is not None else "held out"
+        axes[0].plot(*zip(*ev), "o-", label=f"eval loss ({of}; round 0: the base, before training)")
+    if base is not None and base > 0:
+        # the axis shows the base's loss and spans at least 10% of it: noise is not drawn as a trend
+        vals = [v for line in axes[0].get_lines() for v in line.get_ydata()] + [base]
+        lo, hi = min(vals), max(vals)
+        if hi - lo < LOSS_AXIS_SPAN * base:
+            lo = hi - LOSS_AXIS_SPAN * base
+        pad = 0.05 * (hi - lo)
+        axes[0].axhline(base, ls=":", color="grey", label=f"the base model (round 0): {base:.4f}")
+        axes[0].set_ylim(lo - pad, hi + pad)
     axes[0].set_ylabel("loss (nats/token)")
     eps = _points(rows, "epsilon")
     if eps:
@@ -136,13 +147,6 @@ def read_rows(path: Path, upto: int) -> list[dict]:
     return [r for r in rows if r.get("round", 0) <= upto]
 
 
-def rewrite_rows(path: Path, rows: list[dict]) -> None:
-    """Replace metrics.jsonl with `rows`, atomically (a kill leaves the old file or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x, allow_nan=False) + "\n" for x in rows))
-    os.replace(tmp, path)
-
-
 def postfix(row: dict, rows: list[dict], initial_eval: float | None = None) -> dict:
     """The progress bar shows the latest held-out loss (before the first eval round: the round-0 one),
     epsilon and (marked) client loss."""
@@ -158,8 +162,15 @@ def postfix(row: dict, rows: list[dict], initial_eval: float | None = None) -> d
     return out
 
 
-def data_line(stats: dict) -> str:
-    """One line of data statistics for the console."""
+def data_line(stats: dict, mechanism: Mechanism | None = None) -> str:
+    """One line of data statistics for the console. The clients' example counts (and the dropped and
+    truncated counts) are outside any DP guarantee: under DP they are printed only with
+    dp.publish_client_metrics, marked so; otherwise the line names the held-out split alone."""
+    if mechanism is not None and mechanism.private and not mechanism.publish_client_metrics:
+        return (
+            f"data: ready; eval {stats['eval']['examples']} held-out examples (the clients' example counts are "
+            f"not shown under DP: dp.publish_client_metrics shows them, outside the guarantee)"
+        )
     t = stats["train"]
     pc = t.get("per_client") or {}
     return (
@@ -168,7 +179,35 @@ def data_line(stats: dict) -> str:
         f"train {t['examples']} examples"
         + (f", per client {pc['min']} to {pc['max']} (mean {pc['mean']:.1f})" if pc else "")
         + f"; eval {stats['eval']['examples']}"
+        + (" [outside the DP guarantee]" if mechanism is not None and mechanism.private else "")
     )
+
+
+LOSS_AXIS_SPAN = 0.1  # the loss axis spans at least this share of the base's loss
+SCORES = ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm")  # the scores of eval_tasks
+
+
+def _score_keys(rows: list[dict]) -> list[str]:
+    return [k for k in SCORES if any(k in x for x in rows)]
+
+
+def _plain_scores(scores: dict) -> dict:
+    """The scores alone (no n, no interval): summary.json's initial_scores / final_scores."""
+    return {k: v for k, v in scores.items() if k in SCORES}
+
+
+def eval_block(ev: dict, round_: int) -> dict:
+    """One evaluation as summary.json reports it: the round it is of, the held-out loss with its n and
+    response-token count, each score as {value, n, ci95}."""
+    sc = ev.get("scores") or {}
+    out: dict = {"round": round_, "loss": ev.get("loss")}
+    if ev.get("loss") is not None:
+        out.update(n=sc.get("eval_loss_n"), tokens=sc.get("eval_loss_tokens"))
+    for k in SCORES:
+        if sc.get(k) is not None:
+            lo, hi = sc.get(f"{k}_ci95_low"), sc.get(f"{k}_ci95_high")
+            out[k] = {"value": sc[k], "n": sc.get(f"{k}_n"), "ci95": [lo, hi] if lo is not None else None}
+    return out
 
 
 def write_outputs(
@@ -182,11 +221,14 @@ def write_outputs(
     initial_eval: float | None,
     initial_scores: dict,
     done: int,
+    final_eval: dict | None = None,
     stop_reason: str,
     wall_seconds: float,
     data_stats: dict | None = None,
 ) -> dict:
-    """metrics.jsonl/.csv, metrics.png and summary.json (artifacts: the saved adapter / merged model)."""
+    """metrics.jsonl/.csv, metrics.png and summary.json (artifacts: the saved adapter / merged model).
+    final_eval: the exported adapter's evaluation ({'loss', 'scores'}), what summary.json calls "after"
+    (default: the last evaluation in the rows)."""
     metrics_path, csv_path = out / "metrics.jsonl", out / "metrics.csv"
     # rewrite the metrics (a resume may have dropped rows logged after its checkpoint)
     rewrite_rows(metrics_path, rows)
@@ -204,18 +246,22 @@ def write_outputs(
     outputs.update({name: str(out / name) for name in WRITERS if (out / name).is_dir()})
     outputs.update(artifacts)
     last = lambda k: next((x[k] for x in reversed(rows) if x.get(k) is not None), None)
+    if final_eval is None:
+        final_eval = {
+            "loss": last("eval_loss"),
+            "scores": {k: last(k) for k in _score_keys(rows) if any(x.get(k) is not None for x in rows)},
+        }
+    before = {"loss": initial_eval, "scores": initial_scores or {}}
     summary = {
         "rounds": done,
         "stop_reason": stop_reason,
         "initial_eval_loss": initial_eval,
-        "final_eval_loss": last("eval_loss"),
+        "final_eval_loss": final_eval["loss"],  # the exported adapter's
         "model": source,
-        "initial_scores": initial_scores,
-        "final_scores": {
-            k: last(k)
-            for k in ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm")
-            if any(x.get(k) is not None for x in rows)
-        },
+        "initial_scores": _plain_scores(before["scores"]),
+        "final_scores": _plain_scores(final_eval["scores"]),
+        # every figure with its n (accuracies with a 95% interval); "after" is the exported adapter
+        "eval": {"before": eval_block(before, 0), "after": eval_block(final_eval, done)},
     }
     train_name = mechanism.published_name("loss")
     if train_name is not None:

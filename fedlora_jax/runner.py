@@ -76,8 +76,8 @@ def run(
     numerics.check_mechanism_finite(cfg, mechanism)  # an infinite noise or epsilon: refused before training
     ledger = mechanism.ledger
     evaluate = _evaluator(cfg, definition, base, data, tokenizer)  # bad evaluation data fails here
-    if progress:  # the operator's console (not with --no-progress); summary.json follows the DP rules
-        log.info(reporting.data_line(data.stats))
+    if progress:  # the operator's console (not with --no-progress): under DP the clients' counts only on request
+        log.info(reporting.data_line(data.stats, mechanism))
     if not resume:
         _check_budget(cfg, mechanism)
     prepare_out(cfg, out, resume, overwrite)
@@ -111,6 +111,8 @@ def run(
     if progress and prog.start == 0:
         log.info("compiling the round (the first round includes XLA compilation)")
     out_rows = writers.Writers(cfg, out, rows, prog.start)  # metrics.jsonl/.csv + logging.writers
+    if prog.start == 0 and evaluate.active:  # TensorBoard / W&B: the evaluation before training at step 0
+        out_rows.initial({"round": 0, "eval_loss": initial["loss"], **initial["scores"]})
     # the bar shows the rows the writers log (logging.log_every, eval rounds, last and stop rounds)
     desc = "rounds (compiling)"
     bar = tqdm(total=fl.rounds, initial=prog.start, disable=not progress, desc=desc, file=sys.stderr)
@@ -134,14 +136,16 @@ def run(
             before = jax.tree.map(jnp.copy, state)  # the round donates its input state (adapter-sized)
             state, m = round_fn(state, base, cohort, randomness.round_keys(seed, r), jnp.float32(lr))
             bar.set_description("rounds")  # the first call of the session traced and compiled the round
-            if not _finite(state):  # nothing of this round is published; keep the last finite state
-                state, stop_reason = before, f"diverged: the server state became non-finite in round {r + 1}"
-                log.warning("run stopped: %s; the adapter after round %d is kept and exported", stop_reason, r)
-                break
+            # the round is charged before anything of it is looked at: a divergence stop publishes that
+            # this round's release was non-finite, so the ledger must cover the round that triggered it
             if ledger is not None:
                 ledger.record(ids[valid])  # also counts participations (the same array)
             else:
                 np.add.at(prog.participations, ids[valid], 1)
+            if not _finite(state):  # its adapter and metrics are not published; keep the last finite state
+                state, stop_reason = before, f"diverged: the server state became non-finite in round {r + 1}"
+                log.warning("run stopped: %s; the adapter after round %d is kept and exported", stop_reason, r)
+                break
             row = publish.round_row(r, lr, m, ids, valid, mechanism, prog.participations)
             if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
                 ev = evaluate(state)
@@ -156,6 +160,9 @@ def run(
                 bar.set_postfix(reporting.postfix(row, rows, initial_eval=initial["loss"]))
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == fl.rounds):
                 ckpt.save(r + 1, state, meta(r + 1))
+        # "after" is the adapter that is exported, whatever stopped the loop: evaluated here unless
+        # its round already was (an evaluation round); the row of that round gets the figures
+        final = _final_eval(evaluate, state, rows, initial, out_rows)
         stopped_row = out_rows.flush_stop()  # the round where the run stops is always logged
         if stopped_row is not None:
             bar.set_postfix(reporting.postfix(stopped_row, rows, initial_eval=initial["loss"]))
@@ -176,6 +183,7 @@ def run(
         artifacts=saved,
         initial_eval=initial["loss"],
         initial_scores=initial["scores"],
+        final_eval=final,
         done=done,
         stop_reason=stop_reason,
         wall_seconds=prog.wall_seconds(),
@@ -222,19 +230,44 @@ def _check_budget(cfg: RunConfig, mechanism) -> None:
 
 
 def _evaluator(cfg: RunConfig, definition, base, data, tokenizer):
-    """state -> {'loss': held-out loss or None, 'scores': the other eval_tasks' scores}."""
-    from .evaluation import RunEvaluator, heldout_loss, run_eval_examples
+    """state -> {'loss': held-out loss or None, 'scores': the other figures of the metrics row: the
+    loss's n and tokens, the other eval_tasks' scores with their n and 95% interval}. The loss covers
+    every held-out example up to `eval_examples`, in batches of `eval_batch_size`."""
+    from .evaluation import RunEvaluator, heldout_eval, run_eval_examples
 
     extra = RunEvaluator(cfg, tokenizer, data.eval)
     has_loss = data.eval is not None and len(data.eval) > 0 and "loss" in cfg.eval_tasks
+    n = run_eval_examples(cfg, len(data.eval)) if has_loss else 0
 
     def evaluate(state) -> dict:
         eff = effective_base(base, state)
-        n = run_eval_examples(cfg, len(data.eval)) if has_loss else 0
-        loss = heldout_loss(definition, eff, state.lora, data.eval, n, cfg.fl.batch_size) if has_loss else None
-        return {"loss": loss, "scores": extra(definition, eff, state.lora) if extra.tasks else {}}
+        scores = extra(definition, eff, state.lora) if extra.tasks else {}
+        if not has_loss:
+            return {"loss": None, "scores": scores}
+        r = heldout_eval(definition, eff, state.lora, data.eval, n, cfg.eval_batch_size)
+        return {"loss": r["loss"], "scores": {"eval_loss_n": r["n"], "eval_loss_tokens": r["tokens"], **scores}}
 
+    evaluate.active = has_loss or bool(extra.tasks)
     return evaluate
+
+
+def _final_eval(evaluate, state, rows: list[dict], initial: dict, out_rows) -> dict:
+    """The evaluation of the adapter the run exports (`state`, the last finite one): the last row's
+    when that round was an evaluation round, else evaluated now and added to that row (and to the
+    writers that have logged it). No round ran: the initial evaluation."""
+    if not rows:
+        return initial
+    row = rows[-1]
+    if not evaluate.active:
+        return {"loss": None, "scores": {}}
+    if any(k.startswith("eval_") and v is not None for k, v in row.items()):  # an evaluation round
+        scores = {k: v for k, v in row.items() if k.startswith("eval_") and k != "eval_loss"}
+        return {"loss": row.get("eval_loss"), "scores": scores}
+    ev = evaluate(state)
+    fields = {k: reporting.finite_or_none(v) for k, v in {"eval_loss": ev["loss"], **ev["scores"]}.items()}
+    row.update(fields)
+    out_rows.amend(row, fields, row["round"])
+    return ev
 
 
 def _secondary(cfg: RunConfig, out: Path, **kw) -> dict:

@@ -24,7 +24,8 @@ from .numerics import MAX_EXP_EPSILON, SMALLEST_TAIL
 if TYPE_CHECKING:
     from .config import RunConfig
 
-SAMPLINGS = ("uniform", "poisson")
+from .choices import SAMPLINGS  # noqa: E402,F401  (the config's choices)
+
 POISSON_TAIL = 1e-12  # per-round probability that a Poisson cohort overflows its static capacity (at most)
 OVERFLOW_SHARE = 0.01  # the share of delta an overflowing cohort may add (central DP)
 

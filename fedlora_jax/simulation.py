@@ -30,7 +30,6 @@ from . import randomness
 from .algorithms import ClientHook, client_hook, server_optimizer
 from .client import client_update
 from .models import Definition
-from .plan import auto_chunk
 from .privacy.modes import Mechanism
 from .pytypes import Array, ArrayLike, Key, Tree
 
@@ -166,7 +165,7 @@ def make_round(
     the second call compiles nothing. donate=True lets XLA reuse the old state's buffers (the
     caller must not touch the state it passed in again).
 
-    Clients run in chunks of parts.chunk (default plan.auto_chunk: the whole cohort on accelerators,
+    Clients run in chunks of parts.chunk (default mesh.auto_chunk: the whole cohort on accelerators,
     ~2,048 tokens per local step on CPU) under lax.scan, vmapped within
     a chunk; each chunk is folded into running sums, so memory grows with the chunk, not the cohort.
     A cohort that the chunk does not divide is padded with invalid clients.
@@ -230,7 +229,7 @@ def make_round(
         spread = mesh_lib.clients_size(mesh)  # every 'clients' row gets as many slots (padding if needed)
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         tokens = math.prod(cohort.batches["tokens"].shape[2:])  # [K, steps, batch, seq]: per local step
-        c = min(parts.chunk or auto_chunk(size, tokens, platform, spread), size)
+        c = min(parts.chunk or mesh_lib.auto_chunk(size, tokens, platform, spread), size)
         c = -(-c // spread) * spread
         n_chunks = -(-size // c)
         fills = Cohort({k: 0 for k in cohort.batches}, 0, num_clients, 1, False)

@@ -90,8 +90,19 @@ class Writer:
     def write(self, row: dict, step: int) -> None:
         raise NotImplementedError
 
+    def amend(self, fields: dict, step: int) -> None:
+        """More values of a step already written (the final evaluation of a stopped run's last round)."""
+        self.write({"round": step, **fields}, step)
+
     def close(self) -> None:
         pass
+
+
+def rewrite_rows(path: Path, rows: list[dict]) -> None:
+    """Replace metrics.jsonl with `rows`, atomically (a kill leaves the old file or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x, allow_nan=False) + "\n" for x in rows))
+    os.replace(tmp, path)
 
 
 class JsonlWriter(Writer):
@@ -100,8 +111,6 @@ class JsonlWriter(Writer):
     name, every_round = "jsonl", True
 
     def open(self, out: Path, cfg: RunConfig, rows: list[dict], start: int) -> None:
-        from .reporting import rewrite_rows
-
         self.path = out / "metrics.jsonl"
         rewrite_rows(self.path, rows)  # drops rows logged after the checkpoint: they rerun
 
@@ -154,6 +163,11 @@ class TensorBoardWriter(Writer):
         # purge_step: readers drop this folder's earlier events of steps >= start + 1 (logged after
         # the checkpoint by a killed session, rerun now); in a fresh folder there is nothing to drop
         self.w = tbx.SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
+        if start == 0:  # the run's hyperparameters, once (the HPARAMS tab); a resume keeps them
+            exp, ssi, sei = tbx.summary.hparams(hparams(cfg), {k: None for k in HPARAM_METRICS})
+            fw = self.w._get_file_writer()
+            for summary in (exp, ssi, sei):
+                fw.add_summary(summary)
 
     def write(self, row: dict, step: int) -> None:
         for k, v in scalars(row).items():
@@ -176,7 +190,8 @@ class WandbWriter(Writer):
         folder.mkdir(exist_ok=True)
         self.state_path = folder / "fedlora_run.json"
         state = runfolder.read_json(self.state_path) if self.state_path.exists() else {}
-        self.state = {"id": state.get("id") or secrets.token_hex(4), "last_step": state.get("last_step", 0)}
+        # last_step -1: nothing sent yet (step 0 is the evaluation before the first round)
+        self.state = {"id": state.get("id") or secrets.token_hex(4), "last_step": state.get("last_step", -1)}
         self._save()
         self.run = wandb.init(
             project=cfg.logging.wandb_project,
@@ -210,8 +225,37 @@ class WandbWriter(Writer):
         self.state["last_step"] = step
         self._save()
 
+    def amend(self, fields: dict, step: int) -> None:
+        if step >= self.state["last_step"]:  # W&B takes more values at its current step, never an earlier one
+            self.run.log(scalars(fields), step=step)
+            self.state["last_step"] = step
+            self._save()
+
     def close(self) -> None:
         self.run.finish()
+
+
+# the metrics TensorBoard's HPARAMS tab shows beside the hyperparameters (scalars of the same names)
+HPARAM_METRICS = ("eval_loss", "epsilon")
+
+
+def hparams(cfg: RunConfig) -> dict:
+    """The config as TensorBoard hyperparameters: dotted keys, numbers, strings and booleans (lists
+    and None as text). dp.noise_seed is left out (it is the root of the DP noise)."""
+
+    def flat(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    out = {}
+    for k, v in flat(cfg.to_dict()):
+        if k == "dp.noise_seed":
+            continue
+        out[k] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+    return out
 
 
 def logs(cfg: RunConfig, step: int) -> bool:
@@ -257,6 +301,23 @@ class Writers:
                 w.write(row, step)
         self.pending = None if logged else (row, step)
         return logged
+
+    def initial(self, row: dict) -> None:
+        """The evaluation before the first round (step 0) to the thinned writers (TensorBoard, W&B);
+        metrics.jsonl/.csv hold rounds only (summary.json has the round-0 figures)."""
+        for w in self.writers:
+            if not w.every_round:
+                w.write(row, 0)
+
+    def amend(self, row: dict, fields: dict, step: int) -> None:
+        """`fields` were added to `row` (round `step`) after it was written: metrics.jsonl/.csv are
+        rewritten from the rows at the end of the run; a thinned writer that logged the round gets
+        the new fields at the same step (a pending row is written whole by flush_stop)."""
+        if self.pending is not None and self.pending[1] == step:
+            return
+        for w in self.writers:
+            if not w.every_round:
+                w.amend(fields, step)
 
     def flush_stop(self) -> dict | None:
         """The run stops here: the last row goes to the thinned writers if it has not; returns it then."""

@@ -64,10 +64,22 @@ def with_system(messages: list, system_prompt: str | None) -> list:
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def _json_type(v) -> str:
-    from .loading import json_type
+_JSON_TYPES = {
+    "dict": "object",
+    "list": "array",
+    "str": "string",
+    "int": "number",
+    "float": "number",
+    "bool": "boolean",
+    "NoneType": "null",
+}
 
-    return json_type(v)
+
+def json_type(v: object) -> str:
+    return _JSON_TYPES.get(type(v).__name__, type(v).__name__)
+
+
+_json_type = json_type
 
 
 def normalize_conversation(value: object, where: str) -> list[dict]:

@@ -24,7 +24,7 @@ import datasets
 from .. import randomness
 from ..errors import UserError
 from . import synthetic
-from .chat import normalize_conversation
+from .chat import json_type, normalize_conversation  # noqa: F401  (json_type re-exported)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -32,21 +32,6 @@ if TYPE_CHECKING:
 STANDARD = ("instruction", "input", "output")
 COLUMN_KEYS = (*STANDARD, "messages")  # what data.columns may map
 CONVERSATION_COLUMNS = ("messages", "conversations")  # recognized without data.columns
-_JSON_TYPES = {
-    "dict": "object",
-    "list": "array",
-    "str": "string",
-    "int": "number",
-    "float": "number",
-    "bool": "boolean",
-    "NoneType": "null",
-}
-
-
-def json_type(v: object) -> str:
-    return _JSON_TYPES.get(type(v).__name__, type(v).__name__)
-
-
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 

@@ -13,7 +13,7 @@ from ..errors import UserError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-PARTITIONS = ("iid", "dirichlet", "dirichlet_balanced", "by_column")
+from ..choices import PARTITIONS  # noqa: E402,F401  (the config's choices)
 
 
 def partition(

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-TEMPLATES = ("alpaca", "chat", "plain")
+from ..choices import TEMPLATES  # noqa: E402,F401  (the config's choices)
+
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import UserError
 from .choices import LOCAL_SUFFIXES, choice_logprobs, lm_eval_pair, load_multiple_choice, multiple_choice  # noqa: F401  (re-exported)
 from .greedy import exact_match, greedy_answers, greedy_generate, held_out_prompts, split_prompt_answer  # noqa: F401  (re-exported)
-from .loss import heldout_loss, score_ids  # noqa: F401  (re-exported)
+from .loss import heldout_eval, heldout_loss, score_ids  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..models import Definition
     from ..pytypes import Tree
 
-TASKS = ("loss", "exact_match", "multiple_choice")
+from ..choices import EVAL_TASKS as TASKS  # noqa: E402  (the config's choices)
 
 
 def run_task(
@@ -46,7 +46,8 @@ def run_task(
         qs, cs, ans = load_multiple_choice(data or "synthetic", limit)
         out = multiple_choice(definition, base, lora, tokenizer, qs, cs, ans)
         out.pop("picks")
-        return {"task": task, "data": data or "synthetic", **out}
+        cis = {f"{k}_ci95": list(wilson_interval(out[k], out["n"])) for k in ("accuracy", "accuracy_norm")}
+        return {"task": task, "data": data or "synthetic", **out, **cis}
     if cfg is None:
         raise UserError(f"task {task!r} evaluates a run's held-out split: pass a run folder")
     from ..data.pipeline import prepare
@@ -57,18 +58,40 @@ def run_task(
     if task == "loss":
         # by default the examples the run itself evaluates, so the figure equals the run's eval_loss
         n = min(limit or run_eval_examples(cfg, len(ev)), len(ev))
-        nll = heldout_loss(definition, base, lora, ev, n, cfg.fl.batch_size)
-        return {"task": task, "n": n, "loss": nll, "perplexity": math.exp(nll)}
+        r = heldout_eval(definition, base, lora, ev, n, cfg.eval_batch_size)
+        return {"task": task, **r, "perplexity": math.exp(r["loss"])}
     n = min(limit or len(ev), len(ev))
     prompts, answers = held_out_prompts(tokenizer, ev, n)
     texts = greedy_answers(definition, base, lora, tokenizer, prompts, max_new_tokens)
     hits = [t == a for t, a in zip(texts, answers)]
-    return {"task": task, "n": n, "exact_match": float(np.mean(hits))}
+    em = float(np.mean(hits))
+    return {"task": task, "n": n, "exact_match": em, "ci95": list(wilson_interval(em, n))}
 
 
 def run_eval_examples(cfg: RunConfig, available: int) -> int:
-    """How many held-out examples a run's loss evaluation scores: eval_batches x batch_size."""
-    return min(cfg.eval_batches * cfg.fl.batch_size, available)
+    """How many held-out examples a run's loss evaluation scores: all of them, up to eval_examples."""
+    return min(cfg.eval_examples, available)
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion p observed on n trials (good at small n and at
+    p near 0 or 1, where the normal approximation's interval leaves [0, 1])."""
+    if n < 1:
+        return (0.0, 1.0)
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(max(p * (1 - p) / n + z2 / (4 * n * n), 0.0))
+    return (max(centre - half, 0.0), min(centre + half, 1.0))
+
+
+def score_fields(name: str, value: float, n: int) -> dict:
+    """A score's metrics-row fields: the value, its n and its 95% interval (numbers only, so every
+    writer takes them): NAME, NAME_n, NAME_ci95_low, NAME_ci95_high."""
+    lo, hi = wilson_interval(value, n)
+    return {name: value, f"{name}_n": n, f"{name}_ci95_low": lo, f"{name}_ci95_high": hi}
 
 
 class RunEvaluator:
@@ -94,8 +117,10 @@ class RunEvaluator:
         if "exact_match" in self.tasks:
             texts = greedy_answers(definition, base, lora, tok, self.prompts, self.max_new)
             hits = [t == a for t, a in zip(texts, self.answers)]
-            out["eval_exact_match"] = float(np.mean(hits))
+            out.update(score_fields("eval_exact_match", float(np.mean(hits)), len(hits)))
         if "multiple_choice" in self.tasks:
             r = multiple_choice(definition, base, lora, tok, *self.mc)
-            out["eval_mc_accuracy"], out["eval_mc_accuracy_norm"] = r["accuracy"], r["accuracy_norm"]
+            n = len(self.mc[0])
+            out.update(score_fields("eval_mc_accuracy", r["accuracy"], n))
+            out.update(score_fields("eval_mc_accuracy_norm", r["accuracy_norm"], n))
         return out

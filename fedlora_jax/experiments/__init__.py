@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 def population(scale: str, out: str | Path, overrides: Sequence[str] = (), **kw: Any) -> dict:
     """Utility against cohort size at fixed honest epsilon for populations up to 10,000 clients
     (fedlora_jax.population)."""
-    from ..population import population as run_population  # it builds on this package's helpers
+    from .population import population as run_population  # it builds on this package's helpers
 
     return run_population(scale, out, overrides, **kw)
 

@@ -6,12 +6,9 @@ import dataclasses
 import math
 from typing import Any
 
+from ..choices import ATTENTION_IMPLS, DTYPES  # noqa: F401  (the config's choices; re-exported)
 from ..errors import UserError
 
-DTYPES = ("float32", "bfloat16")  # compute dtypes
-# how self-attention is computed: einsum (two einsums and a float32 softmax, ours) or fused
-# (jax.nn.dot_product_attention: cuDNN flash attention where the platform has it, XLA's elsewhere)
-ATTENTION_IMPLS = ("einsum", "fused")
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # LoRA's target modules unless told (as PEFT's default for Llama)
 
 # The families we implement; each Hugging Face `model_type` maps onto one of them.

@@ -47,7 +47,7 @@ from .. import sampling
 from ..errors import UserError
 from ..pytypes import Array
 from . import modes
-from .audit_bounds import LOW_FPRS, NORMALITY_ALPHA, bounds, gdp_bound  # noqa: F401  (re-exported)
+from .audit_bounds import LOW_FPRS, NORMALITY_ALPHA, SHAPE_TESTS, bounds, gdp_bound  # noqa: F401  (re-exported)
 from .audit_canary import _TRIALS, OVERSHOOT, adapter_shapes  # noqa: F401  (re-exported)
 from .audit_games import (  # noqa: F401  (re-exported)
     CHUNK_BYTES,
@@ -235,7 +235,7 @@ def detectors(
     }
     if game.gaussian:
         gdp = strict["gdp"]
-        ps = {k: gdp[k] for k in ("normality_p_in", "normality_p_out", "equal_variance_p")}
+        ps = {k: gdp[k] for k in SHAPE_TESTS}
         # three tests inside this detector's share of the level
         out["shape"] = {**ps, "level": alpha / 3, "fired": bool(min(ps.values()) < alpha / 3)}
     noise = noise_check(game.mech, game.shapes, seed=game.seed if seed is None else int(seed))

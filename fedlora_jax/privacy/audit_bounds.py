@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 LOW_FPRS = (1e-3, 1e-2)  # where the attack's TPR is reported
+SHAPE_TESTS = ("normality_p_in", "normality_p_out", "equal_variance_p")  # the p-values of a Gaussian game's shape
 NORMALITY_ALPHA = 1e-3  # a Gaussian game whose scores fail a test at this level gets no GDP bound
 
 
@@ -85,7 +86,7 @@ def bounds(
     eps_gdp = None
     if gaussian:
         gdp.update(gdp_bound(in_scores, out_scores, delta, 1 - alpha_each))
-        failed = [k for k in ("normality_p_in", "normality_p_out", "equal_variance_p") if gdp[k] < NORMALITY_ALPHA]
+        failed = [k for k in SHAPE_TESTS if gdp[k] < NORMALITY_ALPHA]
         if failed:
             gdp["applicable"] = False
             gdp["reason"] = f"the scores fail {', '.join(failed)} < {NORMALITY_ALPHA:g}: not reported"

@@ -106,7 +106,7 @@ class AuditRound:
         self.round_fn = make_round(self.parts)
 
     def run(self, words: Array, sel: Array, valid: Array) -> tuple[Tree, Any]:
-        from ..simulation import Cohort
+        from ..simulation import BATCH_KEYS, Cohort
 
         root = root_of(words)
         k = sel.shape[1]
@@ -115,7 +115,7 @@ class AuditRound:
         def one(state, x):
             t, sel_t, valid_t = x
             cohort = Cohort(
-                {n: sel_t.reshape(k, 1, 1, 1) for n in ("tokens", "attention_mask", "loss_mask")},
+                {n: sel_t.reshape(k, 1, 1, 1) for n in BATCH_KEYS},
                 jnp.ones((k,), jnp.float32),
                 jnp.arange(k, dtype=jnp.int32),
                 jnp.ones((k,), jnp.int32),

@@ -15,7 +15,8 @@ from ..errors import UserError
 from ..numerics import MAX_EXP_EPSILON
 
 MODES = ("local", "central", "dpsgd")
-NEIGHBOURING = ("replace-one", "add-remove")
+from ..choices import NEIGHBOURING  # noqa: E402,F401  (the config's choices)
+
 PLD_DISCRETIZATION = 1e-3
 
 

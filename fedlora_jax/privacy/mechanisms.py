@@ -13,12 +13,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from ..choices import SCOPES, TARGETS  # noqa: E402,F401  (the config's choices)
 from ..errors import UserError
 from ..numerics import DIVISION_FLOOR
 from ..pytypes import Array, Key, Tree
-
-SCOPES = ("per_matrix", "per_factor", "global")
-TARGETS = ("weights", "update")
 
 
 def _check_scope(scope: str) -> None:

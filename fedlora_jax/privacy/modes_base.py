@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from .. import algorithms, randomness, sampling
+from .. import algorithms, choices, randomness, sampling
 from ..data.batches import BATCH_TAIL
 from ..errors import UserError
 from ..numerics import all_finite as _all_finite
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from ..config import RunConfig
 
-MECHANISMS: dict[str, type[Mechanism]] = {}
+MECHANISMS: dict[str, type[Mechanism]] = choices.table("dp.mode")  # the config's dp.mode choices
 
 # values of a metrics row that come from the clients' un-noised training (outside any guarantee)
 CLIENT_FIELDS = ("loss", "first_loss", "update_norm", "dropped")
