@@ -154,9 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         "offline SmolLM2-135M-Instruct), a run folder (its final adapter) or a PEFT adapter folder",
     )
     s.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply to MODEL (e.g. a run's adapter/)")
-    s.add_argument(
-        "--prompt", required=True, help="the user's message (or the text to continue, with --no-chat-template)"
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="the user's message (or the text to continue, with --no-chat-template)")
+    g.add_argument(
+        "--messages",
+        help='a multi-turn prompt: a JSON file holding a list of {"role": system|user|assistant, "content": ...} '
+        "turns, ending with a user turn",
     )
+    s.add_argument("--system", help="a system turn before the conversation (a system prompt)")
     s.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     s.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples from softmax(logits / T)"

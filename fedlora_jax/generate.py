@@ -187,6 +187,52 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: boo
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+def read_messages(path: str) -> list[dict]:
+    """A conversation to answer from a JSON file: a list of {"role", "content"} turns (roles system,
+    user, assistant; content text) ending with a user turn. A UserError names the file and the turn."""
+    import json
+
+    from .data.chat import ROLES
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(
+            f"--messages {path!r} is not a file; give a JSON file holding a list of {{role, content}} turns"
+        )
+    try:
+        turns = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"--messages {path!r} is not UTF-8 JSON ({e}); give a list of {{role, content}} turns"
+        ) from None
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"--messages {path!r} must hold a non-empty JSON list of {{role, content}} turns")
+    for j, t in enumerate(turns, 1):
+        if not isinstance(t, dict) or t.get("role") not in ROLES or not isinstance(t.get("content"), str):
+            raise UserError(
+                f'--messages {path!r} turn {j} is {t!r}; each turn must be {{"role": system|user|assistant, '
+                f'"content": text}}'
+            )
+    if turns[-1]["role"] != "user":
+        raise UserError(
+            f"--messages {path!r} ends with a turn of role {turns[-1]['role']!r}; the model answers the last "
+            "user turn, so end the conversation with one"
+        )
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], system: str | None = None) -> list[int]:
+    """The token ids of a conversation (with `system` as its system turn when it has none) rendered by
+    the tokenizer's chat template with the assistant's turn opened; a tokenizer without one uses the
+    ChatML fallback that training uses (data.chat.FALLBACK_CHAT_TEMPLATE)."""
+    from .data.chat import _render, chat_template, with_system
+
+    if system is not None and messages and messages[0]["role"] == "system":
+        raise UserError("--system is given and the conversation already opens with a system turn; keep one of them")
+    text = _render(tokenizer, chat_template(tokenizer), with_system(messages, system), True, "the prompt")
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def eos_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
 

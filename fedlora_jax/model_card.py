@@ -164,9 +164,8 @@ def model_card(
         "## Privacy",
         *_privacy(cfg, summary.get("privacy") or {}),
         "",
-        "## Results (held-out split of the run)",
-        f"- eval loss: {_num(summary.get('initial_eval_loss'))} before, {_num(summary.get('final_eval_loss'))} after",
-        *(f"- {k}: {_num(v)}" for k, v in (summary.get("final_scores") or {}).items()),
+        '## Results (held-out split of the run; "after" is this adapter)',
+        *_results(summary),
         "",
         "## Command",
     ]
@@ -177,11 +176,96 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def _results(summary: dict) -> list[str]:
+    """Before (the base) and after (the exported adapter, whatever stopped the run) with their n; the
+    scores with their 95% interval."""
+    ev = summary.get("eval") or {}
+    before, after = ev.get("before") or {}, ev.get("after") or {}
+    f = lambda x: "n/a" if x is None else f"{x:.4f}"
+    loss_before = before.get("loss", summary.get("initial_eval_loss"))
+    loss_after = after.get("loss", summary.get("final_eval_loss"))
+    n = after.get("n", before.get("n"))
+    lines = [
+        "- eval loss (mean NLL per response token"
+        + (f", n = {n} held-out examples, {after.get('tokens')} tokens" if n is not None else "")
+        + f"): {f(loss_before)} before (the base model), {f(loss_after)} after (this adapter, round "
+        f"{after.get('round', summary.get('rounds', 'n/a'))})"
+    ]
+    for k in ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm"):
+        a, b = after.get(k), before.get(k)
+        if a is None:
+            continue
+        lo, hi = a.get("ci95") or (None, None)
+        interval = f"; 95% interval [{f(lo)}, {f(hi)}]" if lo is not None else ""
+        lines.append(
+            f"- {k.replace('eval_', '')}: {f((b or {}).get('value'))} before, {f(a['value'])} after "
+            f"(n = {a.get('n')}{interval})"
+        )
+    return lines
+
+
+def lm_eval_args(pretrained: str, adapter: str, tasks: str, extra_model_args: str = "") -> list[str]:
+    """THE lm-evaluation-harness command for an exported adapter (the README's and the card's;
+    tests/test_adapters.py runs it): `pretrained` names the base (pretrained=HUB_ID_OR_FOLDER, or
+    pretrained=FOLDER,gguf_file=FILE), the adapter's folder gives the adapter and its tokenizer."""
+    model_args = f"{pretrained},peft={adapter},tokenizer={adapter}"
+    model_args += f",{extra_model_args}" if extra_model_args else ""
+    return ["lm_eval", "run", "--model", "hf", "--model_args", model_args, "--tasks", tasks]
+
+
+def lm_eval_command(pretrained: str, adapter: str, tasks: str) -> str:
+    """lm_eval_args as one shell line."""
+    return shlex.join(lm_eval_args(pretrained, adapter, tasks))
+
+
+def gguf_pretrained(path: str) -> str:
+    """lm-eval's / transformers' way to name a GGUF file: its folder and its file name."""
+    return f"pretrained={Path(path).parent},gguf_file={Path(path).name}"
+
+
+def python_usage(base: dict, adapter: str) -> list[str]:
+    """How to load the adapter in Python (transformers + PEFT): from a GGUF base, offline through the
+    GGUF file (transformers reads it with torch and gguf); else by the name adapter_config.json holds
+    (a hub id needs the hub or its cache)."""
+    if base.get("format") == "gguf" and base.get("local_path"):
+        gguf = Path(base["local_path"])
+        lines = [
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            "# offline: the GGUF file this run loaded (transformers dequantizes it; needs torch and gguf)",
+            f'base = AutoModelForCausalLM.from_pretrained("{gguf.parent}", gguf_file="{gguf.name}")',
+            f'model = PeftModel.from_pretrained(base, "{adapter}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{adapter}")',
+            "```",
+        ]
+        if base.get("hub_id"):
+            lines += [
+                "",
+                f'`AutoPeftModelForCausalLM.from_pretrained("{adapter}")` loads the base by its hub id '
+                f"{base['hub_id']} instead (online, or from the Hugging Face cache).",
+            ]
+        return lines
+    return [
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{adapter}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{adapter}")',
+        "```",
+    ] + (
+        ["", f"The base is the hub model {base['hub_id']}: loading it needs the hub or the Hugging Face cache."]
+        if base.get("hub_id")
+        else []
+    )
+
+
 def _usage(base: dict, merged: bool) -> list[str]:
     name = base.get("name_or_path") or "BASE"
+    gguf_local = base.get("local_path") if base.get("format") == "gguf" else None
     if base.get("format") == "gguf" and not base.get("hub_id"):
-        folder, file = Path(name).parent, Path(name).name
-        pretrained = f"pretrained={folder},gguf_file={file}"
+        pretrained = gguf_pretrained(name)
     else:
         pretrained = f"pretrained={name}"
     vocab, ntok = base.get("vocab_size"), base.get("tokenizer_size")
@@ -194,28 +278,37 @@ def _usage(base: dict, merged: bool) -> list[str]:
         if vocab and ntok and vocab != ntok
         else []
     )
+    offline = []
+    if gguf_local and base.get("hub_id"):
+        offline = [
+            f"`pretrained={base['hub_id']}` is the hub id (online, or from the Hugging Face cache); offline, name the "
+            "GGUF file this run loaded (transformers needs torch and gguf to read it):",
+            "",
+            "```",
+            lm_eval_command(gguf_pretrained(gguf_local), "THIS_FOLDER", "TASKS"),
+            "```",
+            "",
+        ]
     if merged:
         return [
             "## Use",
             "```",
-            "lm_eval --model hf --model_args pretrained=THIS_FOLDER --tasks TASKS",
+            shlex.join(
+                ["lm_eval", "run", "--model", "hf", "--model_args", "pretrained=THIS_FOLDER"] + ["--tasks", "TASKS"]
+            ),
             "fedlora-jax eval RUN_FOLDER --task multiple_choice --data QUESTIONS.jsonl",
             "```",
         ]
     return [
         "## Use",
-        "```python",
-        "from peft import AutoPeftModelForCausalLM",
-        "from transformers import AutoTokenizer",
-        'model = AutoPeftModelForCausalLM.from_pretrained("THIS_FOLDER")',
-        'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
-        "```",
+        *python_usage(base, "THIS_FOLDER"),
         "",
         "```",
-        f"lm_eval --model hf --model_args {pretrained},peft=THIS_FOLDER,tokenizer=THIS_FOLDER --tasks TASKS",
+        lm_eval_command(pretrained, "THIS_FOLDER", "TASKS"),
         "fedlora-jax eval THIS_FOLDER --task multiple_choice --data QUESTIONS.jsonl",
         "```",
         "",
+        *offline,
         *resize,
         "lm-eval's `acc`, `acc_norm` (per character) and `acc_bytes` are fedlora-jax's `accuracy`, "
         "`accuracy_norm` and `accuracy_bytes` on a task whose `target_delimiter` is empty.",

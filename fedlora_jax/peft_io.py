@@ -37,7 +37,7 @@ def save_peft(
     folder: str | os.PathLike, definition: Definition, tree: dict, base_model_name_or_path: str | None = None
 ) -> Path:
     """Write `tree` as a PEFT LoRA adapter that peft.PeftModel.from_pretrained loads."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     cfg, lc = definition.config, definition.lora
     tensors = {}
@@ -48,7 +48,9 @@ def save_peft(
             tensors[_peft_key(definition, path, i, "B")] = np.ascontiguousarray(b[i])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    # as bytes through an ordinary open: the file gets the permissions of the other files (safetensors'
+    # save_file creates it 0600)
+    (folder / ADAPTER_WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -283,17 +283,12 @@ def test_lm_eval_on_our_adapter_agrees_with_our_multiple_choice_eval(hf_run, tmp
         "TOKENIZERS_PARALLELISM": "false",
     }
     # the command the README documents: base by path (here a local folder), adapter and its tokenizer
+    from fedlora_jax.model_card import lm_eval_args
+
     cmd = [
         sys.executable,
         "-m",
-        "lm_eval",
-        "run",
-        "--model",
-        "hf",
-        "--model_args",
-        f"pretrained={folder},peft={adapter},tokenizer={adapter},dtype=float32",
-        "--tasks",
-        task,
+        *lm_eval_args(f"pretrained={folder}", str(adapter), task, extra_model_args="dtype=float32"),
         "--include_path",
         str(tmp_path),
         "--limit",

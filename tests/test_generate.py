@@ -249,3 +249,58 @@ def test_generate_cli_bad_input(argv, words, capsys):
     assert code == 2
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedlora-jax generate: error:") and words in lines[0]
+
+
+def test_system_and_messages_render_the_conversation_through_the_chat_template(tmp_path, capsys):
+    """--system adds a system turn before --prompt; --messages takes a multi-turn conversation from a
+    JSON file. The prompt's ids are the chat template's render of those turns with the assistant's
+    turn opened (the byte tokenizer has no template of its own: the ChatML fallback training uses)."""
+    from fedlora_jax.data.chat import FALLBACK_CHAT_TEMPLATE
+    from fedlora_jax.data.pipeline import byte_tokenizer
+
+    tok = byte_tokenizer()
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and you?"},
+    ]
+    want = tok.apply_chat_template(
+        turns, chat_template=FALLBACK_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    assert want.count("<|im_start|>") == 5 and want.endswith("<|im_start|>assistant\n")
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps(turns))
+    code, out = _gen(["tiny", "--messages", str(f), "--max-new-tokens", "2", "--json"], capsys)
+    assert code == 0, out.err
+    assert json.loads(out.out)["prompt_tokens"] == len(tok(want, add_special_tokens=False)["input_ids"])
+    code, out = _gen(["tiny", "--system", "Be brief.", "--prompt", "hi", "--max-new-tokens", "2", "--json"], capsys)
+    assert code == 0, out.err
+    two = tok.apply_chat_template(
+        turns[:2], chat_template=FALLBACK_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    assert json.loads(out.out)["prompt_tokens"] == len(tok(two, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "content, extra, words",
+    [
+        (
+            '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]',
+            [],
+            "ends with a turn of role 'assistant'",
+        ),
+        ('[{"role": "robot", "content": "hi"}]', [], "turn 1"),
+        ("{not json", [], "not UTF-8 JSON"),
+        ("[]", [], "non-empty"),
+        ('[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]', ["--system", "x"], "--system"),
+        ('[{"role": "user", "content": "hi"}]', ["--no-chat-template"], "--no-chat-template"),
+    ],
+)
+def test_generate_messages_bad_input(tmp_path, capsys, content, extra, words):
+    f = tmp_path / "m.json"
+    f.write_text(content)
+    code, out = _gen(["tiny", "--messages", str(f), *extra], capsys)
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines

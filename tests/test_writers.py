@@ -108,8 +108,11 @@ def test_tensorboard_has_the_metrics_rows_of_the_logged_rounds(resumed):
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]  # metrics.jsonl: every round, once
     tb = _tb(folder)
     logged = [r for r in rows if r["round"] in (1, 3, 5, 6, 7)]
+    before = resumed["summary"]["eval"]["before"]
+    # step 0: the evaluation before the first round, with its n
+    step0 = {"round": 0, "eval_loss": before["loss"], "eval_loss_n": before["n"], "eval_loss_tokens": before["tokens"]}
     want: dict[str, dict[int, float]] = {}
-    for r in logged:
+    for r in [step0, *logged]:
         for k, v in _published(r).items():
             want.setdefault(k, {})[r["round"]] = v
     assert set(tb) == set(want)
@@ -141,11 +144,22 @@ def test_wandb_offline_writes_one_local_run_with_the_logged_rows(resumed):
     files = sorted((folder / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 3 and all(f.name == f"run-{state['id']}.wandb" for f in files)  # one run id, 3 sessions
     history = [h for f in files for h in _wandb_history(f)]
-    # round 3 was sent before the kill: W&B cannot take a step back, the rerun skips it
-    assert [step for step, _ in history] == [1, 3, 5, 6, 7]
+    # step 0 is the evaluation before the first round; round 3 was sent before the kill: W&B cannot
+    # take a step back, the rerun skips it
+    assert [step for step, _ in history] == [0, 1, 3, 5, 6, 7]
     rows = {r["round"]: r for r in _jsonl(folder)}
+    before = resumed["summary"]["eval"]["before"]
+    rows[0] = {
+        "round": 0,
+        "eval_loss": before["loss"],
+        "eval_loss_n": before["n"],
+        "eval_loss_tokens": before["tokens"],
+    }
     for step, values in history:
         want = _published(rows[step])
+        if step == 3:  # sent by the session that stopped there, with the evaluation of its exported adapter
+            assert all(k.startswith("eval_") for k in set(values) - set(want))
+            values = {k: v for k, v in values.items() if k in want}
         assert set(values) == set(want)
         assert {k: v for k, v in values.items() if k != "seconds"} == pytest.approx(
             {k: v for k, v in want.items() if k != "seconds"}

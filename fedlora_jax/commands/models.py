@@ -97,13 +97,19 @@ def _cmd_generate(args) -> int:
     _finite("--max-new-tokens", args.max_new_tokens, low=1, what="the number of tokens to generate")
     _finite("--temperature", args.temperature, low=0, what="the sampling temperature (0 is greedy)")
     _seed("--seed", args.seed)
-    if not args.prompt.strip():
+    if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; give the text the model should answer or continue")
+    if args.no_chat_template and (args.messages is not None or args.system is not None):
+        raise UserError("--no-chat-template tokenizes plain text; --system and --messages need the chat template")
+    messages = generate.read_messages(args.messages) if args.messages is not None else None  # before loading
     t = Path(args.model)
     if t.is_dir() and ((t / "config.yaml").is_file() or (t / lora_lib.ADAPTER_CONFIG).is_file()):
         _precheck_eval_target(args.model)  # a broken run or adapter folder fails before any model is loaded
     definition, base, lora, tok, desc = generate.load(args.model, args.adapter)
-    ids = generate.prompt_ids(tok, args.prompt, chat_template=not args.no_chat_template)
+    if messages is None and args.system is None:
+        ids = generate.prompt_ids(tok, args.prompt, chat_template=not args.no_chat_template)
+    else:
+        ids = generate.chat_ids(tok, messages or [{"role": "user", "content": args.prompt}], args.system)
     printed = ""
 
     def stream(tokens):

@@ -101,9 +101,21 @@ def _cmd_run(args) -> int:
         train = f"last train loss {fmt(s['unprotected_final_train_loss'])} (OUTSIDE the DP guarantee)"
     else:
         train = "client train loss not published under DP (dp.publish_client_metrics: true publishes it, marked)"
-    print(f"eval loss {fmt(s.get('initial_eval_loss'))} -> {fmt(s.get('final_eval_loss'))}; {train}")
+    ev = s.get("eval") or {}
+    after = ev.get("after") or {}
+    n = f" (n = {after['n']} held-out examples)" if after.get("n") is not None else ""
+    print(
+        f"eval loss {fmt(s.get('initial_eval_loss'))} (base) -> {fmt(s.get('final_eval_loss'))} (exported "
+        f"adapter, round {after.get('round', s['rounds'])}){n}; {train}"
+    )
     for k, v in (s.get("final_scores") or {}).items():
-        print(f"{k.replace('eval_', '')} {fmt((s.get('initial_scores') or {}).get(k))} -> {fmt(v)}")
+        a = after.get(k) or {}
+        lo, hi = a.get("ci95") or (None, None)
+        ci = f", 95% interval [{fmt(lo)}, {fmt(hi)}]" if lo is not None else ""
+        print(
+            f"{k.replace('eval_', '')} {fmt((s.get('initial_scores') or {}).get(k))} -> {fmt(v)} "
+            f"(n = {a.get('n', 'n/a')}{ci})"
+        )
     if p.get("mechanism") and p["mechanism"] != "no DP":
         print(f"privacy: {p['mechanism']}")
         who = p.get("epsilon_of", "worst client")
@@ -209,6 +221,12 @@ def _cmd_plan(args) -> int:
         print(
             f"largest clients_per_chunk on {args.device_memory:g} GiB (90% usable)"
             f"{' per device' if rows * m > 1 else ''}: {out['largest_clients_per_chunk']}"
+            + (
+                f" (capped by the cohort: a round has {out['largest_clients_per_chunk']} client slots; "
+                f"the memory would hold {out['memory_clients_per_chunk']})"
+                if out.get("capped_by_cohort")
+                else ""
+            )
         )
     if "measured" in out:
         x = out["measured"]

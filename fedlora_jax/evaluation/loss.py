@@ -26,12 +26,13 @@ def _masked_sum(definition, base, lora, tokens, attn, loss_mask=None):
     return jnp.sum(nll * w), jnp.sum(w)
 
 
-def heldout_loss(
+def heldout_eval(
     definition: Definition, base: Tree, lora: Tree, data: TokenizedData, n: int, batch_size: int = 16
-) -> float:
+) -> dict:
     """THE held-out loss (one definition, used by the run and by `fedlora-jax eval`): mean NLL per
-    response token over the first n examples of `data` (token-weighted, every example once).
-    Batches have one static shape; the last is padded with loss-masked rows."""
+    response token over the first n examples of `data` (token-weighted, every example once), with
+    the n examples and the response tokens it is over. Batches have one static shape (batch_size,
+    independent of the training batch); the last is padded with loss-masked rows."""
     n = min(int(n), len(data))
     if n < 1:
         raise UserError("the held-out split is empty; no loss to evaluate")
@@ -50,7 +51,14 @@ def heldout_loss(
             jnp.asarray(loss_mask),
         )
         total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0)
+    return {"loss": total / max(count, 1.0), "n": n, "tokens": int(count)}
+
+
+def heldout_loss(
+    definition: Definition, base: Tree, lora: Tree, data: TokenizedData, n: int, batch_size: int = 16
+) -> float:
+    """The held-out loss alone (see heldout_eval)."""
+    return heldout_eval(definition, base, lora, data, n, batch_size)["loss"]
 
 
 def score_ids(definition: Definition, base: Tree, lora: Tree, ids: list[int]) -> dict:

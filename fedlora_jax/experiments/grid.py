@@ -34,7 +34,6 @@ _BASE = {
             "data.synthetic_examples=160",
             "data.seq_len=32",
             "eval_every=3",
-            "eval_batches=1",
             "eval_limit=4",
             "checkpoint_every=0",
             *_EVAL,

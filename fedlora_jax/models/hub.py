@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -229,5 +230,7 @@ def save_merged(folder: str | os.PathLike, loaded: LoadedModel, merged_base: dic
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     hf = {**config_to_hf(cfg), **{k: v for k, v in loaded.hf_config.items() if k not in ("dtype", "torch_dtype")}}
     (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    # safetensors' save_file creates its file 0600: give it the permissions an ordinary write gave config.json
+    os.chmod(folder / "model.safetensors", stat.S_IMODE((folder / "config.json").stat().st_mode))
     if loaded.tokenizer is not None:
         save_tokenizer(loaded.tokenizer, folder)
