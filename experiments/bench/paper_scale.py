@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).write_text(json.dumps(out, indent=2))
     a, b = out["paper"], out["population"]
     print(f"| setting | {out['device']} |\n| --- | --- |")
-    print(
-        f"| {a['what']} | {a['seconds_per_round']:.3g} s/round, 200 rounds in {a['projected_seconds_for_paper_rounds'] / 60:.3g} min, {a['tflops_per_s']:.3g} TFLOP/s |"
-    )
+    minutes = a["projected_seconds_for_paper_rounds"] / 60
+    print(f"| {a['what']} | {a['seconds_per_round']:.3g} s/round, 200 rounds in {minutes:.3g} min, ", end="")
+    print(f"{a['tflops_per_s']:.3g} TFLOP/s |")
     updates = b["client_updates_per_second"]
     print(f"| {b['what']} | {b['rounds_per_second']:.3g} rounds/s ({updates:.4g} client updates/s) |")
     return out
