@@ -19,6 +19,7 @@ from fedlora_jax import cli, randomness
 from fedlora_jax import lora as L
 from fedlora_jax.config import load_config
 from fedlora_jax.privacy import modes
+from fedlora_jax.reporting import SCORES
 from fedlora_jax.runner import build_model, run
 
 MODES = {
@@ -246,6 +247,10 @@ PUBLIC_ROW = {
     "epsilon_paper",
     "epsilon_paper_tracker",
     "seconds",
+    # the held-out evaluation's n, tokens and 95% intervals: sizes of the server's held-out split
+    "eval_loss_n",
+    "eval_loss_tokens",
+    *(f"{k}{suffix}" for k in SCORES for suffix in ("_n", "_ci95_low", "_ci95_high")),
 }
 
 
