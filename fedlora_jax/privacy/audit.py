@@ -1,19 +1,21 @@
 """Empirical privacy audit: a LOWER bound on epsilon, measured on the code a run executes.
 
 Every epsilon the library prints is an upper bound derived from the mechanism we believe the code
-runs. The audit plays a distinguishing game against the run's own jitted release path (the
-mechanism object of `privacy.modes` and, for DP-SGD, `client.dpsgd_grads`), thousands of trials in
-one jit, and turns the canary scores into a lower bound that holds with the stated confidence. If
-the lower bound ever exceeds the accountant's figure for the same game, the accountant does not
-describe the code (a hole, e.g. a round that skips the noise).
+runs. The audit plays a distinguishing game through the real round (audit_round.AuditRound: the
+round's keys, mechanism, aggregator and chunking; for DP-SGD, `client.dpsgd_grads` with the keys a
+run derives), thousands of trials in one jit, each with its own 64-bit noise root, and turns the
+canary scores into a lower bound that holds with the stated confidence. Beside the lower bound,
+detectors that a lower bound cannot replace: the shape of a Gaussian game's scores, the noise of
+the real round (its variance in every round, empty ones included, and its independence across
+rounds, clients and chunks) and the root's entropy (audit_round). The verdict is VIOLATION when
+any fires at VERDICT_CONFIDENCE, family-wise.
 
 One game per DP mode (registry GAMES, keyed by the mechanism's name):
 - local: a canary client whose clipped release is a chosen direction at the clip norm in every
   clipped block, against its neighbour (replace-one: the opposite canary; add-remove: a zero
-  update), through `mechanism.release`, composed over P participations (fresh noise each).
-- central: a canary client Poisson-sampled at rate q among the federation's other clients, every
-  client through `mechanism.release` (clip), the kept releases summed as the round sums them, and
-  `mechanism.finalize_sum` (noise) in every round, empty cohorts included; T rounds.
+  update), alone in its cohort for P rounds of the real round (fresh round keys each).
+- central: a canary client Poisson-sampled at rate q among the federation's other clients, T rounds
+  of the real round (clip, chunked sums, the noise in every round, empty cohorts included).
 - dpsgd: a canary record (its gradient, of norm above the clip, is the canary) in one client's data,
   Poisson-sampled at the client's batch rate at every local step, through `client.dpsgd_grads` with
   the mechanism's `dpsgd_args`; local_steps x P steps.
@@ -28,8 +30,9 @@ difference mu then has an exact lower confidence limit (noncentral t), and Gauss
 mu converts to (epsilon, delta) with dp-accounting: the GDP bound. Each bound is computed at
 confidence 1 - (1 - c)/2, so their maximum, `epsilon_lower`, holds at confidence c.
 
-The canaries are built in audit_canary.py, the games are in audit_games.py, the bounds in
-audit_bounds.py; this module builds a game for a config, plays it and reports.
+The canaries are built in audit_canary.py, the games are in audit_games.py, the round harness and
+the noise and root checks in audit_round.py, the bounds in audit_bounds.py; this module builds a
+game for a config, plays it, runs the detectors and reports.
 """
 
 from __future__ import annotations
