@@ -14,7 +14,7 @@ def test_accelerator_check_correctness_part_passes_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one device, as on a single accelerator
     r = subprocess.run(
-        [sys.executable, str(ROOT / "experiments/bench/accelerator_check.py"), "--smoke", "--sections", "checks"],
+        [sys.executable, str(ROOT / "experiments/bench/accelerator_check.py"), "--smoke", "--sections", "checks,profile"],
         env=env,
         capture_output=True,
         text=True,
@@ -29,3 +29,7 @@ def test_accelerator_check_correctness_part_passes_on_cpu(tmp_path):
     assert checks and all(c["result"] == "PASS" and c["measured"] and c["bound"] for c in checks.values())
     assert not res["failed_checks"]
     assert (tmp_path / "smoke.md").read_text().count("| PASS |") == len(checks)
+    # the 1B round's profile by class of op: every class's time is accounted once (shares sum to 1)
+    classes = {k: v for k, v in res["profile"]["classes"].items() if not k.startswith("_")}
+    assert classes["matmuls (base, head)"]["ms"] > 0 and classes["LoRA products"]["ms"] > 0
+    assert abs(sum(v["share"] for v in classes.values()) - 1) < 1e-9

@@ -206,7 +206,7 @@ SMOKE = {
     "reps": 2,
     "default_regimes": "llama-1b",  # the bfloat16 path (the sweep takes the float32 one); --regimes for more
 }
-SECTION_END = {"checks": 0.30, "timing": 0.72, "sweep": 0.97}  # cumulative shares of --budget
+SECTION_END = {"checks": 0.30, "profile": 0.40, "timing": 0.76, "sweep": 0.97}  # cumulative shares of --budget
 
 # card name (substring of device_kind / nvidia-smi, first match wins) -> bf16 dense peak FLOP/s
 PEAKS = [
@@ -262,7 +262,9 @@ def parse_args(argv=None):
     )
     ap.add_argument("--budget", type=float, default=420.0, help="total seconds for all sections (default 420)")
     ap.add_argument("--smoke", action="store_true", help="every section at toy sizes (CPU, well under a minute)")
-    ap.add_argument("--sections", default="checks,timing,sweep", help="comma list of checks,timing,sweep")
+    ap.add_argument(
+        "--sections", default="checks,profile,timing,sweep", help="comma list of checks,profile,timing,sweep"
+    )
     ap.add_argument("--regimes", default=None, help="comma list (default: all of cross-device,mid,smollm2,llama-1b)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 5; smoke 2)")
     ap.add_argument("--gguf", default=None, help="GGUF for the SmolLM2 logits check")
@@ -418,6 +420,18 @@ def markdown() -> str:
         lines += ["## (a) Checks", "", "| check | result | measured | bound |", "| --- | --- | --- | --- |"]
         for name, c in RES["checks"].items():
             lines.append(f"| {name} | {c.get('result')} | {c.get('measured', '')} | {c.get('bound', '')} |")
+        lines.append("")
+    if RES.get("profile"):
+        pr = RES["profile"]
+        lines += [
+            f"## Profile of the {pr['regime']} round (ms per round, share of its wall time)",
+            "",
+            "| class of op | ms | share |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {k} | {v['ms']:.3g} | {v['share']:.0%} |" for k, v in pr["classes"].items() if not k.startswith("_")
+        ]
         lines.append("")
     if RES["timing"]:
         lines += [
@@ -1193,6 +1207,22 @@ def sweep_step(step, mc, definition, base, lora, p0, chunk):
     step["peak_bytes_in_use"] = st.get("peak_bytes_in_use")
 
 
+def section_profile():
+    """Where the 1B round's time goes, by class of op (op_profile.py: a jax.profiler trace joined to the
+    compiled HLO): every lever is judged by this profile, not by guesses."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from op_profile import profile_by_class
+
+    name = "llama-1b"
+    p = P["regimes"][name]
+    mc, definition, base, lora, block = setup(p)
+    cfg = run_config(p)
+    call, compile_s, compiled = compiled_round(definition, cfg, lora, base, block, p["clients"])
+    classes = profile_by_class(compiled, call, rank=cfg.lora.r)
+    RES["profile"] = {"regime": name, "params": p, "compile_s": compile_s, "classes": classes}
+    log("profile " + ", ".join(f"{k} {v['share']:.0%}" for k, v in classes.items() if not k.startswith("_")))
+
+
 def section_sweep():
     """Double clients_per_chunk (one chunk per round) from the start until the XLA
     resource-exhausted error, the cap or the budget; if the start does not fit, halve."""
@@ -1311,7 +1341,13 @@ def main():
     )
     save()
     sections = ARGS.sections.split(",")
-    for sec, fn in (("checks", section_checks), ("timing", section_timing), ("sweep", section_sweep)):
+    sections_fns = (
+        ("checks", section_checks),
+        ("profile", section_profile),
+        ("timing", section_timing),
+        ("sweep", section_sweep),
+    )
+    for sec, fn in sections_fns:
         if sec not in sections:
             continue
         if left(section_deadline(sec)) < 5:
