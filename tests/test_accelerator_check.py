@@ -14,7 +14,13 @@ def test_accelerator_check_correctness_part_passes_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one device, as on a single accelerator
     r = subprocess.run(
-        [sys.executable, str(ROOT / "experiments/bench/accelerator_check.py"), "--smoke", "--sections", "checks,profile"],
+        [
+            sys.executable,
+            str(ROOT / "experiments/bench/accelerator_check.py"),
+            "--smoke",
+            "--sections",
+            "checks,profile,paper",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -33,3 +39,5 @@ def test_accelerator_check_correctness_part_passes_on_cpu(tmp_path):
     classes = {k: v for k, v in res["profile"]["classes"].items() if not k.startswith("_")}
     assert classes["matmuls (base, head)"]["ms"] > 0 and classes["LoRA products"]["ms"] > 0
     assert abs(sum(v["share"] for v in classes.values()) - 1) < 1e-9
+    # the paper's setting and the population round ran (toy shapes): a round time and a rate
+    assert res["paper"]["paper"]["seconds_per_round"] > 0 and res["paper"]["population"]["rounds_per_second"] > 0

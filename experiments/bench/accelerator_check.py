@@ -206,7 +206,8 @@ SMOKE = {
     "reps": 2,
     "default_regimes": "llama-1b",  # the bfloat16 path (the sweep takes the float32 one); --regimes for more
 }
-SECTION_END = {"checks": 0.30, "profile": 0.40, "timing": 0.76, "sweep": 0.97}  # cumulative shares of --budget
+# cumulative shares of --budget
+SECTION_END = {"checks": 0.22, "profile": 0.30, "paper": 0.62, "timing": 0.84, "sweep": 0.97}
 
 # card name (substring of device_kind / nvidia-smi, first match wins) -> bf16 dense peak FLOP/s
 PEAKS = [
@@ -263,7 +264,9 @@ def parse_args(argv=None):
     ap.add_argument("--budget", type=float, default=420.0, help="total seconds for all sections (default 420)")
     ap.add_argument("--smoke", action="store_true", help="every section at toy sizes (CPU, well under a minute)")
     ap.add_argument(
-        "--sections", default="checks,profile,timing,sweep", help="comma list of checks,profile,timing,sweep"
+        "--sections",
+        default="checks,profile,paper,timing,sweep",
+        help="comma list of checks,profile,paper,timing,sweep",
     )
     ap.add_argument("--regimes", default=None, help="comma list (default: all of cross-device,mid,smollm2,llama-1b)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 5; smoke 2)")
@@ -432,6 +435,18 @@ def markdown() -> str:
         lines += [
             f"| {k} | {v['ms']:.3g} | {v['share']:.0%} |" for k, v in pr["classes"].items() if not k.startswith("_")
         ]
+        lines.append("")
+    if RES.get("paper"):
+        a, b = RES["paper"].get("paper", {}), RES["paper"].get("population", {})
+        lines += ["## The paper's setting on this device", "", "| setting | figure |", "| --- | --- |"]
+        if a:
+            lines.append(
+                f"| {a['what']} | {a['seconds_per_round']:.3g} s/round; 200 rounds in "
+                f"{a['projected_seconds_for_paper_rounds'] / 60:.3g} min; {a['tflops_per_s']:.3g} TFLOP/s; "
+                f"peak {_f((a.get('device_peak_bytes') or 0) / 2**30 or None)} GiB |"
+            )
+        if b:
+            lines.append(f"| {b['what']} | {b['rounds_per_second']:.3g} rounds/s |")
         lines.append("")
     if RES["timing"]:
         lines += [
@@ -1223,6 +1238,22 @@ def section_profile():
     log("profile " + ", ".join(f"{k} {v['share']:.0%}" for k, v in classes.items() if not k.startswith("_")))
 
 
+def section_paper():
+    """The paper's setting (Llama-2-7B shape in bf16, 20 clients, 2 per round, 10 steps, batch 16, seq
+    512, rank 32) and a 10,000-client central-DP population round: experiments/bench/paper_scale.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import paper_scale
+
+    scale = "smoke" if ARGS.smoke else "paper"
+    budget = max(left(section_deadline("paper")), 10.0)
+    rounds_s, population_s = (1.0, 1.0) if ARGS.smoke else (0.6 * budget, min(40.0, 0.15 * budget))
+    RES["paper"] = {"paper": paper_scale.paper_round(scale, rounds_s, "bfloat16")}
+    save()
+    RES["paper"]["population"] = paper_scale.population_round(scale, population_s)
+    a, b = RES["paper"]["paper"], RES["paper"]["population"]
+    log(f"paper setting: {a['seconds_per_round']:.3g} s/round; population: {b['rounds_per_second']:.3g} rounds/s")
+
+
 def section_sweep():
     """Double clients_per_chunk (one chunk per round) from the start until the XLA
     resource-exhausted error, the cap or the budget; if the start does not fit, halve."""
@@ -1344,6 +1375,7 @@ def main():
     sections_fns = (
         ("checks", section_checks),
         ("profile", section_profile),
+        ("paper", section_paper),
         ("timing", section_timing),
         ("sweep", section_sweep),
     )
