@@ -40,4 +40,10 @@ def test_accelerator_check_correctness_part_passes_on_cpu(tmp_path):
     assert classes["matmuls (base, head)"]["ms"] > 0 and classes["LoRA products"]["ms"] > 0
     assert abs(sum(v["share"] for v in classes.values()) - 1) < 1e-9
     # the paper's setting and the population round ran (toy shapes): a round time and a rate
-    assert res["paper"]["paper"]["seconds_per_round"] > 0 and res["paper"]["population"]["rounds_per_second"] > 0
+    a, b = res["paper"]["paper"], res["paper"]["population"]
+    assert a["rounds_timed"] >= 2 and a["seconds_per_round"] > 0 and a["tflops_per_s"] > 0
+    assert (
+        abs(a["projected_seconds_for_paper_rounds"] - 200 * a["seconds_per_round"])
+        < 1e-9 * a["seconds_per_round"] * 200
+    )
+    assert abs(b["rounds_per_second"] * b["seconds_per_round"] - 1) < 1e-9 and b["client_updates_per_second"] > 0
