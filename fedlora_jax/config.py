@@ -124,8 +124,10 @@ class RunConfig:
 
 
 def tiny_shape_keys() -> tuple[str, ...]:
-    """The model keys that only the random `tiny` model reads (its shape): every model key but these two."""
-    return tuple(f.name for f in dataclasses.fields(ModelSection) if f.name not in ("source", "dtype"))
+    """The model keys that only the random `tiny` model reads (its shape)."""
+    from .config_sections import TINY_SHAPE
+
+    return TINY_SHAPE
 
 
 def load_config(path_or_preset: str | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -15,6 +15,10 @@ from .numerics import MAX_ROUNDS
 SYNTHETIC_TASKS = ("arithmetic", "reverse", "sort", "copy")  # data.synthetic generates these
 
 
+# the model keys that only the random `tiny` model reads (its shape); config.yaml marks them for others
+TINY_SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     source: str = "default"  # HF folder, hub id, GGUF path, 'default', or 'tiny' (random)
@@ -37,7 +41,7 @@ class ModelSection:
             )
         _choice("model.dtype", self.dtype, choices.DTYPES)
         _choice("model.attention", self.attention, choices.ATTENTION_IMPLS)
-        for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        for k in TINY_SHAPE:
             _at_least(f"model.{k}", getattr(self, k), 1)
         if self.hidden_size % self.num_heads:
             raise UserError(
