@@ -25,7 +25,8 @@ RESTORE_TODO = "delete that step's folder to resume from the checkpoint before i
 
 @contextlib.contextmanager
 def _quiet_absl():
-    """orbax logs each failed write of its threads (with tracebacks) before it raises: the error raised is enough."""
+    """orbax logs each failed write of its threads (with tracebacks) and each unreadable metadata file
+    before it raises or moves on: the error raised (or restore's one sentence) is enough."""
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)
@@ -39,7 +40,7 @@ class Checkpointer:
     def __init__(self, folder: str | Path, max_to_keep: int = 2):
         self.folder = Path(folder).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
-        with self._recorded():  # the manager makes the folder
+        with self._recorded(), _quiet_absl():  # the manager makes the folder (and reads what is there)
             self.manager = ocp.CheckpointManager(self.folder, options=options)
 
     def _recorded(self):
@@ -61,7 +62,8 @@ class Checkpointer:
             raise os_error from e
 
     def latest(self) -> int | None:
-        return self.manager.latest_step()
+        with _quiet_absl():  # a damaged step's metadata is logged, then restore() says it in one sentence
+            return self.manager.latest_step()
 
     def restore(self, state_template: Tree, step: int | None = None) -> tuple[Tree, dict]:
         step = self.latest() if step is None else step

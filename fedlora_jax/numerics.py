@@ -58,21 +58,30 @@ def refuse_non_finite(values: dict, where: str, hint: str) -> None:
 
 def check_mechanism_finite(cfg, mechanism) -> None:
     """A DP mechanism whose noise or epsilon is not finite (a noise multiplier of 0, dp.epsilon or
-    dp.delta so small that the multiplier overflows) is refused before the run starts: it would
-    train, then publish inf (or an epsilon of 0 for infinite noise)."""
+    dp.delta so small that the multiplier overflows), or whose accountants fail on one round (a
+    multiplier so large or small that they overflow or do not converge), is refused before the run
+    starts: it would train, then crash or publish inf (or an epsilon of 0 for infinite noise)."""
     import numpy as np
+
+    from .errors import UserError
 
     if not mechanism.private:
         return
-    values = {k: v for k, v in mechanism.info.items() if k != "delta"}
-    if mechanism.ledger is not None:
-        try:
-            values["epsilon of one participation"] = mechanism.ledger.worst_after(np.zeros(1, np.int64))
-        except (ZeroDivisionError, OverflowError, FloatingPointError, ValueError):
-            values["epsilon of one participation"] = float("inf")
     dp = cfg.dp
     settings = f"dp.noise {dp.noise}, dp.noise_multiplier {dp.noise_multiplier:g}, dp.epsilon {dp.epsilon:g}, "
     settings += f"dp.delta {dp.delta:g}"
+    values = {k: v for k, v in mechanism.info.items() if k != "delta"}
+    try:  # what the first round publishes: the epsilon of one participation, the row's privacy figures
+        if mechanism.ledger is not None:
+            values["epsilon of one participation"] = mechanism.ledger.worst_after(np.zeros(1, np.int64))
+        values["privacy row"] = mechanism.privacy_row(np.ones(cfg.fl.num_clients, np.int64))
+    except UserError:
+        raise
+    except (ZeroDivisionError, OverflowError, FloatingPointError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"dp.mode {dp.mode}: the accountant cannot compute the privacy of one round with {settings} "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); choose a less extreme noise, epsilon or delta"
+        ) from None
     refuse_non_finite(
         values,
         f"dp.mode {dp.mode}",

@@ -129,15 +129,19 @@ def _check(out: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"--overwrite: the folder holding {_q(out)} is not writable (read-only or not yours)")
 
 
+def check_same_config(cfg: RunConfig, out: str | os.PathLike) -> None:
+    """--resume: the run folder's config.yaml (check_out made sure it loads) equals `cfg`."""
+    diff = config_diff(load_config(str(Path(out) / "config.yaml")), cfg, ignore=())
+    if diff:
+        raise UserError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
+
+
 def prepare_out(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> None:
     """Check (resume) or create (fresh, overwrite) the run folder and write config.yaml."""
     out = Path(out)
     check_out(out, resume, overwrite)
     if resume:
-        prev = load_config(str(out / "config.yaml"))  # check_out made sure it loads
-        diff = config_diff(prev, cfg, ignore=())
-        if diff:
-            raise UserError(f"--resume with a changed config; keys that differ: {', '.join(diff)}")
+        check_same_config(cfg, out)
         return
     text = cfg.to_yaml()
     old = None

@@ -189,6 +189,8 @@ def test_overwrite_of_a_folder_with_a_damaged_manifest_deletes_nothing(run_copy,
         (["dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=0"], "dp.noise_multiplier"),
         (["dp.mode=local", "dp.noise=classical", "dp.epsilon=1e-320"], "not finite"),
         (["dp.mode=local", "dp.noise=classical", "dp.delta=1e-320"], "not finite"),
+        (["dp.mode=local", "dp.noise=classical", "dp.epsilon=1e300"], "cannot compute"),
+        (["dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=1e300"], "cannot compute"),
     ],
 )
 def test_a_value_that_makes_an_output_non_finite_is_refused_up_front(tmp_path, sets, says, capfd):

@@ -40,7 +40,7 @@ def _check_budget(cfg) -> None:
 
 def _cmd_run(args) -> int:
     from ..config import load_config
-    from ..outdir import check_out
+    from ..outdir import check_out, check_same_config
 
     if args.resume and args.overwrite:
         raise UserError(
@@ -53,6 +53,8 @@ def _cmd_run(args) -> int:
     cfg = load_config(config, args.set)
     out = f"runs/{cfg.name}" if args.out is None else args.out  # --out '' is refused by check_out
     check_out(out, args.resume, args.overwrite)  # before any model is loaded; the run checks again
+    if args.resume:
+        check_same_config(cfg, out)
     if cfg.dp.budget is not None and not args.resume:
         _check_budget(cfg)  # early, from shapes; the run loop checks again with the data
     from ..runner import run
