@@ -333,6 +333,7 @@ def os_error_of(e: BaseException, where: str | os.PathLike | None = None) -> OSE
         if m:
             code = int(next(g for g in m.groups() if g))
             path = re.search(r'(?:file|writing:?)\s+"([^"]+)"', str(x))
-            return OSError(code, os.strerror(code), path.group(1) if path else (str(where) if where else None))
+            named = path.group(1) if path and os.path.isabs(path.group(1)) else None  # not a tensor's key
+            return OSError(code, os.strerror(code), named or (str(where) if where else None))
         x = x.__cause__ or x.__context__
     return None
