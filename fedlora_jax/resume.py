@@ -69,6 +69,20 @@ def restore(
     return state, Progress(start, runfolder.read_rows(metrics_path, start), participations, meta, progress.t_start)
 
 
+def drop_stop_evaluations(cfg: RunConfig, rows: list[dict]) -> None:
+    """A stopped run's last row carries the exported adapter's evaluation (runner._final_eval) even
+    where its round is not an evaluation round. A resumed run trains on from that round, so the row
+    becomes what an uninterrupted run logs there: no evaluation (eval_loss null, no other eval_ field)."""
+    every, rounds = cfg.eval_every, cfg.fl.rounds
+    for row in rows:
+        r = row.get("round")
+        if isinstance(r, int) and not (every and (r % every == 0 or r == rounds)):
+            for k in [k for k in row if k.startswith("eval_") and k != "eval_loss"]:
+                del row[k]
+            if "eval_loss" in row:
+                row["eval_loss"] = None
+
+
 def noise_seed(cfg: RunConfig, mechanism: Mechanism, meta: dict) -> int:
     """The secret root of the noise: restored on resume; else dp.noise_seed if the config fixes it;
     else (in a DP mode) fresh OS entropy, kept only in the checkpoints (the server's private state)."""

@@ -85,6 +85,7 @@ def run(
     ckpt = Checkpointer(checkpoints_dir or out / "checkpoints")
     state = replicate(init_state(cfg, lora, fl.num_clients, mechanism), mesh)
     state, prog = resume_lib.restore(ckpt, state, ledger, out / "metrics.jsonl", fl.num_clients, resume)
+    resume_lib.drop_stop_evaluations(cfg, prog.rows)  # the run goes on: a stop's final evaluation is superseded
     seed = from_process_0(resume_lib.noise_seed(cfg, mechanism, prog.meta))  # one secret for all hosts
     # central DP's client draw and DP-SGD's batch draws come from the secret root too (amplification)
     sample_seed = seed if mechanism.sampling_secret else cfg.seed
