@@ -28,12 +28,17 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, nargs="+", default=[100, 400, 1600, 4000])
+    p.add_argument(
+        "--faults", nargs="*", help="only these faults of the catalogue (default: all, and the unmodified code)"
+    )
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "audit_power.jsonl"))
     args = p.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     cases = {"unmodified (local)": (LOCAL, modes.LocalDP, None, "-")} | FAULTS
+    if args.faults:
+        cases = {k: v for k, v in cases.items() if k in args.faults}
     for name, (overrides, cls, plant, detector) in cases.items():
         mp = pytest.MonkeyPatch()
         try:
