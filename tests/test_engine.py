@@ -464,7 +464,7 @@ def test_auto_chunk_takes_the_fewest_equal_chunks_within_the_cpu_token_target():
 
 
 def test_an_unset_chunk_runs_cpu_rounds_in_chunks_that_equal_the_whole_cohort(monkeypatch):
-    from fedlora_jax import plan as plan_mod
+    from fedlora_jax import mesh as plan_mod  # auto_chunk's home (plan re-exports it)
 
     cfg, definition, base, lora, block = _setup(extra=LOCAL)
     noise = modes.build(cfg, lora)
@@ -491,7 +491,7 @@ def test_an_unset_chunk_runs_cpu_rounds_in_chunks_that_equal_the_whole_cohort(mo
 )
 def test_an_unset_chunk_on_a_two_row_mesh_equals_the_whole_cohort_on_one_device(monkeypatch, dp):
     # one client's step per row: chunks of 2 (one per row) over 3 clients, one padded slot
-    from fedlora_jax import plan as plan_mod
+    from fedlora_jax import mesh as plan_mod  # auto_chunk's home (plan re-exports it)
     from fedlora_jax.mesh import make_mesh
 
     _, definition, base, lora, block = _setup(extra=dp)
