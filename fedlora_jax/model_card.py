@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig, config_diff, load_config, preset_names
+from .reporting import SCORES
 
 CARD = "README.md"
 TAGS = ["lora", "peft", "federated-learning", "differential-privacy", "fedlora-jax"]
@@ -191,7 +192,7 @@ def _results(summary: dict) -> list[str]:
         + f"): {f(loss_before)} before (the base model), {f(loss_after)} after (this adapter, round "
         f"{after.get('round', summary.get('rounds', 'n/a'))})"
     ]
-    for k in ("eval_exact_match", "eval_mc_accuracy", "eval_mc_accuracy_norm"):
+    for k in SCORES:
         a, b = after.get(k), before.get(k)
         if a is None:
             continue

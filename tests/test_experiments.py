@@ -138,7 +138,7 @@ def test_notebook_executes(path, tmp_path, shared_out, monkeypatch):
 
 def test_population_figure_of_runs_without_dp_only_has_one_panel(tmp_path):
     """A part of the grid with no DP run (epsilons=[]) still plots (it crashed on zero panels)."""
-    from fedlora_jax.experiments.population import plot_population
+    from fedlora_jax.experiments.populations import plot_population
 
     rows = [
         {"N": 100, "K": k, "mechanism": "none", "epsilon": None, "eval_loss": loss}

@@ -12,7 +12,7 @@ alpaca-gpt4, 20 clients, 2 per round, 200 rounds, MMLU scored by log-likelihood)
 The shared parts: grid.py (the scales' base configs, run_grid) and results.py (metrics, tables,
 figures); the experiments by concept: privacy_utility.py (eps_clip, dp_modes), federation.py
 (algorithms, aggregation), noise_variance.py (rank_variance, model_size), and population in
-fedlora_jax/population.py. Every name is importable from here.
+populations.py. Every name is importable from here.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
 def population(scale: str, out: str | Path, overrides: Sequence[str] = (), **kw: Any) -> dict:
     """Utility against cohort size at fixed honest epsilon for populations up to 10,000 clients
-    (fedlora_jax.population)."""
-    from .population import population as run_population  # it builds on this package's helpers
+    (fedlora_jax.experiments.populations)."""
+    from .populations import population as run_population  # it builds on this package's helpers
 
     return run_population(scale, out, overrides, **kw)
 
