@@ -282,6 +282,8 @@ def _secondary(cfg: RunConfig, out: Path, **kw) -> dict:
         if kw.get("resume"):  # the run's config, for the resume check
             (scratch / "run").mkdir()
             shutil.copy(out / "config.yaml", scratch / "run" / "config.yaml")
+            if (out / runfolder.MANIFEST).is_file():  # --resume needs the run's manifest too
+                shutil.copy(out / runfolder.MANIFEST, scratch / "run" / runfolder.MANIFEST)
         s = run(cfg, scratch / "run", progress=False, checkpoints_dir=out / "checkpoints", **kw)
         return {
             "process": jax.process_index(),
