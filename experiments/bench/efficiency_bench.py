@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scale_bench as sb
+from op_profile import hlo_ops
 
 import fedlora_jax.models as models
 from fedlora_jax.models import layers, llama
@@ -169,23 +170,7 @@ def compiled_round(p, definition, base, lora, block, variant):
         layers.Linear.__call__, llama.Attention.__call__ = LINEAR_CALL, ATTENTION_CALL
 
 
-def _hlo_ops(text):
-    """{instruction name: (its line, the lines of the computation it calls)} of compiled HLO."""
-    comps, cur = {}, None
-    for line in text.splitlines():
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if m:
-            cur = comps.setdefault(m.group(1), [])
-        elif cur is not None:
-            cur.append(line)
-    ops = {}
-    for lines in comps.values():
-        for line in lines:
-            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
-            if m:
-                called = re.search(r"calls=%([\w.\-]+)", line)
-                ops[m.group(1)] = (line, comps.get(called.group(1), []) if called else [])
-    return ops
+_hlo_ops = hlo_ops  # one parser of compiled HLO (op_profile.py)
 
 
 def classify(line, body, p):
