@@ -115,6 +115,11 @@ def test_tensorboard_has_the_metrics_rows_of_the_logged_rounds(resumed):
     for r in [step0, *logged]:
         for k, v in _published(r).items():
             want.setdefault(k, {})[r["round"]] = v
+    # the first session's stop evaluated its exported round-1 adapter and sent it; the resumed run drops
+    # that row from metrics.jsonl (superseded) but TensorBoard cannot take a step back: it stays as sent
+    for tag, steps in resumed["after_first"].items():
+        if tag.startswith("eval_") and 1 in steps:
+            want.setdefault(tag, {})[1] = steps[1]
     assert set(tb) == set(want)
     for tag, steps in want.items():
         if tag == "seconds":  # the rerun round's wall time differs; its step must still be right
@@ -157,7 +162,7 @@ def test_wandb_offline_writes_one_local_run_with_the_logged_rows(resumed):
     }
     for step, values in history:
         want = _published(rows[step])
-        if step == 3:  # sent by the session that stopped there, with the evaluation of its exported adapter
+        if step in (1, 3):  # sent by a session that stopped there, with the evaluation of its exported adapter
             assert all(k.startswith("eval_") for k in set(values) - set(want))
             values = {k: v for k, v in values.items() if k in want}
         assert set(values) == set(want)
