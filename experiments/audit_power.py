@@ -24,7 +24,8 @@ def main() -> None:
     import pytest
     from test_audit_faults import FAULTS, LOCAL, _mech  # the catalogue
 
-    from fedlora_jax.privacy import audit, modes
+    from fedlora_jax.privacy import mechanisms as modes
+    from fedlora_jax.privacy.audit import auditor as audit
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, nargs="+", default=[100, 400, 1600, 4000])

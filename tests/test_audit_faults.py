@@ -1,4 +1,4 @@
-"""Planted faults, each caught by the audit (fedlora_jax.privacy.audit) at its default trial count and
+"""Planted faults, each caught by the audit (fedlora_jax.privacy.audit.auditor) at its default trial count and
 verdict confidence, and the unmodified code read as consistent. A fault is planted in the test only
 (a mechanism subclass or a monkeypatched key function), never in the product; the audit plays its
 games through the real round (audit_round.AuditRound: the round's keys, mechanism, chunked sums),
@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax import randomness
-from fedlora_jax.config import load_config
-from fedlora_jax.privacy import audit, modes
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core import randomness
+from fedlora_jax.privacy import mechanisms as modes
+from fedlora_jax.privacy.audit import auditor as audit
 
 TRIALS = 4000  # the audit's default
 BASE = ["fl.rounds=2", "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=1", "dp.noise=multiplier"]
@@ -164,7 +165,7 @@ def test_roots_differing_above_bit_32_give_different_keys_and_noise():
 def test_a_noise_root_from_os_entropy_has_64_bits(monkeypatch):
     """resume.noise_seed draws ROOT_BITS = 64 bits; both key words carry entropy (a 32-bit root
     would leave the high word 0 in every draw)."""
-    from fedlora_jax import resume
+    from fedlora_jax.runs import resume
 
     cfg = load_config("tiny", LOCAL)
     mech = modes.build(cfg, audit.adapter_shapes(cfg), None)

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from fedlora_jax import cli
-from fedlora_jax.config import load_config
-from fedlora_jax.errors import UserError
-from fedlora_jax.runfolder import MANIFEST, Manifest
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core.errors import UserError
+from fedlora_jax.runs.runfolder import MANIFEST, Manifest
 
 
 def _safetensors(n: int = 64) -> bytes:
@@ -103,7 +103,7 @@ def privacy(id, args, says):
 
 
 def _read_only(monkeypatch):
-    import fedlora_jax.outdir as outdir
+    import fedlora_jax.runs.outdir as outdir
 
     monkeypatch.setattr(outdir.os, "access", lambda *a, **k: False)
 
@@ -574,7 +574,7 @@ def _fake_run(folder: Path) -> None:
 
 
 def test_overwrite_replaces_a_run_folder(tmp_path):
-    from fedlora_jax.outdir import prepare_out
+    from fedlora_jax.runs.outdir import prepare_out
 
     run = tmp_path / "run"
     _fake_run(run)
@@ -587,7 +587,7 @@ def test_overwrite_replaces_a_run_folder(tmp_path):
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_full_disk_keeps_what_was_there(tmp_path, monkeypatch, overwrite):
-    from fedlora_jax.outdir import prepare_out
+    from fedlora_jax.runs.outdir import prepare_out
 
     run = tmp_path / "deep" / "run"
     if overwrite:
@@ -610,7 +610,7 @@ def test_full_disk_keeps_what_was_there(tmp_path, monkeypatch, overwrite):
 
 
 def test_run_errors_from_a_full_disk_are_one_sentence(tmp_path, monkeypatch, capsys):
-    import fedlora_jax.runner as runner
+    import fedlora_jax.runs.runner as runner
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "metrics.jsonl"))
@@ -623,7 +623,7 @@ def test_run_errors_from_a_full_disk_are_one_sentence(tmp_path, monkeypatch, cap
 
 def test_a_budget_that_stops_before_round_one_prints_sanely(tmp_path, monkeypatch, capsys):
     """The run loop may stop before round 1 (dpsgd's budget is left to it): the CLI prints n/a."""
-    import fedlora_jax.runner as runner
+    import fedlora_jax.runs.runner as runner
 
     summary = {
         "rounds": 0,

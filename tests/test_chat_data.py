@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from fedlora_jax import cli
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core.errors import UserError
 from fedlora_jax.data import load_examples, tokenize_examples
 from fedlora_jax.data.chat import FALLBACK_CHAT_TEMPLATE, encode_conversation
 from fedlora_jax.data.pipeline import byte_tokenizer, prepare
-from fedlora_jax.errors import UserError
 
 CONV = [
     {"role": "system", "content": "You answer briefly."},

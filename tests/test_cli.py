@@ -8,8 +8,8 @@ import yaml
 
 import fedlora_jax
 from fedlora_jax import cli
-from fedlora_jax.config import load_config, preset_names
-from fedlora_jax.outdir import prepare_out
+from fedlora_jax.config.run_config import load_config, preset_names
+from fedlora_jax.runs.outdir import prepare_out
 
 
 def _parsers(parser, path=("fedlora-jax",)):

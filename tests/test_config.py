@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedlora_jax.config import config_diff, load_config
+from fedlora_jax.config.run_config import config_diff, load_config
 
 
 @pytest.mark.parametrize("preset", ["default", "tiny", "paper"])

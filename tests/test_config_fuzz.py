@@ -10,8 +10,8 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedlora_jax.config import RunConfig, load_config
-from fedlora_jax.errors import UserError
+from fedlora_jax.config.run_config import RunConfig, load_config
+from fedlora_jax.core.errors import UserError
 
 
 def _keys() -> list[str]:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fedlora_jax import cli
+from fedlora_jax.core.errors import UserError
 from fedlora_jax.data import RoundBatcher, load_examples, partition, synthetic, tokenize_examples
 from fedlora_jax.data.tokenize import render_prompt
-from fedlora_jax.errors import UserError
 
 
 def _ds(rows):

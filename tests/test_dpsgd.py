@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedlora_jax.client import dpsgd_grads
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
 from fedlora_jax.data.batches import PoissonBatcher, binomial_tail, poisson_capacity, poisson_capacity_bound
 from fedlora_jax.data.tokenize import TokenizedData
+from fedlora_jax.federated.client import dpsgd_grads
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model, mean_nll
 from fedlora_jax.privacy import accounting as acc
-from fedlora_jax.runner import run
+from fedlora_jax.runs.runner import run
 
 
 @pytest.mark.parametrize("n,q,c", [(125, 0.064, 8), (125, 0.064, 30), (40, 0.5, 20), (10, 1.0, 9), (10, 0.3, 10)])
@@ -172,7 +172,7 @@ def test_a_dpsgd_run_at_epsilon_25_publishes_the_delta_it_was_asked_for(tmp_path
     """Padded batches add (1 + e^eps) x steps x P(overflow) to delta; with the tail fixed at 1e-15 the
     term grows as e^eps (0.07 at eps 25 over 1,000 steps). The tail now follows epsilon: the published
     delta stays within 1% of dp.delta, and the overflow the run reports is the capacity's binomial tail."""
-    from fedlora_jax.runner import run
+    from fedlora_jax.runs.runner import run
 
     sets = ["dp.mode=dpsgd", "dp.noise=calibrate", "dp.epsilon=25", "fl.rounds=3", "eval_every=0"]
     s = run(load_config("tiny", sets), out_dir=str(tmp_path / "r"), progress=False)

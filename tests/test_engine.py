@@ -8,16 +8,18 @@ import numpy as np
 import optax
 import pytest
 
-from fedlora_jax import aggregation as agg
-from fedlora_jax import cli, randomness
-from fedlora_jax import lora as L
-from fedlora_jax.client import client_update
-from fedlora_jax.config import load_config
+from fedlora_jax import cli
+from fedlora_jax.adapters import lora as L
+from fedlora_jax.adapters import peft_io
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core import randomness
+from fedlora_jax.federated import aggregation as agg
+from fedlora_jax.federated.client import client_update
+from fedlora_jax.federated.server import fedopt
+from fedlora_jax.federated.simulation import Cohort, build_round, init_state
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
-from fedlora_jax.privacy import modes
-from fedlora_jax.runner import run
-from fedlora_jax.server import fedopt
-from fedlora_jax.simulation import Cohort, build_round, init_state
+from fedlora_jax.privacy import mechanisms as modes
+from fedlora_jax.runs.runner import run
 
 K, STEPS, B, S = 3, 2, 2, 12
 
@@ -73,7 +75,7 @@ def _close(a, b, atol=1e-5):
 @pytest.mark.parametrize("dp_mode", ["none", "local"])
 def test_vmapped_round_equals_python_loop_and_does_not_recompile(dp_mode):
     cfg, definition, base, lora, block = _setup(extra=LOCAL if dp_mode == "local" else ())
-    from fedlora_jax.privacy import mechanisms as mech
+    from fedlora_jax.privacy.mechanisms import primitives as mech
 
     mechanism = modes.build(cfg, lora)
     round_fn = build_round(definition, cfg, mechanism, 5)
@@ -212,8 +214,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     full = run(cfg, tmp_path / "full", progress=False)
     run(cfg, tmp_path / "part", progress=False, stop_after=2)
     resumed = run(cfg, tmp_path / "part", resume=True, progress=False)
-    a = L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full"))
-    b = L.load_peft(tmp_path / "part" / "adapter", _definition(tmp_path / "part"))
+    a = peft_io.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full"))
+    b = peft_io.load_peft(tmp_path / "part" / "adapter", _definition(tmp_path / "part"))
     _close(a, b, atol=0)
     assert full["privacy"]["epsilon"] == resumed["privacy"]["epsilon"]
     rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
@@ -232,7 +234,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
             resume=True,
             progress=False,
         )
-    _close(L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")), a, atol=0)  # untouched
+    _close(peft_io.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")), a, atol=0)  # untouched
 
 
 @pytest.mark.slow
@@ -245,8 +247,8 @@ def test_dpsgd_resume_draws_the_same_poisson_batches(tmp_path):
     run(cfg, tmp_path / "part", progress=False, stop_after=2)
     resumed = run(cfg, tmp_path / "part", resume=True, progress=False)
     _close(
-        L.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")),
-        L.load_peft(tmp_path / "part" / "adapter", _definition(tmp_path / "part")),
+        peft_io.load_peft(tmp_path / "full" / "adapter", _definition(tmp_path / "full")),
+        peft_io.load_peft(tmp_path / "part" / "adapter", _definition(tmp_path / "part")),
         atol=0,
     )
     assert full["privacy"]["epsilon"] == resumed["privacy"]["epsilon"]
@@ -254,11 +256,11 @@ def test_dpsgd_resume_draws_the_same_poisson_batches(tmp_path):
 
 def _definition(folder):
     from fedlora_jax.models import abstract_model
-    from fedlora_jax.runner import build_model
+    from fedlora_jax.runs.runner import build_model
 
     cfg = load_config(str(folder / "config.yaml"))
     definition = build_model(cfg)[0]
-    return abstract_model(definition.config, L.read_peft_config(folder / "adapter"))[0]
+    return abstract_model(definition.config, peft_io.read_peft_config(folder / "adapter"))[0]
 
 
 @pytest.mark.slow
@@ -296,7 +298,7 @@ def test_every_algorithm_and_mode_runs(tmp_path, extra):
 
 def test_budget_stops_before_exceeding(tmp_path):
     from fedlora_jax.privacy import accounting as acc
-    from fedlora_jax.privacy import mechanisms as mech
+    from fedlora_jax.privacy.mechanisms import primitives as mech
 
     # tiny preset: q and v adapters in 2 layers = 4 A and 4 B blocks, clip 0.1, sigma = 40 * 0.1
     z_eff = mech.effective_noise_multiplier(4, 4, 0.1, 0.1, 4.0, 4.0, "replace-one")
@@ -358,7 +360,7 @@ def test_run_epsilon_agrees_with_the_privacy_calculator(tmp_path):
     [("fedavg", "mean", "local"), ("scaffold", "mean", "none"), ("fedavg", "stack", "none")],
 )
 def test_chunked_and_sharded_rounds_equal_the_plain_round(algorithm, aggregation, dp_mode):
-    from fedlora_jax.mesh import make_mesh
+    from fedlora_jax.federated.mesh import make_mesh
 
     dp = LOCAL if dp_mode == "local" else []
     cfg, definition, base, lora, block = _setup(algorithm, aggregation, extra=dp)
@@ -410,7 +412,7 @@ def _same_state(a, b):
 @pytest.mark.parametrize("mode", ["local", "dpsgd"])
 def test_calibrated_noise_meets_the_target_for_the_most_sampled_client(mode, tmp_path):
     # 8 clients, 2 per round, 6 rounds: some client takes part more often than the expected 1.5
-    from fedlora_jax.runner import worst_participations
+    from fedlora_jax.runs.runner import worst_participations
 
     sets = [
         f"dp.mode={mode}",
@@ -437,7 +439,7 @@ def test_learning_rate_schedule_is_the_papers_cosine_from_optax():
     every round, starts at lr and ends at lr_min."""
     import math
 
-    from fedlora_jax.simulation import cosine_lr
+    from fedlora_jax.federated.server import cosine_lr
 
     lr, lr_min, rounds = 3e-3, 1e-5, 17
     for r in range(rounds + 1):
@@ -449,7 +451,7 @@ def test_learning_rate_schedule_is_the_papers_cosine_from_optax():
 
 
 def test_auto_chunk_takes_the_fewest_equal_chunks_within_the_cpu_token_target():
-    from fedlora_jax.plan import CPU_TOKENS_PER_CHUNK, auto_chunk
+    from fedlora_jax.federated.plan import CPU_TOKENS_PER_CHUNK, auto_chunk
 
     for cohort in (1, 2, 3, 7, 64, 100, 257, 10_674):
         for tokens in (1, 24, 64, 256, 2048, 5000):
@@ -464,7 +466,7 @@ def test_auto_chunk_takes_the_fewest_equal_chunks_within_the_cpu_token_target():
 
 
 def test_an_unset_chunk_runs_cpu_rounds_in_chunks_that_equal_the_whole_cohort(monkeypatch):
-    from fedlora_jax import mesh as plan_mod  # auto_chunk's home (plan re-exports it)
+    from fedlora_jax.federated import mesh as plan_mod  # auto_chunk's home (plan re-exports it)
 
     cfg, definition, base, lora, block = _setup(extra=LOCAL)
     noise = modes.build(cfg, lora)
@@ -491,8 +493,8 @@ def test_an_unset_chunk_runs_cpu_rounds_in_chunks_that_equal_the_whole_cohort(mo
 )
 def test_an_unset_chunk_on_a_two_row_mesh_equals_the_whole_cohort_on_one_device(monkeypatch, dp):
     # one client's step per row: chunks of 2 (one per row) over 3 clients, one padded slot
-    from fedlora_jax import mesh as plan_mod  # auto_chunk's home (plan re-exports it)
-    from fedlora_jax.mesh import make_mesh
+    from fedlora_jax.federated import mesh as plan_mod  # auto_chunk's home (plan re-exports it)
+    from fedlora_jax.federated.mesh import make_mesh
 
     _, definition, base, lora, block = _setup(extra=dp)
     whole, auto = _config(extra=[*dp, f"fl.clients_per_chunk={K}"]), _config(extra=[*dp, "fl.devices=2"])

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from fedlora_jax import reporting
-from fedlora_jax.config import load_config
-from fedlora_jax.runner import run
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.runs import reporting
+from fedlora_jax.runs.runner import run
 
 # a small tiny-model federation: rounds are ~50 ms, so a run is seconds
 SMALL = [
@@ -149,8 +149,8 @@ def test_a_run_stopped_by_ctrl_c_reports_the_exported_adapters_loss(tmp_path):
     ids=["budget", "stop_after"],
 )
 def test_after_is_the_exported_adapter_whatever_stops_the_run(tmp_path, sets):
-    from fedlora_jax.artifacts import load_for_eval
     from fedlora_jax.evaluation import run_task
+    from fedlora_jax.runs.artifacts import load_for_eval
 
     cfg = load_config("tiny", SMALL + ["fl.rounds=20", "eval_every=7", *sets])
     s = run(cfg, tmp_path / "r", progress=False, stop_after=None if sets else 5)
@@ -250,8 +250,8 @@ def test_the_default_job_at_reduced_rounds_ends_below_the_base(tmp_path):
 
 @pytest.mark.parametrize("source", ["default", "tiny", "some/hub-id"])
 def test_config_yaml_marks_the_model_keys_that_do_not_apply(source):
-    from fedlora_jax.config import config_diff, tiny_shape_keys
-    from fedlora_jax.config_yaml import _read_yaml
+    from fedlora_jax.config.run_config import config_diff, tiny_shape_keys
+    from fedlora_jax.config.yaml_io import _read_yaml
 
     cfg = load_config("default", [f"model.source={source}"])
     text = cfg.to_yaml()
@@ -273,7 +273,7 @@ def test_plan_says_when_the_largest_chunk_is_the_cohort(capsys):
     is the cohort, and plan says so (with what the memory would hold); on a device that holds fewer
     than the cohort, it does not."""
     from fedlora_jax import cli
-    from fedlora_jax.plan import plan
+    from fedlora_jax.federated.plan import plan
 
     big = plan(load_config("tiny"), device_gib=1.0)
     k = load_config("tiny").fl.clients_per_round
@@ -317,7 +317,7 @@ def test_one_lm_eval_command_in_the_readme_and_the_card():
     tests/test_adapters.py runs), and the README holds no other form of it."""
     import re
 
-    from fedlora_jax.model_card import _usage, lm_eval_command
+    from fedlora_jax.runs.model_card import _usage, lm_eval_command
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()

@@ -49,8 +49,8 @@ def test_exact_match_on_a_model_forced_to_emit_the_answer():
 
 @pytest.mark.slow
 def test_eval_cli_on_a_run_and_on_an_adapter(tmp_path, capsys, tiny_hf):
-    from fedlora_jax.config import load_config
-    from fedlora_jax.runner import run
+    from fedlora_jax.config.run_config import load_config
+    from fedlora_jax.runs.runner import run
 
     s = run(
         load_config(
@@ -101,11 +101,11 @@ def test_eval_cli_on_a_run_and_on_an_adapter(tmp_path, capsys, tiny_hf):
 
 
 def test_eval_cli_bad_input(tmp_path, capsys):
-    from fedlora_jax.config import load_config
+    from fedlora_jax.config.run_config import load_config
 
     with pytest.raises(ValueError, match="eval_tasks entry = 'bleu' is not allowed; choose one of: loss, exact_match"):
         load_config("tiny", ["eval_tasks=[loss,bleu]"])
-    from fedlora_jax.runner import run
+    from fedlora_jax.runs.runner import run
 
     with pytest.raises(ValueError, match="eval_tasks has exact_match but the run has no held-out split"):
         run(load_config("tiny", ["eval_tasks=[exact_match]", "data.eval_fraction=0"]), tmp_path / "r", progress=False)

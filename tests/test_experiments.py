@@ -154,9 +154,10 @@ def test_every_run_of_every_scale_has_a_valid_config(name, scale, tmp_path, monk
     """Every script builds all of its configs before the first run: stop at that first run. A
     grid whose overrides contradict the scale's preset (the population grid set fl.lr_min=1e-3
     above the paper preset's fl.lr=5e-5) fails here, not hours into an accelerator session."""
-    from fedlora_jax import experiments, runner
+    from fedlora_jax import experiments
     from fedlora_jax.experiments import grid
     from fedlora_jax.models import hub
+    from fedlora_jax.runs import runner
 
     class Reached(Exception):
         pass
@@ -196,8 +197,8 @@ def _no_run(*a, **kw):
 )
 def test_population_refuses_what_would_mislabel_or_stop_it_before_any_run(tmp_path, monkeypatch, override, says):
     from fedlora_jax import experiments as ex
-    from fedlora_jax import runner
-    from fedlora_jax.errors import UserError
+    from fedlora_jax.core.errors import UserError
+    from fedlora_jax.runs import runner
 
     monkeypatch.setattr(runner, "run", _no_run)
     with pytest.raises(UserError, match=re.escape(says)):
@@ -209,8 +210,8 @@ def test_experiments_never_replace_a_table_or_run_folder_they_did_not_write(tmp_
     """A foreign population.csv was silently replaced; a foreign folder at a run's place stopped the grid
     after its first run. Both are now refused before any run, and left as they were."""
     from fedlora_jax import experiments as ex
-    from fedlora_jax import runner
-    from fedlora_jax.errors import UserError
+    from fedlora_jax.core.errors import UserError
+    from fedlora_jax.runs import runner
 
     monkeypatch.setattr(runner, "run", _no_run)
     out = tmp_path / "out"

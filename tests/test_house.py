@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax import aggregation, cli
-from fedlora_jax.artifacts import load_for_eval
-from fedlora_jax.config import load_config
-from fedlora_jax.runner import run
+from fedlora_jax import cli
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.federated import aggregation
+from fedlora_jax.runs.artifacts import load_for_eval
+from fedlora_jax.runs.runner import run
 
 SETS = [
     "fl.rounds=1",
@@ -110,11 +111,11 @@ def test_an_algorithm_registered_at_test_time_runs_end_to_end(tmp_path, monkeypa
     must equal the run's participation counts after the run."""
     import optax
 
-    from fedlora_jax import algorithms
-    from fedlora_jax.checkpoint import Checkpointer
+    from fedlora_jax.federated import algorithms
+    from fedlora_jax.federated.simulation import init_state
     from fedlora_jax.models.factory import build_model
-    from fedlora_jax.privacy import modes
-    from fedlora_jax.simulation import init_state
+    from fedlora_jax.privacy import mechanisms as modes
+    from fedlora_jax.runs.checkpoint import Checkpointer
 
     class Frozen(algorithms.ClientHook):
         def init_state(self, lora, num_clients):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedlora_jax import cli
-from fedlora_jax.errors import UserError
+from fedlora_jax.core.errors import UserError
 from fedlora_jax.evaluation import score_ids
 from fedlora_jax.models.hub import _unpermute, default_gguf_path, load_model, load_tokenizer
 
@@ -73,13 +73,13 @@ def test_score_cli_json_matches_torch(tiny_hf, capsys):
 def test_score_cli_with_adapter(tiny_hf, tmp_path, capsys):
     import jax
 
-    from fedlora_jax import lora as L
+    from fedlora_jax.adapters import peft_io
     from fedlora_jax.models import LoRAConfig
 
     folder, _ = tiny_hf("llama_mha")
     lm = load_model(str(folder), LoRAConfig(r=2, target_modules=("q_proj", "v_proj")))
     lora = jax.tree.map(lambda x: x + 0.3, lm.lora)
-    L.save_peft(tmp_path / "ad", lm.definition, lora)
+    peft_io.save_peft(tmp_path / "ad", lm.definition, lora)
     assert cli.main(["score", str(folder), "--adapter", str(tmp_path / "ad"), "--text", TEXTS[0], "--json"]) == 0
     with_adapter = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ids = with_adapter["token_ids"]

@@ -1,15 +1,15 @@
-"""The package's architecture, read from its own imports: no import circle, and no import from a
-lower layer to a higher one in the order DEVELOPERS.md's module map gives (bottom first):
+"""The package's architecture, read from its own imports: no import circle, no import from a lower
+layer to a higher one in the order DEVELOPERS.md's module map gives (bottom first), and no module
+over 300 lines.
 
-  ground      errors, pytypes, numerics, choices, randomness: import nothing of ours but each other
-  config      config, config_sections, config_checks, config_yaml, models/config (the model's and
-              LoRA's frozen configs): pure data and validation
-  model_data  models/, lora, peft_io, data/, evaluation/: the model, its adapters, the data, scoring
-  round       the federated round and its privacy: client, server, algorithms, aggregation, sampling,
-              mesh, plan, simulation, privacy/ (mechanisms, accounting) but the audit
-  run         the run and what it leaves: runner, resume, publish, reporting, writers, outdir,
-              runfolder, checkpoint, artifacts, model_card, loop_control, generate, privacy/audit*
-  interface   cli, commands/, experiments/, the package's __init__ and deprecated shims
+  ground      core/ (errors, pytypes, numerics, choices, randomness), _imports: import nothing of
+              ours but each other
+  config      config/ (the run's frozen config, sections, checks, YAML), models/config (the model's
+              and LoRA's frozen configs): pure data and validation
+  model_data  models/, adapters/, data/, evaluation/: the model, its adapters, the data, scoring
+  round       federated/ (the round), privacy/mechanisms/ and privacy/accounting/
+  run         runs/ (the run and what it leaves), privacy/audit/ (games through the real round)
+  interface   cli, commands/, experiments/, the package's __init__
 
 Every import counts (module level, inside functions, under TYPE_CHECKING), except those inside a
 module-level `__getattr__`: the deprecated re-export shims that keep an old import path working for
@@ -21,47 +21,23 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fedlora_jax"
+MAX_LINES = 300
 
 LAYERS = {
-    "ground": ("errors", "pytypes", "numerics", "choices", "randomness"),
-    "config": ("config", "config_sections", "config_checks", "config_yaml", "models.config"),
-    "model_data": ("models", "models.*", "lora", "peft_io", "data", "data.*", "evaluation", "evaluation.*"),
+    "ground": ("core", "core.*", "_imports"),
+    "config": ("config", "config.*", "models.config"),
+    "model_data": ("models", "models.*", "adapters", "adapters.*", "data", "data.*", "evaluation", "evaluation.*"),
     "round": (
-        "client",
-        "server",
-        "algorithms",
-        "aggregation",
-        "sampling",
-        "mesh",
-        "plan",
-        "simulation",
+        "federated",
+        "federated.*",
         "privacy",
         "privacy.mechanisms",
+        "privacy.mechanisms.*",
         "privacy.accounting",
-        "privacy.accounting_report",
-        "privacy.analysis",
-        "privacy.gaussian_accounting",
-        "privacy.ledger",
-        "privacy.modes",
-        "privacy.modes_*",
+        "privacy.accounting.*",
     ),  # fmt: skip
-    "run": (
-        "runner",
-        "resume",
-        "publish",
-        "reporting",
-        "writers",
-        "outdir",
-        "runfolder",
-        "checkpoint",
-        "artifacts",
-        "model_card",
-        "loop_control",
-        "generate",
-        "privacy.audit",
-        "privacy.audit_*",
-    ),  # fmt: skip
-    "interface": ("", "cli", "commands", "commands.*", "experiments", "experiments.*", "population"),
+    "run": ("runs", "runs.*", "privacy.audit", "privacy.audit.*"),
+    "interface": ("", "cli", "commands", "commands.*", "experiments", "experiments.*"),
 }
 ORDER = list(LAYERS)
 
@@ -172,22 +148,34 @@ def test_the_checks_can_fail():
     """The detectors see a planted circle and a planted upward import."""
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert cycles(g) == [["a", "b", "c"]]
-    assert ORDER.index(layer_of("runner")) > ORDER.index(layer_of("config"))
-    assert layer_of("privacy.audit_round") == "run" and layer_of("privacy.modes_local") == "round"
+    assert ORDER.index(layer_of("runs.runner")) > ORDER.index(layer_of("config.run_config"))
+    assert layer_of("privacy.audit.round") == "run" and layer_of("privacy.mechanisms.local") == "round"
+
+
+def test_no_module_is_over_300_lines():
+    long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_every_folder_is_a_package_with_a_docstring_saying_its_concept():
+    for init in PACKAGE.rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.split()) >= 8, f"{init.parent.name}/__init__.py: say what lives here"
 
 
 def test_the_configuration_imports_no_implementation():
     g = imports()
-    for m in LAYERS["config"]:
+    for m in [m for m in g if layer_of(m) == "config"]:
         assert {layer_of(t) for t in g[m]} <= {"ground", "config"}, (m, g[m])
 
 
 def test_each_registry_holds_exactly_the_built_in_choices():
-    """The config checks names against fedlora_jax.choices without importing the implementations; the
+    """The config checks names against fedlora_jax.core.choices without importing the implementations; the
     registries must hold exactly those names (a name in one list only would be offered but fail, or
     run but be refused)."""
-    from fedlora_jax import aggregation, algorithms, choices
-    from fedlora_jax.privacy import modes
+    from fedlora_jax.core import choices
+    from fedlora_jax.federated import aggregation, algorithms
+    from fedlora_jax.privacy import mechanisms as modes
 
     registered = {"dp.mode": modes.names(), "fl.aggregation": aggregation.names(), "fl.algorithm": algorithms.names()}
     for kind, built_in in choices.BUILT_IN.items():

@@ -7,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedlora_jax import cli, randomness
-from fedlora_jax import mesh as M
-from fedlora_jax.config import load_config
-from fedlora_jax.errors import UserError
+from fedlora_jax import cli
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core import randomness
+from fedlora_jax.core.errors import UserError
+from fedlora_jax.federated import mesh as M
+from fedlora_jax.federated.plan import plan
+from fedlora_jax.federated.simulation import Cohort, build_round, init_state
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
-from fedlora_jax.plan import plan
-from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import Cohort, build_round, init_state
+from fedlora_jax.privacy import mechanisms as modes
 
 K, STEPS, B, S, N = 3, 2, 2, 12, 5
 SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -137,7 +138,7 @@ def test_largest_chunk_on_a_mesh_counts_every_clients_row():
     est = {"mesh": [4, 2], "base_bytes": 8 * 2**30, "base_bytes_per_device": 2**30, "per_client_bytes": 2**30}
     # each device: (9 - 1) GiB free -> 8 clients per row; 4 rows
     assert M.mesh_shape([4, 2]) == (4, 2)
-    from fedlora_jax.plan import largest_chunk
+    from fedlora_jax.federated.plan import largest_chunk
 
     assert largest_chunk(est, 10 * 2**30, cohort=1000) == 32
     assert largest_chunk(est, 10 * 2**30, cohort=20) == 20
@@ -162,7 +163,7 @@ def test_a_mesh_larger_than_the_visible_devices_exits_2_before_loading(tmp_path,
 
 
 def test_a_run_on_a_2x4_mesh_equals_the_single_device_run(tmp_path):
-    from fedlora_jax.runner import run
+    from fedlora_jax.runs.runner import run
 
     sets = ["fl.rounds=2", "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=2", "eval_every=1"]
     one = run(load_config("tiny", sets), tmp_path / "one", progress=False)

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from fedlora_jax import lora as L
+from fedlora_jax.adapters import lora as L
+from fedlora_jax.adapters import peft_io
 from fedlora_jax.models import LoRAConfig, ModelConfig, abstract_model, apply, init_model
 from fedlora_jax.models.hub import load_model, params_from_hf, read_folder
 
@@ -85,7 +86,7 @@ def test_exported_adapter_loads_in_peft_and_peft_adapter_imports(tiny_hf, tmp_pa
     lora = _perturbed(lm.lora)
     toks, mask = _tokens()
     ours = np.asarray(apply(lm.definition, lm.base, lora, toks, mask))
-    L.save_peft(tmp_path / "ours", lm.definition, lora, str(folder))
+    peft_io.save_peft(tmp_path / "ours", lm.definition, lora, str(folder))
     peft_model = PeftModel.from_pretrained(model, str(tmp_path / "ours")).eval()
     with torch.no_grad():
         ref = peft_model(torch.tensor(toks), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -102,10 +103,10 @@ def test_exported_adapter_loads_in_peft_and_peft_adapter_imports(tiny_hf, tmp_pa
     pm.save_pretrained(str(tmp_path / "peft"))
     with torch.no_grad():
         ref = pm(torch.tensor(toks), attention_mask=torch.tensor(mask)).logits.numpy()
-    lc = L.read_peft_config(tmp_path / "peft")
+    lc = peft_io.read_peft_config(tmp_path / "peft")
     assert (lc.r, lc.alpha) == (4, 16)
     definition = abstract_model(lm.config, lc)[0]
-    imported = L.load_peft(tmp_path / "peft", definition)
+    imported = peft_io.load_peft(tmp_path / "peft", definition)
     ours = np.asarray(apply(definition, lm.base, imported, toks, mask))
     assert np.abs(ours - ref)[valid].max() <= 1e-4
     pm.unload()

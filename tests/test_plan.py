@@ -3,8 +3,8 @@
 import pytest
 
 from fedlora_jax import cli
-from fedlora_jax.config import load_config
-from fedlora_jax.plan import largest_chunk, plan
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.federated.plan import largest_chunk, plan
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_plan_sizes_a_poisson_round_by_its_capacity_not_k():
     said a chunk 7% too small fits. Central DP's capacity follows its epsilon, so plan asks the mechanism."""
     from scipy import stats
 
-    from fedlora_jax import sampling
+    from fedlora_jax.federated import sampling
 
     n, k = 100_000, 10_000
     sets = ["fl.sampling=poisson", f"fl.num_clients={n}", f"fl.clients_per_round={k}"]

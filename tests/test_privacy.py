@@ -15,8 +15,8 @@ from scipy import stats
 
 from fedlora_jax import cli
 from fedlora_jax.privacy import accounting as acc
-from fedlora_jax.privacy import analysis
-from fedlora_jax.privacy import mechanisms as mech
+from fedlora_jax.privacy.mechanisms import analysis
+from fedlora_jax.privacy.mechanisms import primitives as mech
 
 
 def _tree(key, layers=3, r=4, d_in=6, d_out=5, scale=1.0):
@@ -222,7 +222,7 @@ def test_privacy_cli_json(capsys):
     )
     out = json.loads(capsys.readouterr().out)
     # the worst client of the seeded schedule (seed 0), not the average 100 x 2 / 20 = 10
-    from fedlora_jax import sampling
+    from fedlora_jax.federated import sampling
 
     worst = int(sampling.participation_counts(0, 20, 2, "uniform", 100).max())
     assert out["participations"] == worst > 10 and out["neighbouring"] == "replace-one"

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedlora_jax import cli, randomness
-from fedlora_jax import lora as L
-from fedlora_jax.config import load_config
-from fedlora_jax.privacy import modes
-from fedlora_jax.reporting import SCORES
-from fedlora_jax.runner import build_model, run
+from fedlora_jax import cli
+from fedlora_jax.adapters import peft_io
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core import randomness
+from fedlora_jax.privacy import mechanisms as modes
+from fedlora_jax.runs.reporting import SCORES
+from fedlora_jax.runs.runner import build_model, run
 
 MODES = {
     "none": [],
@@ -162,7 +163,7 @@ def test_local_release_is_pure_noise_uncorrelated_with_every_public_array(tmp_pa
     adapters = []
     for r in range(cfg.fl.rounds):  # one round at a time: the adapter after each round is published
         run(cfg, out, resume=r > 0, progress=False, stop_after=1)
-        adapters.append(L.load_peft(out / "adapter", definition))
+        adapters.append(peft_io.load_peft(out / "adapter", definition))
     releases = [jax.tree.map(jnp.subtract, b, a) for a, b in zip([lora0] + adapters[:-1], adapters)]
     noise = [np.asarray(x).ravel() for rel in releases for x in jax.tree.leaves(rel)]
     sigma = 1.0 * cfg.dp.clip_a
@@ -186,7 +187,7 @@ def test_local_release_is_pure_noise_uncorrelated_with_every_public_array(tmp_pa
 
 @pytest.mark.parametrize("cohort", ["empty", "all_dropped"])
 def test_central_noise_is_added_when_no_client_is_aggregated(cohort):
-    from fedlora_jax.simulation import Cohort, build_round, init_state
+    from fedlora_jax.federated.simulation import Cohort, build_round, init_state
 
     cfg = load_config(
         "tiny",
@@ -342,7 +343,7 @@ def test_aggregation_weights_are_uniform_under_dp_unless_counts_are_public():
 
 def test_a_mechanism_registered_at_test_time_runs_end_to_end(tmp_path, monkeypatch):
     """A new mode is one class and one table entry: config, round, loop and summary ask the object."""
-    from fedlora_jax.privacy import mechanisms as prim
+    from fedlora_jax.privacy.mechanisms import primitives as prim
 
     class HalfNoise(modes.Mechanism):
         name = "test_half_noise"
@@ -360,7 +361,7 @@ def test_a_mechanism_registered_at_test_time_runs_end_to_end(tmp_path, monkeypat
 
 
 def test_privacy_calculator_defaults_to_the_most_sampled_client_of_the_seeded_schedule(capsys):
-    from fedlora_jax import sampling
+    from fedlora_jax.federated import sampling
 
     for seed in (0, 1, 7):
         rc = cli.main(
@@ -400,7 +401,7 @@ def test_the_published_seed_does_not_reproduce_the_noise(tmp_path):
     """An observer with config.yaml (seed) and the adapter tries to regenerate the noise of a pure-noise
     release (lr 0, target update) with the run's own key tree: with the secret noise root it finds
     nothing; only a config that fixes dp.noise_seed lets it, and the summary says so."""
-    from fedlora_jax.privacy import mechanisms as prim
+    from fedlora_jax.privacy.mechanisms import primitives as prim
 
     sets = [
         "dp.mode=local",
@@ -420,10 +421,10 @@ def test_the_published_seed_does_not_reproduce_the_noise(tmp_path):
         out = tmp_path / f"r{fixed}"
         s = run(cfg, out, progress=False)
         definition, _, lora0, _, _ = build_model(cfg)
-        released = jax.tree.map(jnp.subtract, L.load_peft(out / "adapter", definition), lora0)
+        released = jax.tree.map(jnp.subtract, peft_io.load_peft(out / "adapter", definition), lora0)
         published = load_config(str(out / "config.yaml"))
         guess_seed = published.dp.noise_seed if published.dp.noise_seed is not None else published.seed
-        from fedlora_jax import sampling
+        from fedlora_jax.federated import sampling
 
         ids, valid = sampling.for_config(published, 0)
         key = jax.random.fold_in(randomness.round_keys(guess_seed, 0)["client_noise"], int(ids[valid][0]))

@@ -17,10 +17,11 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant as pld
 
 from fedlora_jax import cli
-from fedlora_jax.config import load_config
-from fedlora_jax.errors import UserError
-from fedlora_jax.privacy import audit, modes
-from fedlora_jax.runner import run
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core.errors import UserError
+from fedlora_jax.privacy import mechanisms as modes
+from fedlora_jax.privacy.audit import auditor as audit
+from fedlora_jax.runs.runner import run
 
 SMALL = ["fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=1", "dp.noise=multiplier"]
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from fedlora_jax import cli
-from fedlora_jax import lora as L
-from fedlora_jax.config import load_config
+from fedlora_jax.adapters import peft_io
+from fedlora_jax.config.run_config import load_config
 from fedlora_jax.models import abstract_model
-from fedlora_jax.outdir import prepare_out
-from fedlora_jax.runner import build_model, run
+from fedlora_jax.runs.outdir import prepare_out
+from fedlora_jax.runs.runner import build_model, run
 
 MODES = {
     "none": [],
@@ -48,8 +48,8 @@ def _sets(mode):
 
 def _adapter(folder: Path):
     cfg = load_config(str(folder / "config.yaml"))
-    definition = abstract_model(build_model(cfg)[0].config, L.read_peft_config(folder / "adapter"))[0]
-    return L.load_peft(folder / "adapter", definition)
+    definition = abstract_model(build_model(cfg)[0].config, peft_io.read_peft_config(folder / "adapter"))[0]
+    return peft_io.load_peft(folder / "adapter", definition)
 
 
 def _rows(folder: Path):
@@ -179,7 +179,7 @@ def test_killed_after_logging_a_round_but_before_its_checkpoint_resumes_exactly(
 def test_two_kills_leave_no_duplicate_rows(tmp_path, monkeypatch):
     """Killed after logging round 3 but before its checkpoint, resumed, killed again after the
     checkpoint of round 3: the rows dropped at the first resume must not come back as duplicates."""
-    from fedlora_jax import reporting
+    from fedlora_jax.runs import reporting
 
     cfg = load_config("tiny", _sets("none"))
     run(cfg, tmp_path / "full", progress=False)

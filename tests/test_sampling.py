@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedlora_jax import sampling
-from fedlora_jax.config import load_config
-from fedlora_jax.runner import run
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.federated import sampling
+from fedlora_jax.runs.runner import run
 
 
 @pytest.mark.parametrize("n, k", [(20, 2), (100, 10), (10_000, 100), (10_000, 1_000), (50, 50)])
@@ -79,10 +79,10 @@ def test_a_capacity_round_equals_the_masked_all_slots_round_on_the_same_draw():
     import jax
     import jax.numpy as jnp
 
-    from fedlora_jax import randomness
+    from fedlora_jax.core import randomness
+    from fedlora_jax.federated.simulation import Cohort, build_round, init_state
     from fedlora_jax.models.factory import build_model
-    from fedlora_jax.privacy import modes
-    from fedlora_jax.simulation import Cohort, build_round, init_state
+    from fedlora_jax.privacy import mechanisms as modes
 
     n, k = 80, 3
     cfg = load_config(
@@ -163,9 +163,9 @@ def test_adaptive_clip_tracks_a_known_quantile_of_update_norms():
     norms would give (with the mechanism's count noise), converges to the target quantile."""
     import jax.numpy as jnp
 
-    from fedlora_jax import randomness
+    from fedlora_jax.core import randomness
     from fedlora_jax.models.factory import build_model
-    from fedlora_jax.privacy import modes
+    from fedlora_jax.privacy import mechanisms as modes
 
     for gamma in (0.3, 0.7):
         cfg = _adaptive_cfg(f"dp.target_quantile={gamma}", "dp.clip_lr=0.2", "dp.clip_a=5.0")
@@ -209,9 +209,9 @@ def test_adaptive_clip_ledger_equals_dp_accounting_of_the_combined_mechanism(tmp
 
 
 def test_adaptive_clip_refuses_what_it_cannot_account(tmp_path):
-    from fedlora_jax.errors import UserError
+    from fedlora_jax.core.errors import UserError
     from fedlora_jax.models.factory import build_model
-    from fedlora_jax.privacy import modes
+    from fedlora_jax.privacy import mechanisms as modes
 
     lora = build_model(_adaptive_cfg())[2]
     with pytest.raises(UserError, match="scope global"):

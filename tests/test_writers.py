@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fedlora_jax import cli, reporting, writers
-from fedlora_jax.config import load_config
-from fedlora_jax.errors import UserError
-from fedlora_jax.runner import run
+from fedlora_jax import cli
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core.errors import UserError
+from fedlora_jax.runs import reporting, writers
+from fedlora_jax.runs.runner import run
 
 SMALL = [
     "fl.num_clients=4",

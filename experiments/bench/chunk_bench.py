@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import scale_bench as sb
 
-from fedlora_jax.plan import auto_chunk
+from fedlora_jax.federated.plan import auto_chunk
 
 REGIMES = {
     "cross-device": sb.REGIMES["cross-device"],

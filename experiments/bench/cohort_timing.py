@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax import randomness
-from fedlora_jax.simulation import Cohort, build_round, init_state
+from fedlora_jax.core import randomness
+from fedlora_jax.federated.simulation import Cohort, build_round, init_state
 
 
 def compiled_round(cfg, definition, base, lora, mech, n, slots, k, ids, examples, rng):

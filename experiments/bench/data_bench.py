@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
 from fedlora_jax.data.pipeline import byte_tokenizer, prepare
 
 

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlora_jax import runner
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.runs import runner
 
 OUT = Path("experiments/bench/results/default_trials.jsonl")
 

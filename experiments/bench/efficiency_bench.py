@@ -39,8 +39,8 @@ import scale_bench as sb
 from op_profile import hlo_ops
 
 import fedlora_jax.models as models
+from fedlora_jax.federated.plan import auto_chunk
 from fedlora_jax.models import layers, llama
-from fedlora_jax.plan import auto_chunk
 
 FUSED_TOKEN_NLL = models.token_nll
 ATTENTION = layers.attention

@@ -21,15 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax import randomness
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core import randomness
 from fedlora_jax.data import tokenize_examples
 from fedlora_jax.data.pipeline import byte_tokenizer, prepare
+from fedlora_jax.federated.simulation import Cohort, build_round, init_state
 from fedlora_jax.privacy import accounting as acc
-from fedlora_jax.privacy import mechanisms as mech
-from fedlora_jax.privacy import modes
-from fedlora_jax.runner import build_model
-from fedlora_jax.simulation import Cohort, build_round, init_state
+from fedlora_jax.privacy import mechanisms as modes
+from fedlora_jax.privacy.mechanisms import primitives as mech
+from fedlora_jax.runs.runner import build_model
 
 
 def timed(fn, n=5):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import jax
 
-from fedlora_jax import generate as G
 from fedlora_jax.models.hub import load_model
+from fedlora_jax.runs import generate as G
 
 PROMPT = "Explain in a few sentences what differential privacy protects in federated learning."
 

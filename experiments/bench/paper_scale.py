@@ -26,11 +26,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_bench import analytic_flops  # noqa: E402  (the FLOP count every bench uses)
 
-from fedlora_jax import randomness, sampling  # noqa: E402
-from fedlora_jax.config import load_config  # noqa: E402
+from fedlora_jax.config.run_config import load_config  # noqa: E402
+from fedlora_jax.core import randomness
+from fedlora_jax.federated import sampling  # noqa: E402
+from fedlora_jax.federated.simulation import Cohort, build_round, init_state  # noqa: E402
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model  # noqa: E402
-from fedlora_jax.privacy import modes  # noqa: E402
-from fedlora_jax.simulation import Cohort, build_round, init_state  # noqa: E402
+from fedlora_jax.privacy import mechanisms as modes  # noqa: E402
 
 SHAPES = {
     # Llama-2-7B: hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000

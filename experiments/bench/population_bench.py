@@ -16,10 +16,10 @@ import jax
 import numpy as np
 from cohort_timing import compiled_round, interleaved
 
-from fedlora_jax import sampling
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.federated import sampling
 from fedlora_jax.models.factory import build_model
-from fedlora_jax.privacy import modes
+from fedlora_jax.privacy import mechanisms as modes
 
 
 def main():

@@ -22,14 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax import randomness
-from fedlora_jax.client import client_update
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.core import randomness
+from fedlora_jax.federated.client import client_update
+from fedlora_jax.federated.plan import auto_chunk
+from fedlora_jax.federated.simulation import Cohort, build_round, init_state
 from fedlora_jax.models import LoRAConfig, ModelConfig, init_model
-from fedlora_jax.plan import auto_chunk
-from fedlora_jax.privacy import mechanisms as mech
-from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import Cohort, build_round, init_state
+from fedlora_jax.privacy import mechanisms as modes
+from fedlora_jax.privacy.mechanisms import primitives as mech
 
 REGIMES = {
     # chunk None: fl.clients_per_chunk unset (plan.auto_chunk picks it: 32 and 8 clients on CPU here)
@@ -245,7 +245,7 @@ def main():
         res["regimes"][name] = r
         print(name, json.dumps({k: v for k, v in r.items() if k != "params"}, indent=1), flush=True)
     if args.memory:
-        from fedlora_jax.plan import measure
+        from fedlora_jax.federated.plan import measure
 
         p = REGIMES["cross-device"]
         _, d, b, lo, _ = setup(p)

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlora_jax import writers
-from fedlora_jax.config import load_config
+from fedlora_jax.config.run_config import load_config
+from fedlora_jax.runs import writers
 
 ROW = {
     "round": 0,

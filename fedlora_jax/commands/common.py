@@ -7,7 +7,7 @@ import errno
 import json
 import math
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 # OSErrors that are the user's environment, not a bug: reported as one sentence naming the path
 _ENV_ERRNOS = {
@@ -75,7 +75,7 @@ def _seed(flag: str, value) -> None:
 
 def _rounds(flag: str, value) -> None:
     """A number of rounds: at least 1 and at most numerics.MAX_ROUNDS (more would sit for minutes or hours)."""
-    from ..numerics import MAX_ROUNDS
+    from ..core.numerics import MAX_ROUNDS
 
     _finite(flag, value, low=1)
     if value is not None and value > MAX_ROUNDS:
@@ -83,3 +83,33 @@ def _rounds(flag: str, value) -> None:
             f"{flag} = {value} is above the most this tool accounts for ({MAX_ROUNDS:,} rounds): the sampling "
             "schedule and the accountants would run for hours"
         )
+
+
+CONFIG_DOCS = "README.md: 'Config sections', in the section '`run`: the federated simulation' of 'Command line'"
+
+
+def presets_epilog() -> str:
+    """The packaged presets, each with the first sentence of its leading comment, and where keys are documented."""
+    import importlib.resources
+    import textwrap
+
+    from ..config.run_config import preset_names
+
+    folder = importlib.resources.files("fedlora_jax.config") / "presets"
+    lines = ["presets (fedlora_jax/config/presets/):"]
+    for name in preset_names():
+        comment = []
+        for line in (folder / f"{name}.yaml").read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("#").strip())
+        about = " ".join(comment)
+        about = about[: about.find(". ") + 1] if ". " in about else about
+        lines += textwrap.wrap(about, 100, initial_indent=f"  {name:8s} ", subsequent_indent=" " * 11) or [f"  {name}"]
+    lines += [""] + textwrap.wrap(
+        f"config keys are documented in {CONFIG_DOCS} (and in fedlora_jax/config/); 'fedlora-jax config "
+        "[CONFIG] [--set KEY=VALUE ...]' prints every key of a config with its default.",
+        100,
+        break_on_hyphens=False,
+    )
+    return "\n".join(lines)

@@ -6,14 +6,14 @@ import math
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .common import _finite, _seed, dumps
 
 
 def _precheck_eval_target(target: str) -> None:
     """Fail on a broken run folder or adapter before any model is loaded."""
-    from .. import lora as lora_lib
-    from ..config import load_config
+    from ..adapters import peft_io
+    from ..config.run_config import load_config
 
     t = Path(target)
     if not t.exists():
@@ -21,15 +21,15 @@ def _precheck_eval_target(target: str) -> None:
     if (t / "config.yaml").is_file():
         load_config(str(t / "config.yaml"))
         if (t / "adapter").is_dir():
-            lora_lib.read_peft_config(t / "adapter")
-            lora_lib.check_peft_weights(t / "adapter")
-    elif (t / lora_lib.ADAPTER_CONFIG).exists():
-        lora_lib.read_peft_config(t)
-        lora_lib.check_peft_weights(t)
+            peft_io.read_peft_config(t / "adapter")
+            peft_io.check_peft_weights(t / "adapter")
+    elif (t / peft_io.ADAPTER_CONFIG).exists():
+        peft_io.read_peft_config(t)
+        peft_io.check_peft_weights(t)
 
 
 def _cmd_score(args) -> int:
-    from .. import lora as lora_lib
+    from ..adapters import peft_io
     from ..data.loading import read_text
     from ..evaluation import score_ids
     from ..models import abstract_model
@@ -41,8 +41,8 @@ def _cmd_score(args) -> int:
             f"{'--file ' + repr(args.file) if args.file is not None else '--text'} is empty; give a text to score"
         )
     if args.adapter:  # a broken adapter fails before the model is loaded
-        lc = lora_lib.read_peft_config(args.adapter)
-        lora_lib.check_peft_weights(args.adapter)
+        lc = peft_io.read_peft_config(args.adapter)
+        peft_io.check_peft_weights(args.adapter)
     lm = load_model(args.model, dtype=args.dtype)
     if lm.tokenizer is None:
         raise UserError(f"model {args.model!r} has no tokenizer files; cannot tokenize the text")
@@ -50,7 +50,7 @@ def _cmd_score(args) -> int:
     if args.adapter:
         lc.check(lm.config)
         definition = abstract_model(lm.config, lc)[0]
-        lora = lora_lib.load_peft(args.adapter, definition)
+        lora = peft_io.load_peft(args.adapter, definition)
     ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
     result = score_ids(definition, lm.base, lora, ids)
     if args.json:
@@ -75,7 +75,7 @@ def _cmd_eval(args) -> int:
     _precheck_eval_target(args.target)
     if args.data is not None and Path(args.data).suffix in LOCAL_SUFFIXES:
         load_multiple_choice(args.data, args.limit)  # a bad file fails before the model is loaded
-    from ..artifacts import load_for_eval
+    from ..runs.artifacts import load_for_eval
 
     definition, base, lora, tok, cfg = load_for_eval(args.target, args.model)
     results = [
@@ -91,8 +91,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .. import generate
-    from .. import lora as lora_lib
+    from ..adapters import peft_io
+    from ..runs import generate
 
     _finite("--max-new-tokens", args.max_new_tokens, low=1, what="the number of tokens to generate")
     _finite("--temperature", args.temperature, low=0, what="the sampling temperature (0 is greedy)")
@@ -103,7 +103,7 @@ def _cmd_generate(args) -> int:
         raise UserError("--no-chat-template tokenizes plain text; --system and --messages need the chat template")
     messages = generate.read_messages(args.messages) if args.messages is not None else None  # before loading
     t = Path(args.model)
-    if t.is_dir() and ((t / "config.yaml").is_file() or (t / lora_lib.ADAPTER_CONFIG).is_file()):
+    if t.is_dir() and ((t / "config.yaml").is_file() or (t / peft_io.ADAPTER_CONFIG).is_file()):
         _precheck_eval_target(args.model)  # a broken run or adapter folder fails before any model is loaded
     definition, base, lora, tok, desc = generate.load(args.model, args.adapter)
     if messages is None and args.system is None:

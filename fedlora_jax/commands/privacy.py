@@ -3,7 +3,7 @@ a target epsilon) and the empirical audit."""
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .common import _finite, _rounds, _seed, dumps
 
 
@@ -121,8 +121,8 @@ def _privacy_report(accounting, args, z):
 
 
 def _cmd_audit(args) -> int:
-    from ..config import load_config
-    from ..privacy import audit
+    from ..config.run_config import load_config
+    from ..privacy.audit import auditor as audit
 
     _finite("--trials", args.trials, low=audit.MIN_TRIALS, what="the number of games played (half with the canary)")
     _finite("--compositions", args.compositions, low=1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .. import runfolder
-from ..errors import UserError
+from ..core.errors import UserError
+from ..runs import reading
 from .common import _ENV_ERRNOS, _finite, dumps
 
 
@@ -20,7 +20,7 @@ def _check_budget(cfg) -> None:
 
     from ..models import abstract_model
     from ..models.factory import build_model_config
-    from ..privacy import modes
+    from ..privacy import mechanisms as modes
 
     lc = cfg.lora.to_lora_config()
     mc = build_model_config(cfg)
@@ -39,8 +39,8 @@ def _check_budget(cfg) -> None:
 
 
 def _cmd_run(args) -> int:
-    from ..config import load_config
-    from ..outdir import check_out, check_same_config
+    from ..config.run_config import load_config
+    from ..runs.outdir import check_out, check_same_config
 
     if args.resume and args.overwrite:
         raise UserError(
@@ -49,7 +49,7 @@ def _cmd_run(args) -> int:
     config = args.config
     if config is None and args.resume and args.out and Path(args.out, "config.yaml").is_file():
         config = str(Path(args.out, "config.yaml"))  # resume the run's own config unless one is given
-        runfolder.check_config_file(config)  # a damaged one is said so
+        reading.check_config_file(config)  # a damaged one is said so
     cfg = load_config(config, args.set)
     out = f"runs/{cfg.name}" if args.out is None else args.out  # --out '' is refused by check_out
     check_out(out, args.resume, args.overwrite)  # before any model is loaded; the run checks again
@@ -57,12 +57,12 @@ def _cmd_run(args) -> int:
         check_same_config(cfg, out)
     if cfg.dp.budget is not None and not args.resume:
         _check_budget(cfg)  # early, from shapes; the run loop checks again with the data
-    from ..runner import run
+    from ..runs.runner import run
 
     try:
         s = run(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except Exception as exc:  # an OSError, or a library's error that wraps one (orbax, safetensors)
-        e = exc if isinstance(exc, OSError) else runfolder.os_error_of(exc, out)
+        e = exc if isinstance(exc, OSError) else reading.os_error_of(exc, out)
         if isinstance(exc, UserError) or e is None or e.errno not in _ENV_ERRNOS:
             raise
         where = str(e.filename or out)
@@ -143,7 +143,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_config(args) -> int:
-    from ..config import load_config
+    from ..config.run_config import load_config
 
     cfg = load_config(args.config, args.set)
     print(cfg.to_yaml(), end="")  # every key with its value or default: what `run` writes to config.yaml
@@ -151,7 +151,7 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from ..config import load_config
+    from ..config.run_config import load_config
     from ..data.pipeline import prepare
     from ..models.factory import build_tokenizer
 
@@ -181,8 +181,8 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from ..config import load_config
-    from ..plan import CPU_TOKENS_PER_CHUNK, plan
+    from ..config.run_config import load_config
+    from ..federated.plan import CPU_TOKENS_PER_CHUNK, plan
 
     _finite("--device-memory", args.device_memory, low=0, low_open=True)
     cfg = load_config(args.config, args.set)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import randomness
-from ..errors import UserError
+from ..core import randomness
+from ..core.errors import UserError
 from .tokenize import TokenizedData
 
 if TYPE_CHECKING:

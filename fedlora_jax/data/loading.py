@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import datasets
 
-from .. import randomness
-from ..errors import UserError
+from ..core import randomness
+from ..core.errors import UserError
 from . import synthetic
 from .chat import json_type, normalize_conversation  # noqa: F401  (json_type re-exported)
 

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import randomness
-from ..errors import UserError
+from ..core import randomness
+from ..core.errors import UserError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-from ..choices import PARTITIONS  # noqa: E402,F401  (the config's choices)
+from ..core.choices import PARTITIONS  # noqa: E402,F401  (the config's choices)
 
 
 def partition(

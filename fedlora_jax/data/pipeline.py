@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import randomness
-from ..errors import UserError
+from ..core import randomness
+from ..core.errors import UserError
 from .batches import PoissonBatcher, RoundBatcher
 from .chat import FALLBACK_CHAT_TEMPLATE
 from .loading import load_examples
@@ -19,7 +19,7 @@ from .tokenize import TokenizedData, tokenize_examples
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-    from ..config import RunConfig
+    from ..config.run_config import RunConfig
 
 DEFAULT_LABELS = {"chatterbot": "topic", "synthetic": "task"}
 DROPPED_WARNING = 0.05  # warn when more than this share of the examples is dropped

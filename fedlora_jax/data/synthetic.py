@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import randomness
-from ..config import SYNTHETIC_TASKS as TASKS
-from ..errors import UserError
+from ..config.run_config import SYNTHETIC_TASKS as TASKS
+from ..core import randomness
+from ..core.errors import UserError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

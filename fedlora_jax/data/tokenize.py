@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .chat import chat_template, encode_conversations, with_system
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-from ..choices import TEMPLATES  # noqa: E402,F401  (the config's choices)
+from ..core.choices import TEMPLATES  # noqa: E402,F401  (the config's choices)
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately "

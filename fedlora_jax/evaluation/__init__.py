@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .choices import LOCAL_SUFFIXES, choice_logprobs, lm_eval_pair, load_multiple_choice, multiple_choice  # noqa: F401  (re-exported)
 from .greedy import exact_match, greedy_answers, greedy_generate, held_out_prompts, split_prompt_answer  # noqa: F401  (re-exported)
 from .loss import heldout_eval, heldout_loss, score_ids  # noqa: F401  (re-exported)
@@ -20,11 +20,11 @@ from .loss import heldout_eval, heldout_loss, score_ids  # noqa: F401  (re-expor
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ..config import RunConfig
+    from ..config.run_config import RunConfig
+    from ..core.pytypes import Tree
     from ..models import Definition
-    from ..pytypes import Tree
 
-from ..choices import EVAL_TASKS as TASKS  # noqa: E402  (the config's choices)
+from ..core.choices import EVAL_TASKS as TASKS  # noqa: E402  (the config's choices)
 
 
 def run_task(

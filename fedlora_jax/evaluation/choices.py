@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import randomness
-from ..errors import UserError
+from ..core import randomness
+from ..core.errors import UserError
+from ..core.pytypes import Tree
 from ..models import Definition, token_nll
-from ..pytypes import Tree
 from .greedy import _pad_rows
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import UserError
-from ..pytypes import Tree
+from ..core.errors import UserError
+from ..core.pytypes import Tree
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

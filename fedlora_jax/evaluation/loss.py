@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.pytypes import Tree
 from ..models import Definition, token_nll
-from ..pytypes import Tree
 
 if TYPE_CHECKING:
     from ..data.tokenize import TokenizedData

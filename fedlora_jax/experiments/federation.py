@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import algorithms as algorithms_lib
+from ..federated import algorithms as algorithms_lib
 from .grid import _ADAPTIVE_SERVER_LR, _FL_DEFAULTS, _PAPER_DP, ADAPTIVE, ALGORITHMS, run_grid
 from .results import _plt, plot_curves, read_metrics, save_figure, tail_mean, write_table
 
@@ -20,7 +20,7 @@ ARMS = ("no_dp", "dp")  # each algorithm's two runs: without DP, and with the pa
 
 def _dp_allows(algorithm: str) -> bool:
     """Whether the paper's local DP accepts this algorithm (the mechanism object decides)."""
-    from ..privacy.modes import MECHANISMS
+    from ..privacy.mechanisms import MECHANISMS
 
     return not algorithms_lib.get(algorithm).hook(_FL_DEFAULTS).keeps_client_state or (
         MECHANISMS["local"].controls_private

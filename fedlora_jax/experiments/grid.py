@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import algorithms as algorithms_lib
-from ..config import FLSection, RunConfig, config_diff, load_config
-from ..errors import UserError
+from ..config.run_config import FLSection, RunConfig, config_diff, load_config
+from ..core.errors import UserError
+from ..federated import algorithms as algorithms_lib
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -107,7 +107,7 @@ def run_grid(
     persistent compilation cache (see enable_compilation_cache). Without `progress`, a line per
     run is the progress, and datasets' progress bars are turned off for the process. fixed: keys
     that label the results (an override of them, or of a key the runs vary, is refused)."""
-    from ..runner import run
+    from ..runs.runner import run
 
     if cache:
         enable_compilation_cache()
@@ -148,8 +148,9 @@ def preflight(
       the model is on this machine (a hub id is not fetched here: its first run does that);
     - each existing run folder must be a run of this tool (it is replaced), never a foreign folder."""
     from ..models import hub
-    from ..outdir import is_run_folder
-    from ..privacy import audit, modes
+    from ..privacy import mechanisms as modes
+    from ..privacy.audit import auditor as audit
+    from ..runs.outdir import is_run_folder
 
     base = {name: base_config(scale, ov) for name, ov in runs.items()}
     first = next(iter(base.values()), None)

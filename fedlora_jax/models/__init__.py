@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .. import randomness
-from ..pytypes import Array, Key
+from ..core import randomness
+from ..core.pytypes import Array, Key
 from .config import SUPPORTED_MODEL_TYPES, LoRAConfig, ModelConfig
 from .gpt2 import GPT2Model
 from .layers import LoRAParam

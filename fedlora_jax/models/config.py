@@ -6,8 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
-from ..choices import ATTENTION_IMPLS, DTYPES  # noqa: F401  (the config's choices; re-exported)
-from ..errors import UserError
+from ..core.choices import ATTENTION_IMPLS, DTYPES  # noqa: F401  (the config's choices; re-exported)
+from ..core.errors import UserError
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # LoRA's target modules unless told (as PEFT's default for Llama)
 

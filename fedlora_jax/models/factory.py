@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from ..errors import UserError
+from ..core.errors import UserError
 from . import ModelConfig, init_model
 
 # HF's std 0.02 head caps a random model's logits near uniform; the tiny model's head is scaled
@@ -17,8 +17,8 @@ from . import ModelConfig, init_model
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ..config import RunConfig
-    from ..pytypes import Tree
+    from ..config.run_config import RunConfig
+    from ..core.pytypes import Tree
     from . import Definition
 
 TINY_HEAD_SCALE = 12.5

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .config import ModelConfig
 from .gguf_tokenizer import open_gguf
 

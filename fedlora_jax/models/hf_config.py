@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 
 _REQUIRED = object()

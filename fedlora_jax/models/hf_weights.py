@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
 from . import abstract_model
 from .config import ModelConfig
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..core.errors import UserError
 from . import Definition, abstract_model, init_lora
 from .config import LoRAConfig, ModelConfig
 from .gguf_weights import _unpermute, read_gguf  # noqa: F401  (re-exported)

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..errors import UserError
-from ..pytypes import Array
+from ..core.errors import UserError
+from ..core.pytypes import Array
 from .config import LoRAConfig, ModelConfig
 
 if TYPE_CHECKING:

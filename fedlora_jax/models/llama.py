@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..pytypes import Array
+from ..core.pytypes import Array
 from .config import LoRAConfig, ModelConfig
 from .layers import (
     Embed,
