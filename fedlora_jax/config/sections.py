@@ -85,7 +85,17 @@ class FLSection:
     rounds: int = 200
     local_steps: int = 10
     batch_size: int = 16
-    sampling: str = "uniform"  # uniform (fixed size, the paper) | poisson (central DP)
+    # uniform (fixed size, the paper) | poisson (central DP) | cyclic (ceil(N/K) fixed groups, group
+    # t mod b in round t: a client takes part at most once every b rounds; BandMF's participation)
+    sampling: str = "uniform"
+    # who can take part: always | diurnal (each client in a window of every availability_period rounds,
+    # its phase and window width drawn per client) | dropout (a picked client fails to report with
+    # probability fl.dropout; it still counts as picked for privacy)
+    availability: str = "always"
+    availability_period: int = 24
+    availability_window: float = 0.5  # diurnal: mean share of the period a client is available
+    dropout: float = 0.1
+    dropout_by_size: bool = False  # dropout: p x (mean examples / the client's), capped at 1
     algorithm: str = "fedavg"  # fedavg fedprox scaffold fedavgm fedadagrad fedyogi fedadam
     aggregation: str = "mean"  # mean | stack
     lr: float = 5e-5
@@ -108,6 +118,13 @@ class FLSection:
         _choice("fl.algorithm", self.algorithm, choices.names("fl.algorithm"))
         _choice("fl.aggregation", self.aggregation, choices.names("fl.aggregation"))
         _choice("fl.sampling", self.sampling, choices.SAMPLINGS)
+        _choice("fl.availability", self.availability, choices.AVAILABILITIES)
+        if self.availability_period < 1:
+            raise UserError(f"fl.availability_period must be >= 1 round, got {self.availability_period}")
+        if not 0 < self.availability_window <= 1:
+            raise UserError(f"fl.availability_window must be in (0, 1], got {self.availability_window!r}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"fl.dropout must be in [0, 1), got {self.dropout!r}")
         for k in ("num_clients", "clients_per_round", "rounds", "local_steps", "batch_size"):
             if getattr(self, k) < 1:
                 raise UserError(f"fl.{k} must be >= 1, got {getattr(self, k)}")
@@ -144,7 +161,10 @@ class FLSection:
 
 @dataclasses.dataclass(frozen=True)
 class DPSection:
-    mode: str = "none"  # none | local (the paper) | central (DP-FedAvg) | dpsgd (record level)
+    # none | local (the paper) | central (DP-FedAvg) | dpsgd (record level) | bandmf (DP-FTRL with a
+    # banded matrix factorization: noise correlated over dp.band rounds; needs fl.sampling cyclic)
+    mode: str = "none"
+    band: int = 4  # bandmf: rounds a noise draw reaches (1: independent noise, DP-FedAvg unamplified)
     clip_a: float = 0.1  # dpsgd: the per-example gradient clip (whole adapter)
     clip_b: float = 0.1
     scope: str = "per_matrix"  # per_matrix | per_factor | global
@@ -186,6 +206,8 @@ class DPSection:
         if self.neighbouring is not None:
             _choice("dp.neighbouring", self.neighbouring, choices.NEIGHBOURING)
         _positive("dp.clip_a", self.clip_a)
+        if isinstance(self.band, bool) or self.band < 1:
+            raise UserError(f"dp.band must be an integer >= 1 (rounds a noise draw reaches), got {self.band!r}")
         _positive("dp.clip_b", self.clip_b)
         _positive("dp.epsilon", self.epsilon)
         _positive("dp.noise_multiplier", self.noise_multiplier, strict=False)

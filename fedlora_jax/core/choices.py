@@ -13,7 +13,8 @@ from __future__ import annotations
 
 PARTITIONS = ("iid", "dirichlet", "dirichlet_balanced", "by_column")
 TEMPLATES = ("alpaca", "chat", "plain")
-SAMPLINGS = ("uniform", "poisson")
+SAMPLINGS = ("uniform", "poisson", "cyclic")
+AVAILABILITIES = ("always", "diurnal", "dropout")  # fl.availability
 EVAL_TASKS = ("loss", "exact_match", "multiple_choice")
 SCOPES = ("per_matrix", "per_factor", "global")
 TARGETS = ("weights", "update")
@@ -26,7 +27,7 @@ NOISE = ("classical", "analytic", "multiplier", "calibrate")
 
 # the registries' built-in names, in their tables' order
 BUILT_IN = {
-    "dp.mode": ("none", "local", "central", "dpsgd"),
+    "dp.mode": ("none", "local", "central", "dpsgd", "bandmf"),
     "fl.aggregation": ("mean", "stack"),
     "fl.algorithm": ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"),
 }

@@ -49,6 +49,9 @@ DOMAINS = (
     "noise_stats",  # Monte-Carlo noise statistics (dp.stats_every) (round, matrix)
     "audit",  # empirical privacy audits
     "generation",  # temperature sampling of `generate` (token index)
+    "availability",  # fl.availability diurnal: each client's phase and window
+    "cyclic_groups",  # fl.sampling cyclic: each client's group
+    "dropout",  # fl.availability dropout: which picked clients fail to report (round)
 )
 
 

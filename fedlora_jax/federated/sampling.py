@@ -1,6 +1,8 @@
 """Which clients take part in each round: a pure function of (seed, round), independent of the data.
 
-`uniform`: a fixed-size cohort of K clients drawn without replacement (the paper). `poisson`: every
+`uniform`: a fixed-size cohort of K clients drawn without replacement (the paper). `cyclic`: each
+client in one of b = ceil(N/K) fixed groups (its own seeded draw), group t mod b in round t (a client takes
+part at most once every b rounds: the participation BandMF's accounting assumes). `poisson`: every
 client independently with probability q = K/N (central DP's amplification assumes it, and assumes
 the draw is secret: in a deployment the server's sampling randomness must not be known to an
 observer). A Poisson cohort has no fixed size; the round has static shapes, so the cohort is padded
@@ -8,6 +10,11 @@ to a capacity C chosen so that it overflows with probability <= a tail per round
 costs C client slots (about K + 7 sqrt(K)), not N. An overflowing draw keeps a random C of its
 clients; central DP accounts that event in its delta, as (1 + e^epsilon) x rounds x tail, so it
 picks the tail from its epsilon (`capacity_tail`): the term stays within 1% of dp.delta.
+
+Availability (`fl.availability`): `diurnal` clients are available in a window of every period
+(phase and width per client, seeded): the cohort is drawn among the available ones. `dropout`: a
+picked client fails to report with probability p (`reports`); it stays picked, and is charged, for
+privacy. Both are functions of (seed, round), never of the training.
 """
 
 from __future__ import annotations
@@ -58,39 +65,135 @@ def poisson_capacity(num_clients: int, clients_per_round: int, tail: float = POI
 
 
 def cohort_slots(num_clients: int, clients_per_round: int, sampling: str, tail: float = POISSON_TAIL) -> int:
-    """Client slots of every round's static shape: K (uniform) or the Poisson capacity."""
+    """Client slots of every round's static shape: K (uniform), the Poisson or the cyclic capacity."""
+    if sampling == "cyclic":
+        return cyclic_capacity(num_clients, clients_per_round, tail)
     if sampling == "poisson":
         return poisson_capacity(num_clients, clients_per_round, tail)[0]
     return clients_per_round
 
 
+def available(seed: int, num_clients: int, round_index: int, period: int, window: float) -> np.ndarray:
+    """Diurnal availability of every client in a round: client i is available when (round + phase_i)
+    mod period < width_i, phase_i uniform in [0, period), width_i = window x period x U(0.5, 1.5)
+    (at least one round, at most the period)."""
+    phase, width = _diurnal(seed, num_clients, period, window)
+    return (round_index + phase) % period < width
+
+
+@functools.lru_cache(maxsize=8)
+def _diurnal(seed: int, num_clients: int, period: int, window: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = randomness.np_rng(seed, "availability")
+    phase = rng.integers(0, period, num_clients)
+    width = np.clip(np.round(window * period * rng.uniform(0.5, 1.5, num_clients)), 1, period)
+    return phase, width
+
+
+def cyclic_groups(seed: int, num_clients: int, clients_per_round: int) -> list[np.ndarray]:
+    """The b = ceil(N/K) fixed groups of cyclic sampling: client i is in group floor(b u_i), u_i its own
+    seeded uniform draw, so a client's group does not depend on the other clients (adding or
+    removing one moves nobody else: what add-remove accounting needs). Groups hold N/b on average."""
+    b = -(-num_clients // clients_per_round)
+    group = np.minimum((randomness.np_rng(seed, "cyclic_groups").random(num_clients) * b).astype(np.int64), b - 1)
+    return [np.flatnonzero(group == g) for g in range(b)]
+
+
+@functools.lru_cache(maxsize=64)
+def cyclic_capacity(num_clients: int, clients_per_round: int, tail: float = POISSON_TAIL) -> int:
+    """Slots of a cyclic round: a group's size is Binomial(N, 1/b); the smallest C it exceeds with
+    probability <= tail (an overflowing group sends a random C of its clients)."""
+    from scipy import stats
+
+    b = -(-num_clients // clients_per_round)
+    if b == 1 or tail <= 0:
+        return num_clients
+    return int(min(num_clients, max(1, stats.binom.isf(tail, num_clients, 1.0 / b) + 1)))
+
+
+def _padded(taken: np.ndarray, slots: int, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full(slots, num_clients, np.int64)
+    ids[: len(taken)] = taken
+    return ids, np.arange(slots) < len(taken)
+
+
 def sample_round(
-    seed: int, num_clients: int, clients_per_round: int, sampling: str, round_index: int, tail: float = POISSON_TAIL
+    seed: int,
+    num_clients: int,
+    clients_per_round: int,
+    sampling: str,
+    round_index: int,
+    tail: float = POISSON_TAIL,
+    avail: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(client slots, valid mask) of one round. uniform: K sorted ids, all valid; poisson: the
-    sampled ids, sorted, padded to the capacity with the out-of-range id N (valid False there)."""
+    sampled ids, sorted, padded to the capacity with the out-of-range id N (valid False there);
+    cyclic: the round's group, padded to its capacity. avail: who can be picked (None: everyone)."""
     rng = randomness.np_rng(seed, "client_sampling", round_index)
     if sampling == "uniform":
-        ids = np.sort(rng.choice(num_clients, clients_per_round, replace=False))
-        return ids, np.ones(len(ids), bool)
+        if avail is None:
+            ids = np.sort(rng.choice(num_clients, clients_per_round, replace=False))
+            return ids, np.ones(len(ids), bool)
+        pool = np.flatnonzero(avail)
+        taken = np.sort(rng.choice(pool, min(clients_per_round, len(pool)), replace=False))
+        return _padded(taken, clients_per_round, num_clients)
     if sampling == "poisson":
-        taken = np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)
+        drawn = rng.random(num_clients) < clients_per_round / num_clients
+        taken = np.flatnonzero(drawn if avail is None else drawn & avail)
         cap = poisson_capacity(num_clients, clients_per_round, tail)[0]
         if len(taken) > cap:  # probability <= tail: keep a random `cap` of them
             taken = np.sort(rng.choice(taken, cap, replace=False))
-        ids = np.full(cap, num_clients, np.int64)
-        ids[: len(taken)] = taken
-        return ids, np.arange(cap) < len(taken)
+        return _padded(taken, cap, num_clients)
+    if sampling == "cyclic":
+        groups = cyclic_groups(seed, num_clients, clients_per_round)
+        taken = groups[round_index % len(groups)]
+        if avail is not None:
+            taken = taken[avail[taken]]
+        cap = cyclic_capacity(num_clients, clients_per_round, tail)
+        if len(taken) > cap:  # probability <= tail: a random `cap` of them
+            taken = np.sort(rng.choice(taken, cap, replace=False))
+        return _padded(taken, cap, num_clients)
     raise ValueError(f"unknown sampling {sampling!r}")  # the config validates it: a bug if reached
 
 
-def participation_counts(
-    seed: int, num_clients: int, clients_per_round: int, sampling: str, rounds: int, start: int = 0
+def reports(
+    seed: int, ids: np.ndarray, valid: np.ndarray, round_index: int, p: float, sizes: np.ndarray | None = None
 ) -> np.ndarray:
-    """Rounds each client takes part in, over rounds [start, rounds) of the seeded schedule."""
+    """Which picked clients report back (dropout): each fails with probability p, or with
+    p x mean(sizes) / sizes[id] (capped at 1) when `sizes` is given (smaller clients drop more)."""
+    u = randomness.np_rng(seed, "dropout", round_index).random(len(ids))
+    if sizes is None:
+        p_i = np.full(len(ids), p)
+    else:
+        sizes = np.asarray(sizes, np.float64)
+        p_i = np.minimum(1.0, p * sizes.mean() / np.maximum(sizes[np.minimum(ids, len(sizes) - 1)], 1.0))
+    return valid & (u >= p_i)
+
+
+def reports_for(
+    cfg: RunConfig, ids: np.ndarray, valid: np.ndarray, round_index: int, seed: int, sizes=None
+) -> np.ndarray:
+    """The picked clients that report in this round: `valid` unless fl.availability is dropout."""
+    fl = cfg.fl
+    if fl.availability != "dropout":
+        return valid
+    return reports(seed, ids, valid, round_index, fl.dropout, sizes if fl.dropout_by_size else None)
+
+
+def _avail(fl, seed: int, round_index: int) -> np.ndarray | None:
+    if fl.availability != "diurnal":
+        return None
+    return available(seed, fl.num_clients, round_index, fl.availability_period, fl.availability_window)
+
+
+def participation_counts(
+    seed: int, num_clients: int, clients_per_round: int, sampling: str, rounds: int, start: int = 0, fl=None
+) -> np.ndarray:
+    """Rounds each client takes part in (is picked), over rounds [start, rounds) of the seeded
+    schedule; fl: the config's fl section, for its availability."""
     counts = np.zeros(num_clients, np.int64)
     for r in range(start, rounds):
-        ids, valid = sample_round(seed, num_clients, clients_per_round, sampling, r)
+        avail = _avail(fl, seed, r) if fl is not None else None
+        ids, valid = sample_round(seed, num_clients, clients_per_round, sampling, r, avail=avail)
         np.add.at(counts, ids[valid], 1)
     return counts
 
@@ -98,14 +201,23 @@ def participation_counts(
 def for_config(
     cfg: RunConfig, round_index: int, seed: int | None = None, tail: float = POISSON_TAIL
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A round's cohort; seed: the sampling seed when it must stay secret (central DP), else cfg.seed;
-    tail: the Poisson capacity's overflow probability (the mechanism's `cohort_tail`)."""
+    """A round's cohort (the picked clients: dropouts included, see `reports`); seed: the sampling
+    seed when it must stay secret (central DP), else cfg.seed; tail: the Poisson capacity's overflow
+    probability (the mechanism's `cohort_tail`)."""
     fl = cfg.fl
+    seed = cfg.seed if seed is None else seed
     return sample_round(
-        cfg.seed if seed is None else seed, fl.num_clients, fl.clients_per_round, fl.sampling, round_index, tail
+        seed, fl.num_clients, fl.clients_per_round, fl.sampling, round_index, tail, _avail(fl, seed, round_index)
     )
 
 
 def config_counts(cfg: RunConfig) -> np.ndarray:
     fl = cfg.fl
-    return participation_counts(cfg.seed, fl.num_clients, fl.clients_per_round, fl.sampling, fl.rounds)
+    return participation_counts(cfg.seed, fl.num_clients, fl.clients_per_round, fl.sampling, fl.rounds, fl=fl)
+
+
+def min_separation(cfg: RunConfig) -> int:
+    """The fewest rounds between two participations of one client that the sampling guarantees
+    (cyclic: b = ceil(N/K); otherwise 1)."""
+    fl = cfg.fl
+    return -(-fl.num_clients // fl.clients_per_round) if fl.sampling == "cyclic" else 1

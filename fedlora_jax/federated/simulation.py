@@ -255,10 +255,10 @@ def make_round(
         carry, per = jax.lax.scan(body, carry, xs)
         per = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:size], per)
         kept = per["kept"]
-        agg_state = state.agg
+        agg_state, mech_state = state.agg, state.mech
         if mechanism.sums_updates:
             # the noise is added in every round, empty or all-dropped cohorts included
-            aggregate = mechanism.finalize_sum(
+            aggregate, mech_state = mechanism.finalize_sum_with_state(
                 carry["sum"], global_lora, keys["server_noise"], parts.expected_cohort, state.mech
             )
         else:  # a function of the releases only (post-processing), empty rounds included
@@ -273,7 +273,7 @@ def make_round(
             round=state.round + 1,
             agg=agg_state,
             hook=hook.finalize(state.hook, carry["hook"], num_clients) if state.hook else state.hook,
-            mech=mechanism.update_state(state.mech, carry["stat"], keys["clip_count_noise"], parts.expected_cohort)
+            mech=mechanism.update_state(mech_state, carry["stat"], keys["clip_count_noise"], parts.expected_cohort)
             if state.mech
             else state.mech,
         )

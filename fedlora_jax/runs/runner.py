@@ -135,7 +135,8 @@ def run(
                 break
             t0 = time.time()
             data_ids = np.where(valid, ids, 0)  # padded Poisson slots (id N) read client 0's data, masked out
-            cohort = Cohort.of(batcher.block(data_ids, prog.participations), ids, ranks_all[data_ids], valid)
+            came = sampling.reports_for(cfg, ids, valid, r, sample_seed, mechanism.client_sizes)  # dropout
+            cohort = Cohort.of(batcher.block(data_ids, prog.participations), ids, ranks_all[data_ids], came)
             lr = cosine_lr(r, fl.rounds, fl.lr, fl.lr_min)
             before = jax.tree.map(jnp.copy, state)  # the round donates its input state (adapter-sized)
             state, m = round_fn(state, base, cohort, randomness.round_keys(seed, r), jnp.float32(lr))
@@ -150,7 +151,7 @@ def run(
                 state, stop_reason = before, f"diverged: the server state became non-finite in round {r + 1}"
                 log.warning("run stopped: %s; the adapter after round %d is kept and exported", stop_reason, r)
                 break
-            row = publish.round_row(r, lr, m, ids, valid, mechanism, prog.participations)
+            row = publish.round_row(r, lr, m, ids, came, mechanism, prog.participations)
             if cfg.eval_every and ((r + 1) % cfg.eval_every == 0 or r + 1 == fl.rounds):
                 ev = evaluate(state)
                 row.update({"eval_loss": ev["loss"], **ev["scores"]})

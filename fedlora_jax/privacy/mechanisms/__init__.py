@@ -35,6 +35,7 @@ from .base import (  # noqa: F401  (re-exported)
 from .local import LocalDP  # noqa: F401  (re-exported)
 from .central import CentralDP  # noqa: F401  (re-exported)
 from .dpsgd import DPSGD  # noqa: F401  (re-exported)
+from .bandmf import BandMF  # noqa: F401  (re-exported)
 
 # isort: on
 

@@ -171,6 +171,12 @@ class Mechanism:
         """Central-style aggregate from the sum of clipped updates (only when sums_updates)."""
         raise NotImplementedError
 
+    def finalize_sum_with_state(
+        self, total: Tree, global_: Tree, key: Key, expected_cohort: int, mstate: dict
+    ) -> tuple[Tree, dict]:
+        """finalize_sum, and the mechanism's state after it (correlated noise keeps its past draws)."""
+        return self.finalize_sum(total, global_, key, expected_cohort, mstate), mstate
+
 
 register(Mechanism)
 

@@ -43,9 +43,10 @@ class CentralDP(_DP):
             raise UserError(
                 f"dp.adaptive_clip clips each update as one vector: it needs dp.scope global, not {cfg.dp.scope}"
             )
-        if fl.sampling != "poisson":
+        if fl.sampling not in ("poisson", "cyclic"):
             raise UserError(
-                "dp.mode central needs fl.sampling poisson (its accounting assumes Poisson client sampling)"
+                f"dp.mode {cls.name} needs fl.sampling poisson (amplified by sampling) or cyclic (accounted "
+                f"without amplification), not {fl.sampling}"
             )
         if fl.aggregation == "stack":
             raise UserError(
@@ -63,7 +64,12 @@ class CentralDP(_DP):
         # doubles the distance itself)
         factor = 1.0 / prim.effective_noise_multiplier(n_a, n_b, ca, cb, ca, cb if n_b else 1.0, "add-remove")
         neighbouring = self.neighbouring
-        q = fl.clients_per_round / fl.num_clients
+        # amplification by sampling needs every client present and drawn independently each round: not
+        # under cyclic groups, nor under diurnal availability (the server cannot sample uniformly)
+        self.amplified = fl.sampling == "poisson" and fl.availability != "diurnal"
+        q = fl.clients_per_round / fl.num_clients if self.amplified else 1.0
+        # without amplification a client's releases compose as Gaussians: the most it can take part in
+        self.planned = -(-fl.rounds // sampling.min_separation(self.cfg))
         # classical / analytic: one release (no sampling) meets dp.epsilon over all L clipped blocks,
         # a replaced client moving the sum twice as far as an added one
         one_release = factor * (2.0 if neighbouring == "replace-one" else 1.0)
@@ -73,8 +79,10 @@ class CentralDP(_DP):
             z = acc.gaussian_multiplier_for(dp.epsilon, 1, dp.delta) * one_release
         elif dp.noise == "multiplier":
             z = dp.noise_multiplier
-        else:
+        elif self.amplified:
             z = acc.sampled_multiplier_for(dp.epsilon, q, fl.rounds, dp.delta, neighbouring) * factor
+        else:
+            z = acc.gaussian_multiplier_for(dp.epsilon, self.planned, dp.delta) * one_release
         self.z, self.z_eff = z, z / factor
         acc.check_sampled_noise(self.z_eff, "dp.mode central")
         self.adaptive = dp.adaptive_clip
@@ -90,16 +98,7 @@ class CentralDP(_DP):
             self.z_update = (z**-2 - (2 * self.count_noise) ** -2) ** -0.5
         self.sigma_a, self.sigma_b = self.z_update * dp.clip_a, self.z_update * self.clip_b
         self.blocks = (n_a, n_b)
-        self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, neighbouring, sampling_rate=q)
-        # the capacity's overflow adds (1 + e^eps) x rounds x tail to delta: the tail is chosen from the
-        # run's planned epsilon so that the term stays within sampling.OVERFLOW_SHARE of dp.delta
-        planned = (
-            dp.epsilon
-            if dp.noise == "calibrate"
-            else acc.sampled_epsilon(self.z_eff, q, fl.rounds, dp.delta, neighbouring)[0]
-        )
-        self.cohort_tail = sampling.capacity_tail(planned, dp.delta, fl.rounds)
-        self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round, self.cohort_tail)
+        self._ledger(q)
         self.info = {
             "noise_multiplier": z,
             "effective_noise_multiplier": self.z_eff,
@@ -112,9 +111,7 @@ class CentralDP(_DP):
             "mechanism": (
                 f"central DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
                 f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g} on the sum in every "
-                f"round, {neighbouring}, Poisson client sampling q={q:g}, PLD; cohorts padded to "
-                f"{self.capacity} slots (overflow probability {self.overflow:.2g} per round, "
-                f"added to delta)"
+                f"round, {neighbouring}, " + self._sampling_text(q)
             ),
         }
         if self.adaptive:
@@ -132,6 +129,39 @@ class CentralDP(_DP):
                 f"{self.z_update:.4g} x clip and count noise {self.count_noise:.4g}, "
                 f"accounted together as one Gaussian of multiplier {z:.4g}"
             )
+
+    def _ledger(self, q: float) -> None:
+        dp, fl = self.cfg.dp, self.cfg.fl
+        self.capacity, self.overflow = fl.clients_per_round, 0.0
+        if not self.amplified:  # per client: its participations compose (a replaced client moves twice as far)
+            z_gauss = self.z_eff / (2.0 if self.neighbouring == "replace-one" else 1.0)
+            self.ledger = acc.Ledger("local", fl.num_clients, z_gauss, dp.delta, self.neighbouring)
+            if fl.sampling == "poisson":  # an overflow only leaves clients out: no term in delta without amplification
+                self.capacity = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round, self.cohort_tail)[0]
+            return
+        self.ledger = acc.Ledger("central", fl.num_clients, self.z_eff, dp.delta, self.neighbouring, sampling_rate=q)
+        # the capacity's overflow adds (1 + e^eps) x rounds x tail to delta: the tail is chosen from the
+        # run's planned epsilon so that the term stays within sampling.OVERFLOW_SHARE of dp.delta
+        planned = (
+            dp.epsilon
+            if dp.noise == "calibrate"
+            else acc.sampled_epsilon(self.z_eff, q, fl.rounds, dp.delta, self.neighbouring)[0]
+        )
+        self.cohort_tail = sampling.capacity_tail(planned, dp.delta, fl.rounds)
+        self.capacity, self.overflow = sampling.poisson_capacity(fl.num_clients, fl.clients_per_round, self.cohort_tail)
+
+    def _sampling_text(self, q: float) -> str:
+        fl = self.cfg.fl
+        if self.amplified:
+            return (
+                f"Poisson client sampling q={q:g}, PLD; cohorts padded to {self.capacity} slots (overflow "
+                f"probability {self.overflow:.2g} per round, added to delta)"
+            )
+        why = "cyclic participation" if fl.sampling == "cyclic" else "diurnal availability"
+        return (
+            f"NO amplification by sampling ({why}): each client's participations compose as Gaussian "
+            f"releases (at most {self.planned}), exact"
+        )
 
     def init_state(self) -> dict:
         return {"clip": jnp.asarray(self.cfg.dp.clip_a, jnp.float32)} if self.adaptive else {}

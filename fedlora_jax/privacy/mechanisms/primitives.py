@@ -63,15 +63,25 @@ def clip(tree: Tree, clip_a: Array | float, clip_b: Array | float, scope: str = 
     return jax.tree_util.tree_unflatten(treedef, out), norm_tree
 
 
+def normal_like(tree: Tree, key: Key) -> Tree:
+    """N(0, 1) in the shape of every leaf; leaf i uses fold_in(key, i), so no key is reused across leaves."""
+    flat, treedef = jax.tree_util.tree_flatten(tree)
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype) for i, x in enumerate(flat)]
+    )
+
+
+def add_scaled(tree: Tree, noise: Tree, sigma_a: Array | float, sigma_b: Array | float) -> Tree:
+    """tree + sigma_a x noise on every A entry and + sigma_b x noise on every B entry."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = [x + (sigma_a if _is_a(p) else sigma_b) * n for (p, x), n in zip(flat, jax.tree.leaves(noise))]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def add_noise(tree: Tree, key: Key, sigma_a: Array | float, sigma_b: Array | float) -> Tree:
     """Add N(0, sigma_a^2) to every A entry and N(0, sigma_b^2) to every B entry; leaf i uses
     fold_in(key, i), so no key is reused across leaves."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    out = []
-    for i, (p, x) in enumerate(flat):
-        s = sigma_a if _is_a(p) else sigma_b
-        out.append(x + s * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return add_scaled(tree, normal_like(tree, key), sigma_a, sigma_b)
 
 
 def client_key(round_key: Key, client_id: Array | int) -> Key:
