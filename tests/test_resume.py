@@ -28,6 +28,8 @@ MODES = {
     "local": ["dp.mode=local", "dp.noise=multiplier", "dp.noise_multiplier=1.0"],
     "central": ["dp.mode=central", "fl.sampling=poisson", "dp.noise=multiplier", "dp.noise_multiplier=1.0"],
     "dpsgd": ["dp.mode=dpsgd", "dp.noise=multiplier", "dp.noise_multiplier=1.0", "dp.clip_a=1.0"],
+    # correlated noise: the streamed inverse's state (the last dp.band noises) is checkpointed with the round's
+    "bandmf": ["dp.mode=bandmf", "fl.sampling=cyclic", "dp.band=2", "dp.noise=multiplier", "dp.noise_multiplier=1.0"],
 }
 BASE = [
     "fl.rounds=5",
@@ -79,7 +81,9 @@ def _same_run(a: Path, b: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, seed", [("none", 0), ("none", 1), ("local", 2), ("central", 3), ("dpsgd", 4)])
+@pytest.mark.parametrize(
+    "mode, seed", [("none", 0), ("none", 1), ("local", 2), ("central", 3), ("dpsgd", 4), ("bandmf", 5)]
+)
 def test_kill_9_at_a_random_moment_then_resume_equals_the_uninterrupted_run(mode, seed, tmp_path):
     sets = sum((["--set", s] for s in _sets(mode)), [])
     full, part = tmp_path / "full", tmp_path / "part"
