@@ -28,6 +28,9 @@ TRIALS = 4000  # the audit's default
 BASE = ["fl.rounds=2", "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=1", "dp.noise=multiplier"]
 LOCAL = BASE + ["dp.mode=local", "dp.noise_multiplier=2.0", "dp.scope=global", "dp.neighbouring=add-remove"]
 CENTRAL = BASE + ["dp.mode=central", "fl.sampling=poisson", "dp.noise_multiplier=2.0", "dp.scope=global"]
+# BandMF: 6 rounds, 3 cyclic groups, noise correlated over 3 rounds
+BANDMF = BASE[1:] + ["fl.rounds=6", "fl.num_clients=6", "dp.mode=bandmf", "fl.sampling=cyclic", "dp.band=3"]
+BANDMF += ["dp.noise_multiplier=2.0", "dp.scope=global"]
 
 
 def _mech(cls, overrides):
@@ -90,6 +93,29 @@ class _OutlierUnclipped(modes.LocalDP):
         return jax.tree.map(lambda u, c: jnp.where(far, u, c), unclipped, clipped)
 
 
+class _BandMFForgets(modes.BandMF):
+    """The correlated noise's state is not carried to the next round (each round starts it afresh)."""
+
+    def finalize_sum_with_state(self, total, global_, key, expected_cohort, mstate):
+        aggregate, _ = super().finalize_sum_with_state(total, global_, key, expected_cohort, mstate)
+        return aggregate, mstate
+
+
+class _BandMFUncorrelated(modes.BandMF):
+    """Independent noise of the same scale, while the accountant counts the strategy's correlation."""
+
+    def finalize_sum_with_state(self, total, global_, key, expected_cohort, mstate):
+        return self.finalize_sum(total, global_, key, expected_cohort, mstate), mstate
+
+
+class _BandMFHalfNoise(modes.BandMF):
+    """Half the noise standard deviation the accountant is told."""
+
+    def calibrate(self):
+        super().calibrate()
+        self.sigma_a, self.sigma_b = self.sigma_a / 2, self.sigma_b / 2
+
+
 def _rounds_share_keys(monkeypatch):
     real = randomness.round_keys_of
     monkeypatch.setattr(randomness, "round_keys_of", lambda root, r: real(root, 0))
@@ -114,6 +140,10 @@ FAULTS = {
     "one_clients_clip_skipped": (LOCAL, _OutlierUnclipped, None, "lower_bound"),
     "noise_std_halved": (LOCAL, _HalfNoise, None, "lower_bound"),
     "empty_cohort_without_noise": (CENTRAL, _EmptyCohortHole, None, "noise"),
+    "bandmf_noise_state_not_carried": (BANDMF, _BandMFForgets, None, "noise"),
+    "bandmf_noise_not_correlated": (BANDMF, _BandMFUncorrelated, None, "noise"),
+    "bandmf_noise_std_halved": (BANDMF, _BandMFHalfNoise, None, "lower_bound"),
+    "bandmf_keys_reused_across_rounds": (BANDMF, modes.BandMF, _rounds_share_keys, "noise"),
 }
 
 
@@ -131,7 +161,7 @@ def test_planted_fault_is_caught(name, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [LOCAL, CENTRAL], ids=["local", "central"])
+@pytest.mark.parametrize("overrides", [LOCAL, CENTRAL, BANDMF], ids=["local", "central", "bandmf"])
 def test_unmodified_code_is_consistent_in_40_seeds(overrides):
     """The local game's accountant is tight (exact Gaussian composition), so a lower bound at 95%
     exceeds it about once in 20 audits; the verdict's family-wise level keeps 40 audits consistent."""

@@ -50,6 +50,7 @@ from ...core.errors import UserError
 from ...core.pytypes import Array
 from ...federated import sampling
 from .. import mechanisms as modes
+from . import correlated  # noqa: F401  (registers the bandmf game)
 from .bounds import LOW_FPRS, NORMALITY_ALPHA, SHAPE_TESTS, bounds, gdp_bound  # noqa: F401  (re-exported)
 from .canary import _TRIALS, OVERSHOOT, adapter_shapes  # noqa: F401  (re-exported)
 from .games import (  # noqa: F401  (re-exported)
@@ -87,8 +88,7 @@ def build_game(
 ) -> Game:
     """The game of cfg.dp.mode, on the run's adapter shapes and calibrated mechanism.
     mechanism: a mechanism object to audit instead of modes.build's (e.g. a deliberately broken one).
-    compositions: participations (local, dpsgd) or rounds (central); default: the run's (the
-    worst client's participations under the seeded schedule; fl.rounds for central)."""
+    compositions: participations (local, dpsgd) or rounds (central, bandmf); default: the run's."""
     mode = cfg.dp.mode if mechanism is None else mechanism.name
     if mode not in modes.MECHANISMS:
         raise UserError(f"dp.mode = {mode!r} is not allowed; choose one of: {', '.join(modes.dp_names())}")
@@ -112,7 +112,8 @@ def build_game(
             f"bound to check; give a positive noise multiplier"
         )
     if compositions is None:
-        compositions = cfg.fl.rounds if mode == "central" else int(sampling.config_counts(cfg).max())
+        summed = modes.MECHANISMS[mode].sums_updates  # central, bandmf: the rounds (noise in each)
+        compositions = cfg.fl.rounds if summed else int(sampling.config_counts(cfg).max())
     if compositions < 1:
         raise UserError(f"compositions must be >= 1, got {compositions}")
     game = GAMES[mode](

@@ -162,6 +162,9 @@ def noise_check(mech: Mechanism, shapes: Tree, trials: int = 256, seed: int = 0,
             "reason": "record-level noise is added inside local training",
             "root_pair_differs": differ,
         }
+    correlated = getattr(mech, "correlated_noise", False)
+    if correlated and mech.cfg.fl.rounds < 3:
+        return {"applicable": False, "reason": "the noise strategy covers fewer than the check's 3 rounds"}
     k = 2
     zeros = jax.tree.map(lambda x: jnp.zeros((1,) + tuple(x.shape), jnp.float32), shapes)
     expected = k if not mech.sums_updates else mech.cfg.fl.clients_per_round
@@ -196,6 +199,8 @@ def noise_check(mech: Mechanism, shapes: Tree, trials: int = 256, seed: int = 0,
                 continue
             parts.append(x[:, t].reshape(trials, -1) / std[:, None])
         per_round.append(np.asarray(jnp.concatenate(parts, axis=1), np.float64))
+    if correlated:  # noise correlated by a strategy C: C y is iid (the rounds' noises whitened)
+        per_round = list(np.tensordot(mech.strategy_matrix(3), np.stack(per_round), axes=1))
     out: dict = {"applicable": True, "trials": trials, "clients": k, "chunk": chunk, "rounds": []}
     out["root_pair_differs"] = pair_differs
     failures = []

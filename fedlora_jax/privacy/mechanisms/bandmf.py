@@ -106,6 +106,11 @@ class BandMF(CentralDP):
         )
         self.info.update(band=dp.band, strategy_rounds=fl.rounds, sensitivity_squared=int(sens2))
 
+    def strategy_matrix(self, rounds: int) -> np.ndarray:
+        """The first `rounds` rows and columns of the strategy C (float64)."""
+        with jax.numpy_rank_promotion("allow"):  # jax-privacy's materialize broadcasts by rank
+            return np.asarray(self.strategy.materialize(), np.float64)[:rounds, :rounds]
+
     def init_state(self) -> dict:
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), self.lora)
         return {"noise": self.inverse.init_multiply(like)}
