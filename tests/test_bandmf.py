@@ -122,6 +122,24 @@ def test_dropout_by_size_drops_small_clients_more_often():
     assert p_big == pytest.approx(0.2 * mean / 1000, abs=0.02)
 
 
+def test_plan_and_progress_bar_show_the_realised_cohorts():
+    from fedlora_jax.federated.plan import plan
+    from fedlora_jax.runs import reporting
+
+    base = ["fl.num_clients=1000", "fl.clients_per_round=100", "fl.rounds=40", "fl.sampling=poisson"]
+    diurnal = plan(load_config("tiny", base + ["fl.availability=diurnal", "fl.availability_window=0.4"]))["cohorts"]
+    share = diurnal["available_share"]["mean"]
+    # Poisson at q = 0.1 among the available: mean picked = 0.1 x available, within 4 s.e. of a binomial mean
+    assert diurnal["picked"]["mean"] == pytest.approx(100 * share, abs=4 * math.sqrt(100 * share * 0.9 / 40))
+    assert 0.25 < share < 0.55
+    drop = plan(load_config("tiny", base + ["fl.availability=dropout", "fl.dropout=0.3"]))["cohorts"]
+    assert drop["reporting"]["mean"] == pytest.approx(0.7 * drop["picked"]["mean"], rel=0.05)
+    assert drop["available_share"]["mean"] == 1.0
+    assert reporting.postfix({"clients": 7}, [])["cohort"] == 7
+    assert reporting.postfix({"unprotected_clients": 7}, [])["cohort(unprotected)"] == 7
+    assert "cohort" not in reporting.postfix({"epsilon": 1.0}, [])
+
+
 def _mech(extra):
     cfg = load_config("tiny", SMALL + BAND + extra)
     return modes.build(cfg, canary.adapter_shapes(cfg)), cfg

@@ -201,6 +201,13 @@ def _cmd_plan(args) -> int:
         + ", "
         f"{cfg.fl.local_steps} steps x batch {cfg.fl.batch_size} x seq {cfg.data.seq_len}"
     )
+    c, fl = out["cohorts"], cfg.fl
+    print(
+        f"cohorts ({fl.sampling} sampling, {fl.availability} availability, {c['rounds']} rounds of the seeded "
+        f"schedule): picked min {c['picked']['min']}, median {c['picked']['median']:g}, max {c['picked']['max']}"
+        + (f"; reporting median {c['reporting']['median']:g}" if fl.availability == "dropout" else "")
+        + (f"; available {c['available_share']['mean']:.0%} on average" if fl.availability == "diurnal" else "")
+    )
     rows, m = e["mesh"]
     if rows * m > 1:
         print(f"mesh: {rows} x {m} devices (clients x model); figures below are per device")

@@ -24,6 +24,7 @@ from ..core.errors import UserError
 from ..core.pytypes import Tree
 from ..models import abstract_model
 from . import mesh as mesh_lib
+from . import sampling
 from .mesh import CPU_TOKENS_PER_CHUNK, auto_chunk  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
@@ -161,7 +162,6 @@ def cohort_slots(cfg: RunConfig, model_config: ModelConfig) -> int:
     """Client slots of every round: K, or under Poisson sampling the capacity the run pads its
     cohorts to (central DP picks the capacity's tail from its epsilon, so its mechanism says)."""
     from ..privacy import mechanisms as modes
-    from . import sampling
 
     fl = cfg.fl
     tail = sampling.POISSON_TAIL
@@ -183,6 +183,7 @@ def plan(cfg: RunConfig, device_gib: float | None = None, do_measure: bool = Fal
         "clients_per_round": cfg.fl.clients_per_round,
         "cohort_slots": cohort_slots(cfg, mc),  # K, or the Poisson capacity every round is padded to
         "clients_per_chunk": cfg.fl.clients_per_chunk,
+        "cohorts": sampling.cohort_distribution(cfg),  # realised sizes under sampling and availability
     }
     if cfg.fl.clients_per_chunk is None:  # what a run picks by itself (auto_chunk), per platform
         rows = mesh_lib.mesh_shape(cfg.fl.devices)[0]

@@ -221,3 +221,28 @@ def min_separation(cfg: RunConfig) -> int:
     (cyclic: b = ceil(N/K); otherwise 1)."""
     fl = cfg.fl
     return -(-fl.num_clients // fl.clients_per_round) if fl.sampling == "cyclic" else 1
+
+
+def cohort_distribution(cfg: RunConfig, max_rounds: int = 2000) -> dict:
+    """The realised cohorts of the seeded schedule (cfg.seed; central DP draws with its secret root:
+    the same distribution, other draws) over the first min(rounds, max_rounds) rounds: clients
+    picked and clients reporting (dropout) per round, and the share of the population available."""
+    fl = cfg.fl
+    rounds = min(fl.rounds, max_rounds)
+    picked, came, avail = [], [], []
+    for r in range(rounds):
+        ids, valid = for_config(cfg, r)
+        picked.append(int(valid.sum()))
+        came.append(int(reports_for(cfg, ids, valid, r, cfg.seed).sum()))
+        a = _avail(fl, cfg.seed, r)
+        avail.append(1.0 if a is None else float(a.mean()))
+
+    def spread(x):
+        return {"min": int(min(x)), "median": float(np.median(x)), "mean": float(np.mean(x)), "max": int(max(x))}
+
+    return {
+        "rounds": rounds,
+        "picked": spread(picked),
+        "reporting": spread(came),
+        "available_share": {k: float(v) for k, v in spread(avail).items()},
+    }

@@ -149,13 +149,16 @@ def read_rows(path: Path, upto: int) -> list[dict]:
 
 def postfix(row: dict, rows: list[dict], initial_eval: float | None = None) -> dict:
     """The progress bar shows the latest held-out loss (before the first eval round: the round-0 one),
-    epsilon and (marked) client loss."""
+    epsilon, the realised cohort where it is published, and (marked) client loss."""
     out = {}
     last_eval = next((x["eval_loss"] for x in reversed(rows) if x.get("eval_loss") is not None), initial_eval)
     if last_eval is not None:
         out["eval"] = f"{last_eval:.3f}"
     if row.get("epsilon") is not None:
         out["eps"] = f"{row['epsilon']:.3g}"
+    for name in ("clients", modes.UNPROTECTED_PREFIX + "clients"):
+        if row.get(name) is not None:
+            out["cohort" if name == "clients" else "cohort(unprotected)"] = row[name]
     for name in ("loss", modes.UNPROTECTED_PREFIX + "loss"):
         if row.get(name) is not None:
             out["train" if name == "loss" else "train(unprotected)"] = f"{row[name]:.3f}"
