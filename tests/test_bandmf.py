@@ -221,13 +221,42 @@ def test_calibrated_bandmf_ends_at_the_target_epsilon(tmp_path):
     assert summary["privacy"]["band"] == 2 and summary["privacy"]["sensitivity_squared"] == 2
 
 
+def test_adaptive_clipping_composes_with_bandmf(tmp_path):
+    """The clip moves with the noisy quantile estimate; the run ends at the calibrated epsilon (the
+    update's and the count's noise split z^-2 = z_u^-2 + (2 sigma_count)^-2, central DP's); the
+    correlated noise state and the clip both survive in the mechanism's state."""
+    cfg = load_config(
+        "tiny",
+        SMALL
+        + BAND
+        + [
+            "fl.rounds=8",
+            "dp.band=2",
+            "dp.noise=calibrate",
+            "dp.epsilon=6",
+            "dp.adaptive_clip=true",
+            "dp.clip_count_noise=2",
+            "dp.clip_a=0.05",
+            "dp.target_quantile=0.9",
+        ],
+    )
+    summary = run(cfg, tmp_path / "run", progress=False)
+    p = summary["privacy"]
+    assert p["epsilon"] == pytest.approx(6.0, rel=1e-6)
+    z, zu, sc = p["noise_multiplier"], p["update_noise_multiplier"], p["clip_count_noise"]
+    assert zu**-2 + (2 * sc) ** -2 == pytest.approx(z**-2, rel=1e-9)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    clips = [r["clip"] for r in rows]
+    assert len(set(clips)) > 1 and all(c > 0 for c in clips)
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [
         (["fl.sampling=poisson"], "needs fl.sampling cyclic"),
         (["dp.band=5"], "dp.band = 5 is more than the 4 cyclic groups"),
         (["dp.band=0"], "dp.band must be an integer >= 1"),
-        (["dp.adaptive_clip=true"], "dp.adaptive_clip is defined for dp.mode central, not bandmf"),
+        (["dp.adaptive_clip=true", "dp.scope=per_matrix"], "dp.adaptive_clip clips each update as one vector"),
         (["fl.availability=weekly"], "fl.availability"),
         (["fl.dropout=1.0"], "fl.dropout must be in [0, 1)"),
     ],

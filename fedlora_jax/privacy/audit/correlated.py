@@ -61,7 +61,10 @@ class BandMFGame(Game):
         present = jnp.asarray(np.arange(t) % self.sep == 0)
         sel = jnp.broadcast_to(world.astype(jnp.int32), (t, 1))
         valid = present[:, None] & ((world == 1) | (self.mech.neighbouring == "replace-one"))
-        obs, _ = self.harness.run(words, sel, valid)
+        obs, mstates = self.harness.run(words, sel, valid)
+        if "clip" in mstates:  # adaptive: round t's release is at clip_t; back to the initial clip's scale
+            scale = mstates["clip"] / self.mech.cfg.dp.clip_a
+            obs = jax.tree.map(lambda x: x / scale.reshape((-1,) + (1,) * (x.ndim - 1)), obs)
         white = jax.tree.map(lambda x: jnp.tensordot(self.c, x * self.expected, axes=1), obs)  # C y
         scores = jax.vmap(lambda o: _tree_vdot(o, self.w))(white)  # [T]
         return jnp.sum(self.a * scores)

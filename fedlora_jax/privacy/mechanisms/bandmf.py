@@ -12,6 +12,12 @@ minsep_sensitivity_squared), and the whole run is ONE Gaussian of multiplier z /
 clip; a client that took part j times has the epsilon of z / sqrt(j). No amplification by sampling
 is used, so the guarantee does not depend on who is available when.
 
+Adaptive clipping (dp.adaptive_clip) composes: round t's noise is z_u x clip_t x (C^-1 w)_t with clip_t
+a function of earlier releases, i.e. post-processing of C (x / clip) + z_u w, whose per-round
+sensitivity is 1; the noisy count of clipped clients is one more Gaussian per participation
+(sensitivity 1/2, std sigma_count). Per participation the two give z^-2 = z_u^-2 + (2 sigma_count)^-2,
+central DP's split, so the ledger is unchanged.
+
 The streaming inverse's state (the last band noise values, adapter-sized each) is the mechanism's
 state in the round: checkpointed with it, so a resume continues the same noise. Its fresh draw is
 round t's server_noise key (the same draw central DP adds): with band 1 (C = I) the run is DP-FedAvg
@@ -65,7 +71,7 @@ class BandMF(CentralDP):
     amplification by sampling; accounted as one Gaussian by the strategy's sensitivity."""
 
     name: ClassVar[str] = "bandmf"
-    adaptive_clipping: ClassVar[bool] = False
+    adaptive_clipping: ClassVar[bool] = True  # the clip scales each round's noise; the count noise composes
     correlated_noise: ClassVar[bool] = True
 
     @classmethod
@@ -113,14 +119,15 @@ class BandMF(CentralDP):
 
     def init_state(self) -> dict:
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), self.lora)
-        return {"noise": self.inverse.init_multiply(like)}
+        return {**super().init_state(), "noise": self.inverse.init_multiply(like)}
 
     def finalize_sum_with_state(
         self, total: Tree, global_: Tree, key: Key, expected_cohort: int, mstate: dict
     ) -> tuple[Tree, dict]:
         fresh = prim.normal_like(total, key)  # round t's draw from its server_noise key, as central DP's
         correlated, noise_state = self.inverse.multiply_next(fresh, mstate["noise"])
-        noisy = prim.add_scaled(total, correlated, self.sigma_a, self.sigma_b)
+        clip_a, clip_b = self._clips(mstate)  # adaptive: round t's clip scales its noise (x_t / clip_t has
+        noisy = prim.add_scaled(total, correlated, self.z_update * clip_a, self.z_update * clip_b)  # sensitivity 1)
         return jax.tree.map(lambda x, t: x + t / expected_cohort, global_, noisy), {**mstate, "noise": noise_state}
 
     def privacy_row(self, participations: np.ndarray) -> dict:

@@ -194,7 +194,7 @@ class CentralDP(_DP):
             return mstate
         dp = self.cfg.dp
         noisy = (stat_sum + self.count_noise * jax.random.normal(key, (), jnp.float32)) / expected_cohort + 0.5
-        return {"clip": mstate["clip"] * jnp.exp(-dp.clip_lr * (noisy - dp.target_quantile))}
+        return {**mstate, "clip": mstate["clip"] * jnp.exp(-dp.clip_lr * (noisy - dp.target_quantile))}
 
     def round_values(self, mstate: dict) -> dict:
         return {"clip": mstate["clip"]} if self.adaptive else {}
