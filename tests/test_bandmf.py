@@ -112,14 +112,19 @@ def test_dropouts_still_count_as_picked_for_privacy(tmp_path):
     assert summary["privacy"]["max_participations"] == counts.max()
 
 
-def test_dropout_by_size_drops_small_clients_more_often():
+def test_dropout_by_size_drops_small_clients_more_often_and_ignores_the_others_data():
     ids = np.arange(1000)
     sizes = np.where(ids < 500, 10, 1000)
-    rep = np.mean([sampling.reports(1, ids, np.ones(1000, bool), r, 0.2, sizes) for r in range(50)], axis=0)
+    rep = np.mean([sampling.reports(1, ids, np.ones(1000, bool), r, 0.2, sizes, 40) for r in range(50)], axis=0)
     p_small, p_big = 1 - rep[:500].mean(), 1 - rep[500:].mean()
-    mean = sizes.mean()  # p x mean / size, capped at 1
-    assert p_small == pytest.approx(min(1, 0.2 * mean / 10), abs=0.02)
-    assert p_big == pytest.approx(0.2 * mean / 1000, abs=0.02)
+    assert p_small == pytest.approx(min(1, 0.2 * 40 / 10), abs=0.02)  # p x reference / size, capped at 1
+    assert p_big == pytest.approx(0.2 * 40 / 1000, abs=0.01)
+    # a client's report depends on its own size only: changing another client's data changes nothing
+    other = sizes.copy()
+    other[0] = 10_000
+    a = sampling.reports(3, ids, np.ones(1000, bool), 5, 0.2, sizes, 40)
+    b = sampling.reports(3, ids, np.ones(1000, bool), 5, 0.2, other, 40)
+    assert np.array_equal(a[1:], b[1:])
 
 
 def test_plan_and_progress_bar_show_the_realised_cohorts():

@@ -95,7 +95,8 @@ class FLSection:
     availability_period: int = 24
     availability_window: float = 0.5  # diurnal: mean share of the period a client is available
     dropout: float = 0.1
-    dropout_by_size: bool = False  # dropout: p x (mean examples / the client's), capped at 1
+    # dropout: p x (examples one round reads, batch_size x local_steps) / the client's examples, capped at 1
+    dropout_by_size: bool = False
     algorithm: str = "fedavg"  # fedavg fedprox scaffold fedavgm fedadagrad fedyogi fedadam
     aggregation: str = "mean"  # mean | stack
     lr: float = 5e-5

@@ -11,8 +11,9 @@ alpaca-gpt4, 20 clients, 2 per round, 200 rounds, MMLU scored by log-likelihood)
 
 The shared parts: grid.py (the scales' base configs, run_grid) and results.py (metrics, tables,
 figures); the experiments by concept: privacy_utility.py (eps_clip, dp_modes), federation.py
-(algorithms, aggregation), noise_variance.py (rank_variance, model_size), and population in
-populations.py. Every name is importable from here.
+(algorithms, aggregation), noise_variance.py (rank_variance, model_size), population in
+populations.py, and availability (diurnal availability, honest accounting, BandMF) in availability.py.
+Every name is importable from here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# the function, imported eagerly: it has its module's name, so this binding must come after the
+# submodule's import (a lazy import would rebind `experiments.availability` to the module)
+from .availability import availability
 from .federation import aggregation, algorithms
 from .grid import ADAPTIVE, ALGORITHMS, SCALES, base_config, enable_compilation_cache, run_grid  # noqa: F401  (re-exported)
 from .noise_variance import model_size, rank_variance
@@ -55,6 +59,7 @@ EXPERIMENTS = {
     "dp_modes": dp_modes,
     "aggregation": aggregation,
     "population": population,
+    "availability": availability,
 }
 
 

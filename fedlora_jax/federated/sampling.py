@@ -156,16 +156,24 @@ def sample_round(
 
 
 def reports(
-    seed: int, ids: np.ndarray, valid: np.ndarray, round_index: int, p: float, sizes: np.ndarray | None = None
+    seed: int,
+    ids: np.ndarray,
+    valid: np.ndarray,
+    round_index: int,
+    p: float,
+    sizes: np.ndarray | None = None,
+    reference: int = 1,
 ) -> np.ndarray:
-    """Which picked clients report back (dropout): each fails with probability p, or with
-    p x mean(sizes) / sizes[id] (capped at 1) when `sizes` is given (smaller clients drop more)."""
+    """Which picked clients report back (dropout): each fails with probability p, or, given `sizes`,
+    with p x reference / sizes[id] capped at 1 (a client holding `reference` examples drops with
+    probability p, one holding twice as many with p / 2). A client's probability depends on its own
+    data and public constants only, never on the other clients' data."""
     u = randomness.np_rng(seed, "dropout", round_index).random(len(ids))
     if sizes is None:
         p_i = np.full(len(ids), p)
     else:
         sizes = np.asarray(sizes, np.float64)
-        p_i = np.minimum(1.0, p * sizes.mean() / np.maximum(sizes[np.minimum(ids, len(sizes) - 1)], 1.0))
+        p_i = np.minimum(1.0, p * reference / np.maximum(sizes[np.minimum(ids, len(sizes) - 1)], 1.0))
     return valid & (u >= p_i)
 
 
@@ -176,7 +184,10 @@ def reports_for(
     fl = cfg.fl
     if fl.availability != "dropout":
         return valid
-    return reports(seed, ids, valid, round_index, fl.dropout, sizes if fl.dropout_by_size else None)
+    if fl.dropout_by_size and sizes is None:
+        raise ValueError("fl.dropout_by_size needs the clients' example counts")  # the runner passes them
+    by_size = sizes if fl.dropout_by_size else None
+    return reports(seed, ids, valid, round_index, fl.dropout, by_size, fl.batch_size * fl.local_steps)
 
 
 def _avail(fl, seed: int, round_index: int) -> np.ndarray | None:
