@@ -20,6 +20,9 @@ class ModelSection:
     dtype: str = "float32"
     # einsum (ours) | fused (jax.nn.dot_product_attention: cuDNN flash attention on GPUs that have it)
     attention: str = "einsum"
+    # what the backward pass recomputes of each layer: none | full (everything: least memory) | dots
+    # (keeps the matmul outputs, recomputes the elementwise rest; jax.checkpoint_policies)
+    remat: str = "none"
     # only for source: tiny (a random Llama for tests and benchmarks)
     vocab_size: int = 512
     hidden_size: int = 64
@@ -36,6 +39,7 @@ class ModelSection:
             )
         _choice("model.dtype", self.dtype, choices.DTYPES)
         _choice("model.attention", self.attention, choices.ATTENTION_IMPLS)
+        _choice("model.remat", self.remat, choices.REMAT)
         for k in TINY_SHAPE:
             _at_least(f"model.{k}", getattr(self, k), 1)
         if self.hidden_size % self.num_heads:

@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16")  # compute dtypes
 # how self-attention is computed: einsum (two einsums and a float32 softmax, ours) or fused
 # (jax.nn.dot_product_attention: cuDNN flash attention where the platform has it, XLA's elsewhere)
 ATTENTION_IMPLS = ("einsum", "fused")
+REMAT = ("none", "full", "dots")  # model.remat: what the backward pass recomputes of each layer
 NOISE = ("classical", "analytic", "multiplier", "calibrate")
 
 # the registries' built-in names, in their tables' order

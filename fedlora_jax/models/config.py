@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..core.choices import ATTENTION_IMPLS, DTYPES  # noqa: F401  (the config's choices; re-exported)
+from ..core.choices import ATTENTION_IMPLS, DTYPES, REMAT  # noqa: F401  (the config's choices; re-exported)
 from ..core.errors import UserError
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # LoRA's target modules unless told (as PEFT's default for Llama)
@@ -55,6 +55,9 @@ class ModelConfig:
     activation: str = "silu"
     dtype: str = "float32"  # compute dtype: float32 or bfloat16
     attention: str = "einsum"  # ATTENTION_IMPLS
+    remat: str = (
+        "none"  # REMAT: none (keep every activation) | full (recompute each layer) | dots (keep matmul outputs)
+    )
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -70,6 +73,8 @@ class ModelConfig:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attention not in ATTENTION_IMPLS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r}")
+        if self.remat not in REMAT:
+            raise UserError(f"remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
 
     @property
     def family(self) -> str:

@@ -26,8 +26,8 @@ TINY_MAX_POSITIONS = 4096
 
 
 def build_model_config(cfg: "RunConfig") -> ModelConfig:
-    """The ModelConfig a run would load, with the run's attention implementation."""
-    return dataclasses.replace(_source_config(cfg), attention=cfg.model.attention)
+    """The ModelConfig a run would load, with the run's attention implementation and remat policy."""
+    return dataclasses.replace(_source_config(cfg), attention=cfg.model.attention, remat=cfg.model.remat)
 
 
 def _source_config(cfg: "RunConfig") -> ModelConfig:
@@ -91,8 +91,9 @@ def build_model(cfg: "RunConfig") -> tuple[Definition, Tree, Tree, PreTrainedTok
     if lm.tokenizer is None:
         raise UserError(f"model {m.source!r} has no tokenizer files")
     definition = lm.definition
-    if m.attention != definition.config.attention:  # the same weights, another attention computation
-        from . import abstract_model
+    if (m.attention, m.remat) != (definition.config.attention, definition.config.remat):  # the same weights,
+        from . import abstract_model  # another computation
 
-        definition = abstract_model(dataclasses.replace(definition.config, attention=m.attention), lc)[0]
+        config = dataclasses.replace(definition.config, attention=m.attention, remat=m.remat)
+        definition = abstract_model(config, lc)[0]
     return definition, lm.base, lm.lora, lm.tokenizer, lm.source

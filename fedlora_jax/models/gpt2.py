@@ -99,7 +99,7 @@ class GPT2Model(nnx.Module):
             mask = jnp.ones(tokens.shape, bool)
         pos = jnp.arange(tokens.shape[1])
         x = self.wte(tokens, dtype) + self.wpe(pos, dtype)[None]
-        x = scan_blocks(self.blocks, x, attention_mask(mask))
+        x = scan_blocks(self.blocks, x, attention_mask(mask), remat=self.config.remat)
         return self.wte.attend(self.ln_f(x))
 
     def cached(self, tokens: Array, positions: Array, cache: dict, mask: Array | None = None) -> tuple[Array, dict]:

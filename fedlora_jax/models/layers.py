@@ -263,13 +263,27 @@ def scan_blocks_cached(
 UNROLL_MAX_LAYERS = 4
 
 
-def scan_blocks(blocks: nnx.Module, x: Array, *args: Array) -> Array:
+# model.remat: what a layer's backward pass may keep from its forward (the rest is recomputed)
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_blocks(blocks: nnx.Module, x: Array, *args: Array, remat: str = "none") -> Array:
     """Run a module whose parameters carry a leading layer axis with lax.scan over layers,
-    so compile time does not grow with depth (unrolled up to UNROLL_MAX_LAYERS layers)."""
+    so compile time does not grow with depth (unrolled up to UNROLL_MAX_LAYERS layers); remat:
+    each layer under jax.checkpoint with that policy (the same values, less activation memory)."""
     graphdef, state = nnx.split(blocks)
 
+    def layer(h: Array, layer_state: nnx.State) -> Array:
+        return nnx.merge(graphdef, layer_state)(h, *args)
+
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+
     def body(h: Array, layer_state: nnx.State) -> tuple[Array, None]:
-        return nnx.merge(graphdef, layer_state)(h, *args), None
+        return layer(h, layer_state), None
 
     depth = jax.tree.leaves(state)[0].shape[0]
     x, _ = jax.lax.scan(body, x, state, unroll=depth if depth <= UNROLL_MAX_LAYERS else 1)

@@ -118,7 +118,7 @@ class LlamaModel(nnx.Module):
         cos, sin = self._rope(pos[None])
         allowed = attention_mask(mask, cfg.sliding_window)
         x = self.embed(tokens, dtype)
-        x = scan_blocks(self.blocks, x, cos, sin, allowed)
+        x = scan_blocks(self.blocks, x, cos, sin, allowed, remat=cfg.remat)
         return self._logits(x)
 
     def cached(self, tokens: Array, positions: Array, cache: dict, mask: Array | None = None) -> tuple[Array, dict]:
