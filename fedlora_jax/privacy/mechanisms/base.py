@@ -187,6 +187,19 @@ class _DP(Mechanism):
 
     private: ClassVar[bool] = True
 
+    def noise_info(self, z: float, n_a: int, n_b: int, epsilon_of: str) -> dict:
+        """The noise fields of summary.json's privacy block that every Gaussian mode states."""
+        return {
+            "noise_multiplier": z,
+            "effective_noise_multiplier": self.z_eff,
+            "sigma_a": self.sigma_a,
+            "sigma_b": self.sigma_b,
+            "clipped_blocks": [n_a, n_b],
+            "neighbouring": self.neighbouring,
+            "delta": self.cfg.dp.delta,
+            "epsilon_of": epsilon_of,
+        }
+
     def kept(self, released: Tree, loss: Array) -> Array:
         # a function of the release only (post-processing); the un-noised loss plays no part
         return _all_finite(released)

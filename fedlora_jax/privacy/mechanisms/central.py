@@ -100,14 +100,7 @@ class CentralDP(_DP):
         self.blocks = (n_a, n_b)
         self._ledger(q)
         self.info = {
-            "noise_multiplier": z,
-            "effective_noise_multiplier": self.z_eff,
-            "sigma_a": self.sigma_a,
-            "sigma_b": self.sigma_b,
-            "clipped_blocks": [n_a, n_b],
-            "neighbouring": neighbouring,
-            "delta": dp.delta,
-            "epsilon_of": "every client (its whole data)",
+            **self.noise_info(z, n_a, n_b, "every client (its whole data)"),
             "mechanism": (
                 f"central DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
                 f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g} on the sum in every "

@@ -58,14 +58,7 @@ class LocalDP(_DP):
             sampling_rate=fl.clients_per_round / fl.num_clients,
         )
         self.info = {
-            "noise_multiplier": z,
-            "effective_noise_multiplier": self.z_eff,
-            "sigma_a": self.sigma_a,
-            "sigma_b": self.sigma_b,
-            "clipped_blocks": [n_a, n_b],
-            "neighbouring": neighbouring,
-            "delta": dp.delta,
-            "epsilon_of": "worst client (its whole data)",
+            **self.noise_info(z, n_a, n_b, "worst client (its whole data)"),
             "mechanism": (
                 f"local DP: Gaussian, {n_a} A and {n_b} B blocks clipped ({dp.scope}), "
                 f"sigma_A {self.sigma_a:.4g}, sigma_B {self.sigma_b:.4g}, {neighbouring}, "
