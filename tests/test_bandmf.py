@@ -219,6 +219,19 @@ def test_epsilon_equals_jax_privacy_sensitivity_and_dp_accounting(rounds, band, 
     assert mech.ledger.epsilons(worst).max() == pytest.approx(pld.get_epsilon(cfg.dp.delta), rel=2e-3)
 
 
+def test_the_privacy_calculator_gives_the_runs_epsilon_for_bandmf(capsys):
+    from fedlora_jax import cli
+    from fedlora_jax.privacy.accounting import report
+
+    mech, cfg = _mech(["fl.rounds=12", "dp.band=2", "fl.num_clients=12", "fl.clients_per_round=3"])
+    r = report("bandmf", delta=cfg.dp.delta, noise_multiplier=1.5, rounds=12, clients=12, clients_per_round=3)
+    k = math.ceil(12 / math.ceil(12 / 3))
+    assert r["participations"] == k
+    assert r["epsilon_pld"] == pytest.approx(mech.ledger.epsilons(np.array([k]))[0], rel=1e-12)
+    assert cli.main(["privacy", "--mode", "bandmf", "--noise-multiplier", "1.5", "--rounds", "12"]) == 2
+    assert "needs clients and clients per round" in capsys.readouterr().err
+
+
 def test_calibrated_bandmf_ends_at_the_target_epsilon(tmp_path):
     cfg = load_config("tiny", SMALL + BAND + ["fl.rounds=8", "dp.band=2", "dp.noise=calibrate", "dp.epsilon=4"])
     summary = run(cfg, tmp_path / "run", progress=False)

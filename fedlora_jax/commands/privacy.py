@@ -43,6 +43,8 @@ def _cmd_privacy(args) -> int:
             f"participations per client under the seeded {args.sampling} schedule (seed {args.seed}): min "
             f"{spread['min']}, median {spread['median']:g}, max {spread['max']} ({of})"
         )
+    elif out["mode"] == "bandmf":
+        print(f"participations: {out['participations']} per client (cyclic groups: once every ceil(N/K) rounds)")
     elif out["mode"] != "central" and args.participations is None:
         print(
             f"participations: {out['participations']} (every round: give --clients and --clients-per-round "

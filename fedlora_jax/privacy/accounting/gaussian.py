@@ -14,7 +14,7 @@ from dp_accounting import pld, rdp
 from ...core.errors import UserError
 from ...core.numerics import MAX_EXP_EPSILON
 
-MODES = ("local", "central", "dpsgd")
+MODES = ("local", "central", "dpsgd", "bandmf")
 from ...core.choices import NEIGHBOURING  # noqa: E402,F401  (the config's choices)
 
 PLD_DISCRETIZATION = 1e-3

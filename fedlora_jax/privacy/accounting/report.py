@@ -65,6 +65,12 @@ def report(
                 raise UserError(f"clients per round must be in [1, clients={clients}], got {clients_per_round}")
             q = q or clients_per_round / clients
     spread = None
+    if mode == "bandmf":  # cyclic groups: a client takes part once every b = ceil(N/K) rounds
+        if clients is None or clients_per_round is None:
+            raise UserError("bandmf mode needs clients and clients per round (its cyclic groups)")
+        participations = (
+            participations if participations is not None else -(-rounds // -(-clients // clients_per_round))
+        )
     if participations is None:
         if clients is not None and clients_per_round is not None:
             from ...federated import sampling as sampler
@@ -87,7 +93,7 @@ def report(
         "participations_spread": spread,
         "seed": seed if spread else None,
     }
-    if mode == "local":
+    if mode in ("local", "bandmf"):  # bandmf: ONE Gaussian of sensitivity sqrt(k) x C (unit-norm strategy)
         factor = math.sqrt(tensors) * (2.0 if neighbouring == "replace-one" else 1.0)
         if target_epsilon is not None:
             noise_multiplier = gaussian_multiplier_for(target_epsilon, participations, delta) * factor
@@ -109,6 +115,17 @@ def report(
                 f"{participations} release(s), no amplification (exact closed form)"
             ),
         )
+        if mode == "bandmf":
+            out.update(
+                epsilon_paper=None,
+                epsilon_paper_tracker=None,
+                mechanism=(
+                    f"BandMF (DP-FTRL): correlated Gaussian noise on the sum of clipped updates, cyclic "
+                    f"participation ({participations} of {rounds} rounds per client), sensitivity "
+                    f"sqrt({participations}) x C for any band <= the groups (unit-norm strategy columns), "
+                    f"{tensors} clipped tensor(s), ONE Gaussian, no amplification (exact closed form)"
+                ),
+            )
     else:
         if mode == "central" and q is None:
             raise UserError(

@@ -27,6 +27,7 @@ without amplification, bit for bit.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import TYPE_CHECKING, ClassVar
 
@@ -54,6 +55,11 @@ def strategy(rounds: int, band: int):
 
     if band == 1:
         return banded.ColumnNormalizedBanded(params=jnp.ones((rounds, 1), jnp.float32))
+    logging.getLogger("fedlora_jax").info(
+        "optimizing the BandMF strategy for %d rounds, band %d (seconds; about 20 s at 1,000 rounds on one CPU core)",
+        rounds,
+        band,
+    )
     return banded.optimize(rounds, bands=band)
 
 
