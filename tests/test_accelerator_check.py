@@ -1,5 +1,6 @@
 """The accelerator check's correctness part runs on CPU at toy sizes in CI (the GPU run is the same
-script without --smoke): every check passes, and each one names its measurement and bound."""
+script without --smoke): every check passes, and each one names its measurement and bound; the levers
+section times every setting, judges it against the baseline and names a recommendation."""
 
 import json
 import os
@@ -19,7 +20,7 @@ def test_accelerator_check_correctness_part_passes_on_cpu(tmp_path):
             str(ROOT / "experiments/bench/accelerator_check.py"),
             "--smoke",
             "--sections",
-            "checks,profile,paper",
+            "checks,profile,paper,levers",
         ],
         env=env,
         capture_output=True,
@@ -47,3 +48,26 @@ def test_accelerator_check_correctness_part_passes_on_cpu(tmp_path):
         < 1e-9 * a["seconds_per_round"] * 200
     )
     assert abs(b["rounds_per_second"] * b["seconds_per_round"] - 1) < 1e-9 and b["client_updates_per_second"] > 0
+    # the levers: every setting timed (median, spread, rates, XLA temp memory) and judged against the baseline
+    lv = res["levers"]
+    settings = lv["settings"]
+    expected = {"baseline", "fused attention", "remat dots", "remat full"}
+    assert expected < set(settings) and any(n.startswith("fused + remat ") for n in settings), list(settings)
+    for name, r in settings.items():
+        assert "error" not in r, (name, r)
+        assert len(r["times_s"]) == lv["reps"] >= 2 and r["median_s"] > 0 and r["spread_s"] >= 0
+        assert r["client_updates_per_s"] > 0 and r["achieved_flops"] > 0 and r["temp_bytes"] > 0
+        assert r["correct"] is True and isinstance(r["faster"], bool), (name, r.get("correct_measured"))
+        assert r["faster"] == (
+            name != "baseline"
+            and settings["baseline"]["median_s"] - r["median_s"] > max(r["spread_s"], settings["baseline"]["spread_s"])
+        )
+    rec = lv["recommended"]["setting"]
+    assert rec in settings and (rec == "baseline" or settings[rec]["faster"])
+    # the largest clients_per_chunk of the baseline and the best lever: verified by a round (CPU: the cap)
+    for name in ("baseline", lv["best_lever"]):
+        lc = settings[name]["largest_chunk"]
+        assert lc["largest"] == lc["predicted"] == lc["cap"] and lc["steps"][-1]["fits"], (name, lc)
+    md = (tmp_path / "smoke.md").read_text()
+    assert "## (d) Levers" in md and lv["recommendation"] in md and md.count("recommended: ") == 1
+    assert all(f"| {name} |" in md for name in settings)

@@ -28,6 +28,22 @@ at budget + 45 s, so the whole run stays under 8 minutes):
     resource-exhausted error or the cap; round time, achieved TFLOP/s and share of the card's
     bf16 dense peak (device_kind / nvidia-smi; H100 SXM and H200: 989 TFLOP/s) and of a
     measured bf16 matmul.
+(d) levers, for the 1B base: the known speed levers, each kept only if it measures faster on the device.
+    They are run-config options: model.attention einsum | fused (jax.nn.dot_product_attention) and
+    model.remat none | dots | full (each scanned layer under jax.checkpoint). Settings: baseline
+    (einsum, none), fused attention, remat dots, remat full, and fused + the better remat (the faster in a
+    first pass). Each is the real round (one chunk of the regime's clients), timed in repetitions
+    interleaved across the settings: median and spread (max - min). A lever is 'faster' only when its
+    median beats the baseline's by more than the larger spread, and 'correct' when the loss and LoRA
+    gradient of two layers of the shape (B != 0) and the round's mean client loss are within the
+    bfloat16 bounds of the baseline's; the check recommends the fastest setting that is both, else the
+    baseline. For the baseline and the best correct lever, the largest clients_per_chunk: predicted
+    from XLA's memory analysis (fedlora_jax.federated.plan.measure at one client and the timed chunk;
+    plan's analytic figure beside it) and verified by a round (10% fewer after an out-of-memory).
+    Per setting: round seconds, client-updates/s, TFLOP/s and share of the peak, XLA temp memory, and
+    for fused attention whether the HLO calls cuDNN's fused attention. Beside them, attention alone
+    (forward + backward at the round's shape): ours, jax.nn.dot_product_attention's XLA implementation
+    (JAX's default, which model.attention: fused gets) and its cuDNN one (a package change, not a lever).
 
 FLOPs are analytic (XLA's cost analysis counts a scanned body once): per token, the frozen base's
 matmul kernels cost 4 FLOPs per parameter (2 forward, 2 for the input gradient; no weight
@@ -52,7 +68,7 @@ and its setuptools is used; the editable install may fail without harm: the scri
 root on sys.path. The machine's python3 is the one with torch. Its output, accelerator.json and
 accelerator.md, goes to $OUT.)
 
-    JAX_PLATFORMS=cpu python experiments/bench/accelerator_check.py --smoke   # toy sizes on CPU, ~1 min of CPU time
+    JAX_PLATFORMS=cpu python experiments/bench/accelerator_check.py --smoke   # toy sizes on CPU, ~2 min of CPU time
 """
 
 from __future__ import annotations
@@ -68,7 +84,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # the pieces live in experiments/bench/accelerator/: common.py (the run, its budget and guarded steps),
 # regimes.py (the sizes, as tables), rounds.py and baselines.py (what is timed), checks.py, timing.py,
-# sweep.py (the sections), tolerances.py and report.py (the JSON and the markdown table)
+# levers.py, sweep.py (the sections), tolerances.py and report.py (the JSON and the markdown table)
 
 
 def parse_args(argv=None):
@@ -79,13 +95,17 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="every section at toy sizes (CPU, well under a minute)")
     ap.add_argument(
         "--sections",
-        default="checks,profile,paper,timing,sweep",
-        help="comma list of checks,profile,paper,timing,sweep",
+        default="checks,profile,paper,timing,levers,sweep",
+        help="comma list of checks,profile,paper,timing,levers,sweep",
     )
     ap.add_argument("--regimes", default=None, help="comma list (default: all of cross-device,mid,smollm2,llama-1b)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 5; smoke 2)")
+    ap.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions per method (default 5; smoke 2; levers smoke 3)"
+    )
     ap.add_argument("--gguf", default=None, help="GGUF for the SmolLM2 logits check")
-    ap.add_argument("--sweep-cap", type=int, default=None, help="largest clients_per_chunk tried (default 256)")
+    ap.add_argument(
+        "--sweep-cap", type=int, default=None, help="largest clients_per_chunk tried (default 256; levers 1024)"
+    )
     ap.add_argument(
         "--out", default=None, help="output folder (default: $OUT, else experiments/bench/results/accelerator)"
     )
@@ -102,7 +122,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.80")
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the accelerator package, op_profile, paper_scale
 
-from accelerator import checks, report, sweep, timing  # noqa: E402
+from accelerator import checks, levers, report, sweep, timing  # noqa: E402
 from accelerator.common import Run, describe_machine  # noqa: E402
 
 SECTIONS = (
@@ -110,6 +130,7 @@ SECTIONS = (
     ("profile", timing.section_profile),
     ("paper", timing.section_paper),
     ("timing", timing.section_timing),
+    ("levers", levers.section_levers),
     ("sweep", sweep.section_sweep),
 )
 

@@ -34,6 +34,7 @@ class Run:
             "budget_s": args.budget,
             "checks": {},
             "timing": {},
+            "levers": {},
             "sweep": {},
             "skipped": [],
             "tolerances": TOL,
@@ -56,7 +57,7 @@ class Run:
         starts = {n: SECTION_END[n] - (SECTION_END[m] if m else 0.0) for m, n in zip([None] + chosen[:-1], chosen)}
         total = sum(starts.values()) or 1.0
         end = sum(starts[n] for n in chosen[: chosen.index(name) + 1]) / total if name in chosen else SECTION_END[name]
-        return min(end, SECTION_END["sweep"]) * self.args.budget
+        return min(end, max(SECTION_END.values())) * self.args.budget
 
     def left(self, deadline):
         return deadline - self.elapsed()

@@ -1,5 +1,5 @@
-"""The sizes, as tables: the timed regimes, the checks' models, the sweep, the budget's shares and the
-cards' peaks. FULL is the GPU run, SMOKE the CPU toy sizes (--smoke)."""
+"""The sizes, as tables: the timed regimes, the checks' models, the levers, the sweep, the budget's shares
+and the cards' peaks. FULL is the GPU run, SMOKE the CPU toy sizes (--smoke)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ FULL = sizes(
     regime_share={"cross-device": 0.2, "mid": 0.15, "smollm2": 0.25, "llama-1b": 0.4},
     smollm2_check=dict(batch=2, seq=128, layers=None),
     sweep=dict(regime="llama-1b", start=16, cap=256),
+    levers=dict(regime="llama-1b", reps=5, cap=1024, grad_layers=2),
     matmul=8192,
     reps=5,
 )
@@ -58,6 +59,7 @@ SMOKE = sizes(
     regime_share={"cross-device": 0.25, "mid": 0.25, "smollm2": 0.25, "llama-1b": 0.25},
     smollm2_check=dict(batch=2, seq=16, layers=1),
     sweep=dict(regime="cross-device", start=1, cap=2),
+    levers=dict(regime="llama-1b", reps=3, cap=8, grad_layers=2),
     matmul=256,
     reps=2,
     default_regimes="llama-1b",  # the bfloat16 path (the sweep takes the float32 one); --regimes for more
@@ -66,8 +68,9 @@ SMOKE = sizes(
 # seconds a timed regime needs at least (smoke: 5 each; a regime not named here: 20)
 REGIME_NEED_S = {"cross-device": 15, "mid": 15, "smollm2": 30, "llama-1b": 40}
 
-# cumulative shares of --budget
-SECTION_END = {"checks": 0.22, "profile": 0.30, "paper": 0.62, "timing": 0.84, "sweep": 0.97}
+# cumulative shares of --budget (a section that ends early leaves its time to the next); levers: five 1B
+# compiles, interleaved repetitions and two largest-chunk rounds (the sweep's doubling is its rough check)
+SECTION_END = {"checks": 0.22, "profile": 0.29, "paper": 0.46, "timing": 0.66, "levers": 0.90, "sweep": 0.97}
 
 # card name (substring of device_kind / nvidia-smi, first match wins) -> bf16 dense peak FLOP/s
 PEAKS = [

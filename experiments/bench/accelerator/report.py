@@ -99,6 +99,76 @@ SWEEP = (
 )
 
 
+def _largest(r):
+    lc = r.get("largest_chunk")
+    return "-" if not lc else (lc.get("largest") or f"none ({lc.get('stopped_by') or lc.get('error', '')[:40]})")
+
+
+def _faster(r):
+    return "baseline" if r.get("correct_measured") == "the reference" else ("yes" if r.get("faster") else "no")
+
+
+LEVERS = (
+    ("setting", lambda kv: kv[0]),
+    ("attention", lambda kv: kv[1]["attention"]),
+    ("remat", lambda kv: kv[1]["remat"]),
+    ("round s (median)", lambda kv: _f(kv[1].get("median_s"))),
+    ("spread s", lambda kv: _f(kv[1].get("spread_s"), ".2g")),
+    ("client-updates/s", lambda kv: _f(kv[1].get("client_updates_per_s"))),
+    ("TFLOP/s", lambda kv: tflops(kv[1].get("achieved_flops"))),
+    ("% peak", lambda kv: pct(kv[1].get("fraction_of_peak"))),
+    ("XLA temp GiB", lambda kv: gib(kv[1].get("temp_bytes"))),
+    ("vs baseline", lambda kv: _f(kv[1].get("vs_baseline"), ".3f") + "x"),
+    ("faster", lambda kv: _faster(kv[1])),
+    ("correct", lambda kv: kv[1].get("correct", "-")),
+    ("largest clients_per_chunk", lambda kv: _largest(kv[1])),
+)
+
+
+def _lever_error(kv):
+    name, r = kv
+    return (
+        f"| {name} | {r['attention']} | {r['remat']} | error: {r['error'][:80]} |" + " |" * 9 if "error" in r else None
+    )
+
+
+def _largest_line(lc) -> str:
+    fit = [st for st in lc.get("steps", []) if st.get("fits")]
+    there = f"; there {fit[0]['round_s']:.3g} s/round, {fit[0]['client_updates_per_s']:.3g} client-updates/s"
+    return (
+        f"largest clients_per_chunk {lc.get('largest')} ({lc.get('stopped_by', lc.get('error'))}); predicted "
+        f"{lc.get('predicted')} from XLA's memory analysis ({gib(lc.get('per_client_bytes'))} GiB per client, "
+        f"free {gib(lc.get('free_bytes'))} GiB), plan's analytic estimate {lc.get('plan_memory_chunk')}"
+        + (there if fit else "")
+    )
+
+
+def levers_lines(lv) -> list[str]:
+    s = lv["settings"]
+    lines = table(
+        f"## (d) Levers ({lv.get('regime')}, {lv.get('reps')} interleaved repetitions)", LEVERS, s.items(), _lever_error
+    )
+    lines += [lv.get("recommendation", "recommended: - (the timing did not finish)"), ""]
+    pr = lv.get("attention_probe") or {}
+    if pr.get("ms") or pr.get("errors"):
+        ms = ", ".join(f"{n} {v:.3g}" for n, v in pr["ms"].items())
+        lines += [
+            f"attention alone, forward + backward at {pr['shape']} (rows, seq, heads, kv heads, head dim; "
+            f"{pr['dtype']}), ms: {ms or '-'}; unavailable: {', '.join(pr['errors']) or 'none'}",
+            "",
+        ]
+    for name, r in s.items():
+        if r.get("correct_measured") and r["correct_measured"] != "the reference":
+            lines.append(
+                f"- {name}: {r['correct_measured']}"
+                + (f"; attention: {r['attention_kernel']}" if r.get("attention_kernel") else "")
+            )
+        lc = r.get("largest_chunk") or {}
+        if lc:
+            lines.append(f"- {name}: " + _largest_line(lc))
+    return lines + [""]
+
+
 def _timing_error(kv):
     name, r = kv
     return f"| {name} | error: {r['error'][:80]} |" + " |" * 8 if "error" in r else None
@@ -138,6 +208,8 @@ def markdown(run) -> str:
         lines.append("")
     if res["timing"]:
         lines += table("## (b) Timing (medians; client-updates/s)", TIMING, res["timing"].items(), _timing_error)
+    if res.get("levers", {}).get("settings"):
+        lines += levers_lines(res["levers"])
     sw = res["sweep"]
     if sw.get("steps"):
         lines += table(f"## (c) clients_per_chunk sweep ({sw.get('regime')}, one chunk per round)", SWEEP, sw["steps"])

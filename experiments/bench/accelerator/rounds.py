@@ -89,9 +89,10 @@ def random_block(p, seed=0):
     return {key: jnp.asarray(v) for key, v in block.items()}
 
 
-def run_config(p, chunk=None, mode="local", lr=1e-3):
+def run_config(p, chunk=None, mode="local", lr=1e-3, model=None):
     """The tiny preset with the row's cohort (all clients every round), local steps, batch and sequence
-    length, and DP `mode` (local: clip CLIP per matrix, noise multiplier Z)."""
+    length, and DP `mode` (local: clip CLIP per matrix, noise multiplier Z); `model`: model.* keys (a
+    shape, model.attention, model.remat) for what reads the config's model (plan)."""
     k = p["clients"]
     overrides = {
         "fl.num_clients": k,
@@ -107,6 +108,7 @@ def run_config(p, chunk=None, mode="local", lr=1e-3):
         "dp.clip_b": CLIP,
         "data.seq_len": p["seq"],
         **({"fl.clients_per_chunk": chunk} if chunk else {}),
+        **{f"model.{key}": value for key, value in (model or {}).items()},
     }
     return load_config("tiny", [f"{key}={value}" for key, value in overrides.items()])
 

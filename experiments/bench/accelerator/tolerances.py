@@ -26,6 +26,11 @@ TOLERANCES_WHY = {
     "error: relative L2 error <= 4e-2 (~10 roundoffs); the mean NLL averages those errors away: "
     "relative <= 1e-2; AdamW's first steps move each entry by ~lr sign(g), and entries with "
     "near-zero gradients may flip, so the round's update is compared by direction: cosine >= 0.95.",
+    "levers": "each lever against the baseline, both bfloat16 on the device: a lever changes the order of "
+    "operations (fusion, XLA's attention, recomputation), not the function, so it may be no further from the "
+    "baseline than bfloat16 is from float32: the loss of two 1B-shaped layers and the round's mean client loss "
+    "relative <= 1e-2, their LoRA gradient (B != 0) cosine >= 0.95; a wrong backward pass (remat) or mask "
+    "(attention) gives cosines far below that.",
     "smollm2": "float32 at 'highest' on both sides: only summation order differs (cuBLAS vs Eigen); over 30 "
     "layers ~1e-4 relative, bound max|d| <= 2e-3 max|logit| and top-1 agreement >= 99% (near-ties "
     "may flip). Default precision (TF32) bound 3e-2 and 95%; bfloat16 base vs the float32 CPU "
