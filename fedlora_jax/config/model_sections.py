@@ -18,7 +18,7 @@ TINY_SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_he
 class ModelSection:
     source: str = "default"  # HF folder, hub id, GGUF path, 'default', or 'tiny' (random)
     dtype: str = "float32"
-    # einsum (ours) | fused (jax.nn.dot_product_attention: cuDNN flash attention on GPUs that have it)
+    # einsum (ours) | fused (jax.nn.dot_product_attention, XLA's implementation; not cuDNN's)
     attention: str = "einsum"
     # what the backward pass recomputes of each layer: none | full (everything: least memory) | dots
     # (keeps the matmul outputs, recomputes the elementwise rest; jax.checkpoint_policies)

@@ -21,7 +21,7 @@ TARGETS = ("weights", "update")
 NEIGHBOURING = ("replace-one", "add-remove")
 DTYPES = ("float32", "bfloat16")  # compute dtypes
 # how self-attention is computed: einsum (two einsums and a float32 softmax, ours) or fused
-# (jax.nn.dot_product_attention: cuDNN flash attention where the platform has it, XLA's elsewhere)
+# (jax.nn.dot_product_attention, XLA's implementation)
 ATTENTION_IMPLS = ("einsum", "fused")
 REMAT = ("none", "full", "dots")  # model.remat: what the backward pass recomputes of each layer
 NOISE = ("classical", "analytic", "multiplier", "calibrate")

@@ -163,8 +163,9 @@ def attention(
     q_bshd: Array, k_bskd: Array, v_bskd: Array, allowed_bst: Array, scale: float, impl: str = "einsum"
 ) -> Array:
     """Grouped-query attention; softmax in float32 with masked logits at the dtype minimum.
-    impl "fused": jax.nn.dot_product_attention with the same mask (cuDNN's flash attention where the
-    platform offers it, XLA's otherwise); equal to the einsum path within float rounding (tested)."""
+    impl "fused": jax.nn.dot_product_attention with the same mask and no `implementation` (XLA's:
+    cuDNN's flash attention would need implementation="cudnn", a causal flag and sequence lengths);
+    equal to the einsum path within float rounding (tested)."""
     b, s, h, d = q_bshd.shape
     kv = k_bskd.shape[2]
     if impl == "fused":
