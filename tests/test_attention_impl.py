@@ -1,6 +1,7 @@
-"""model.attention: fused (jax.nn.dot_product_attention, XLA's implementation) computes the same attention as our einsum path: the same outputs within float
-rounding on CPU, for multi-head and grouped-query attention, padding and a sliding window, in the
-forward pass and in the LoRA gradient; a run config chooses it and refuses an unknown name."""
+"""model.attention: fused (jax.nn.dot_product_attention, XLA's implementation) computes the same
+attention as our einsum path: the same outputs within float rounding on CPU, for multi-head and
+grouped-query attention, padding and a sliding window, in the forward pass and in the LoRA gradient;
+a run config chooses it and refuses an unknown name."""
 
 from __future__ import annotations
 
