@@ -267,7 +267,7 @@ UNROLL_MAX_LAYERS = 4
 # model.remat: what a layer's backward pass may keep from its forward (the rest is recomputed)
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,  # batched dots too: the round vmaps the model over clients
 }
 
 
