@@ -115,7 +115,7 @@ def test_experiment_bad_scale_and_override(tmp_path):
 
 
 def test_notebooks_are_committed_without_outputs():
-    assert len(NOTEBOOKS) == 7
+    assert len(NOTEBOOKS) == 8
     for path in NOTEBOOKS:
         nb = nbformat.read(str(path), as_version=4)
         for cell in nb.cells:
