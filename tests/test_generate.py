@@ -13,6 +13,7 @@ from fedlora_jax import cli
 from fedlora_jax.adapters import lora as L
 from fedlora_jax.adapters import peft_io
 from fedlora_jax.core import randomness
+from fedlora_jax.evaluation import decoding as D
 from fedlora_jax.evaluation import greedy_generate
 from fedlora_jax.models import LoRAConfig, ModelConfig, apply, apply_cached, init_cache, init_model
 from fedlora_jax.runs import generate as G
@@ -112,15 +113,15 @@ def test_stops_at_eos():
 def test_decode_step_compiles_once():
     """One compilation of the decode step serves every token, and another prompt of the same bucket."""
     definition, base, lora = _model("llama_gqa")
-    G._decode_step.clear_cache()
+    D._decode_step.clear_cache()
     G.generate_ids(definition, base, lora, PROMPTS[:1], 20)
-    assert G._decode_step._cache_size() == 1
+    assert D._decode_step._cache_size() == 1
     G.generate_ids(definition, base, lora, [[3, 1, 4, 1, 5, 9]], 17)
-    assert G._decode_step._cache_size() == 1
+    assert D._decode_step._cache_size() == 1
     G.generate_ids(definition, base, lora, PROMPTS[:1], 20, temperature=0.7, seed=3)
-    assert G._decode_step._cache_size() == 2  # sampling is its own program, compiled once too
+    assert D._decode_step._cache_size() == 2  # sampling is its own program, compiled once too
     G.generate_ids(definition, base, lora, PROMPTS[:1], 20, temperature=1.3, seed=4)
-    assert G._decode_step._cache_size() == 2
+    assert D._decode_step._cache_size() == 2
 
 
 def test_sampling_is_reproducible_by_seed_and_uses_its_domain():
