@@ -603,3 +603,20 @@ def test_cli_reports_a_corrupt_checkpoint_in_one_line(tiny_folder, capsys):
     assert cli.main(["score", str(tiny_folder), "--text", "hello there"]) == 2
     err = capsys.readouterr().err
     assert str(weights) in err and err.count("\n") == 1  # one sentence, no traceback
+
+
+def test_gguf_config_reads_the_metadata_alone_and_equals_the_loaders(intact_gguf, tmp_path):
+    """build_model_config reads a GGUF file's config from its metadata and tensor shapes (no
+    dequantization; an experiment builds one config per run): the same ModelConfig as the loader's,
+    and a file replaced in place is read again."""
+    from fedlora_jax.models.gguf_weights import gguf_config, read_gguf
+
+    for path in (intact_gguf, default_gguf_path()):
+        assert gguf_config(path) == read_gguf(path)[0]
+        assert gguf_config(path, "bfloat16") == read_gguf(path, "bfloat16")[0]
+    copy = tmp_path / "c.gguf"
+    copy.write_bytes(intact_gguf.read_bytes())
+    assert gguf_config(copy) == read_gguf(intact_gguf)[0]
+    copy.write_bytes(intact_gguf.read_bytes()[:100])  # replaced by a damaged file: not the cached config
+    with pytest.raises(UserError, match="cannot read GGUF file"):
+        gguf_config(copy)

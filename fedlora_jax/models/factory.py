@@ -50,9 +50,9 @@ def _source_config(cfg: "RunConfig") -> ModelConfig:
 
     path = resolve(m.source)
     if path.is_file():
-        from .gguf_weights import read_gguf  # dequantizes to read the shapes: a few seconds
+        from .gguf_weights import gguf_config  # metadata and shapes only, cached per file
 
-        return read_gguf(path, m.dtype)[0]
+        return gguf_config(path, m.dtype)
     return folder_config(path, m.dtype)
 
 
