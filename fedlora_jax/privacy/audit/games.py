@@ -132,7 +132,10 @@ class CentralGame(Game):
     def setup(self) -> None:
         m, fl = self.mech, self.mech.cfg.fl
         c = _canary_direction(m, self.shapes, self.seed)
-        self.q = fl.clients_per_round / fl.num_clients
+        # without amplification (cyclic, diurnal) the accountant composes every participation: the canary
+        # takes part in every round of the game (q = 1), each round a plain Gaussian
+        self.amplified = getattr(m, "amplified", True)
+        self.q = fl.clients_per_round / fl.num_clients if self.amplified else 1.0
         self.expected = float(fl.clients_per_round)
         n = fl.num_clients
         canary = jax.tree.map(lambda x: OVERSHOOT * x[None], c)
@@ -188,6 +191,8 @@ class CentralGame(Game):
         return jnp.sum(_sampled_llr(scores, self.mu_round, self.q))
 
     def accountant_epsilon(self) -> float:
+        if not self.amplified:  # per client: the canary's participations, one per round of the game
+            return float(self.mech.ledger.epsilons(np.array([self.compositions]))[0])
         return float(self.mech.ledger.epsilons(np.zeros(1, np.int64), self.compositions)[0])
 
 
