@@ -89,6 +89,7 @@ def _diurnal(seed: int, num_clients: int, period: int, window: float) -> tuple[n
     return phase, width
 
 
+@functools.lru_cache(maxsize=8)  # drawn once per run, not once per round (callers do not modify it)
 def cyclic_groups(seed: int, num_clients: int, clients_per_round: int) -> list[np.ndarray]:
     """The b = ceil(N/K) fixed groups of cyclic sampling: client i is in group floor(b u_i), u_i its own
     seeded uniform draw, so a client's group does not depend on the other clients (adding or
