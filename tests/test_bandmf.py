@@ -83,6 +83,9 @@ def test_diurnal_clients_are_picked_only_inside_their_window_and_the_draw_is_see
     # mean width 0.3 x 10 rounds, each client a window U(0.5, 1.5) x 3 rounded: about 30% available
     assert 0.2 < np.mean(shares) < 0.4
     assert np.array_equal(sampling.for_config(cfg, 3)[0], sampling.for_config(cfg, 3)[0])
+    # a client's window is its own draws: a larger population leaves everyone else's where it was
+    a, b = sampling._diurnal(7, 200, 10, 0.3), sampling._diurnal(7, 201, 10, 0.3)
+    assert np.array_equal(a[0], b[0][:200]) and np.array_equal(a[1], b[1][:200])
 
 
 def test_dropouts_still_count_as_picked_for_privacy(tmp_path):
@@ -188,6 +191,24 @@ def test_band_one_is_dp_fedavg_without_amplification_bit_for_bit(tmp_path):
     assert wa == wb
     assert a["privacy"]["epsilon"] == pytest.approx(b["privacy"]["epsilon"], rel=1e-12)
     assert "NO amplification" in b["privacy"]["mechanism"]
+
+
+def test_a_resume_continues_with_the_checkpointed_strategy(tmp_path, monkeypatch):
+    """The strategy's parameters travel in the checkpointed state: a resume whose re-optimization gave
+    another C (another jax-privacy, another machine) still continues the run's own noise exactly."""
+    from jax_privacy.matrix_factorization import banded
+
+    from fedlora_jax.privacy.mechanisms import bandmf
+
+    cfg = load_config("tiny", SMALL + BAND + ["fl.rounds=6", "dp.band=2", "dp.noise_seed=5", "checkpoint_every=1"])
+    run(cfg, tmp_path / "full", progress=False)
+    run(cfg, tmp_path / "part", progress=False, stop_after=3)
+    other = banded.ColumnNormalizedBanded.default(6, 2)
+    assert not np.allclose(np.asarray(other.params), np.asarray(bandmf.strategy(6, 2).params))
+    monkeypatch.setattr(bandmf, "strategy", lambda rounds, band: other)
+    run(cfg, tmp_path / "part", resume=True, progress=False)
+    weights = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "part" / weights).read_bytes() == (tmp_path / "full" / weights).read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -205,7 +205,12 @@ def _cmd_plan(args) -> int:
     print(
         f"cohorts ({fl.sampling} sampling, {fl.availability} availability, {c['rounds']} rounds of the seeded "
         f"schedule): picked min {c['picked']['min']}, median {c['picked']['median']:g}, max {c['picked']['max']}"
-        + (f"; reporting median {c['reporting']['median']:g}" if fl.availability == "dropout" else "")
+        + (
+            f"; reporting median {c['reporting']['median']:g}"
+            if fl.availability == "dropout" and c["reporting"]
+            else ""
+        )
+        + ("; reporting: by each client's size" if fl.availability == "dropout" and not c["reporting"] else "")
         + (f"; available {c['available_share']['mean']:.0%} on average" if fl.availability == "diurnal" else "")
     )
     rows, m = e["mesh"]

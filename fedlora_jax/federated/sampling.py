@@ -83,17 +83,18 @@ def available(seed: int, num_clients: int, round_index: int, period: int, window
 
 @functools.lru_cache(maxsize=8)
 def _diurnal(seed: int, num_clients: int, period: int, window: float) -> tuple[np.ndarray, np.ndarray]:
-    rng = randomness.np_rng(seed, "availability")
-    phase = rng.integers(0, period, num_clients)
-    width = np.clip(np.round(window * period * rng.uniform(0.5, 1.5, num_clients)), 1, period)
+    u = randomness.np_rng(seed, "availability").random((num_clients, 2))  # row i: client i's draws alone
+    phase = np.minimum((u[:, 0] * period).astype(np.int64), period - 1)
+    width = np.clip(np.round(window * period * (0.5 + u[:, 1])), 1, period)
     return phase, width
 
 
 @functools.lru_cache(maxsize=8)  # drawn once per run, not once per round (callers do not modify it)
 def cyclic_groups(seed: int, num_clients: int, clients_per_round: int) -> list[np.ndarray]:
     """The b = ceil(N/K) fixed groups of cyclic sampling: client i is in group floor(b u_i), u_i its own
-    seeded uniform draw, so a client's group does not depend on the other clients (adding or
-    removing one moves nobody else: what add-remove accounting needs). Groups hold N/b on average."""
+    seeded uniform draw. N and K are public (config.yaml): the neighbouring relation keeps the
+    population's slots (a removed client's slot takes part with nothing to send), so its group and
+    every other client's stay where they are. Groups hold N/b on average."""
     b = -(-num_clients // clients_per_round)
     group = np.minimum((randomness.np_rng(seed, "cyclic_groups").random(num_clients) * b).astype(np.int64), b - 1)
     return [np.flatnonzero(group == g) for g in range(b)]
@@ -245,7 +246,8 @@ def cohort_distribution(cfg: RunConfig, max_rounds: int = 2000) -> dict:
     for r in range(rounds):
         ids, valid = for_config(cfg, r)
         picked.append(int(valid.sum()))
-        came.append(int(reports_for(cfg, ids, valid, r, cfg.seed).sum()))
+        if not fl.dropout_by_size:  # by size needs the clients' data, which plan does not load
+            came.append(int(reports_for(cfg, ids, valid, r, cfg.seed).sum()))
         a = _avail(fl, cfg.seed, r)
         avail.append(1.0 if a is None else float(a.mean()))
 
@@ -255,6 +257,6 @@ def cohort_distribution(cfg: RunConfig, max_rounds: int = 2000) -> dict:
     return {
         "rounds": rounds,
         "picked": spread(picked),
-        "reporting": spread(came),
+        "reporting": spread(came) if came else None,
         "available_share": {k: float(v) for k, v in spread(avail).items()},
     }

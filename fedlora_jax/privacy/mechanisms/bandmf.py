@@ -104,6 +104,16 @@ class BandMF(CentralDP):
         dp, fl = self.cfg.dp, self.cfg.fl
         self.strategy = strategy(fl.rounds, dp.band)
         self.min_sep = sampling.min_separation(self.cfg)
+        # jax-privacy's min-separation sensitivity is k for a column-normalized banded C with band <= the
+        # separation (disjoint column supports); it does not read C, so check what it assumes: every column
+        # is a finite, nonzero row of the parameters (normalized to norm 1), none above the band
+        params = np.asarray(self.strategy.params, np.float64)
+        if (
+            params.shape != (fl.rounds, dp.band)
+            or not np.isfinite(params).all()
+            or not (np.linalg.norm(params, axis=1) > 0).all()
+        ):
+            raise AssertionError(f"BandMF strategy parameters are not a {fl.rounds} x {dp.band} finite banded C")
         sens2 = sensitivity_squared(self.strategy, fl.rounds, self.min_sep)
         if sens2 != self.planned:  # unit columns, disjoint supports: the sum of k unit norms
             raise AssertionError(f"BandMF sensitivity^2 {sens2} != participations {self.planned}")
@@ -125,13 +135,17 @@ class BandMF(CentralDP):
 
     def init_state(self) -> dict:
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), self.lora)
-        return {**super().init_state(), "noise": self.inverse.init_multiply(like)}
+        # the strategy's parameters travel in the state (checkpointed): a resume continues with the C
+        # its noise state was built with, even where re-optimizing would give a slightly different one
+        params = jnp.array(np.asarray(self.strategy.params), jnp.float32)  # a copy: the round donates its state
+        return {**super().init_state(), "noise": self.inverse.init_multiply(like), "strategy": params}
 
     def finalize_sum_with_state(
         self, total: Tree, global_: Tree, key: Key, expected_cohort: int, mstate: dict
     ) -> tuple[Tree, dict]:
         fresh = prim.normal_like(total, key)  # round t's draw from its server_noise key, as central DP's
-        correlated, noise_state = self.inverse.multiply_next(fresh, mstate["noise"])
+        inverse = type(self.strategy)(params=mstate["strategy"]).inverse_as_streaming_matrix()
+        correlated, noise_state = inverse.multiply_next(fresh, mstate["noise"])
         clip_a, clip_b = self._clips(mstate)  # adaptive: round t's clip scales its noise (x_t / clip_t has
         noisy = prim.add_scaled(total, correlated, self.z_update * clip_a, self.z_update * clip_b)  # sensitivity 1)
         return jax.tree.map(lambda x, t: x + t / expected_cohort, global_, noisy), {**mstate, "noise": noise_state}
