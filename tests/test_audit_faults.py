@@ -120,11 +120,11 @@ class _BandMFUncorrelated(modes.BandMF):
 
 
 class _BandMFHalfNoise(modes.BandMF):
-    """Half the noise standard deviation the accountant is told."""
+    """Half the noise standard deviation the accountant is told (the round scales z_update x clip)."""
 
     def calibrate(self):
         super().calibrate()
-        self.sigma_a, self.sigma_b = self.sigma_a / 2, self.sigma_b / 2
+        self.z_update = self.z_update / 2
 
 
 def _rounds_share_keys(monkeypatch):
