@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedlora_jax import randomness
-from fedlora_jax.algorithms import server_optimizer
-from fedlora_jax.client import client_update
-from fedlora_jax.privacy import modes
+from fedlora_jax.core import randomness
+from fedlora_jax.federated.algorithms import server_optimizer
+from fedlora_jax.federated.client import client_update
+from fedlora_jax.privacy import mechanisms as modes
 
 from .regimes import CLIP, LORA, Z
 

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax import randomness
 from fedlora_jax.config import load_config
+from fedlora_jax.core import randomness
+from fedlora_jax.federated.simulation import Cohort, build_round, init_state
 from fedlora_jax.models import LoRAConfig, ModelConfig, abstract_model
-from fedlora_jax.privacy import modes
-from fedlora_jax.simulation import Cohort, build_round, init_state
+from fedlora_jax.privacy import mechanisms as modes
 
 from .regimes import CLIP, LORA, Z
 
